@@ -1,0 +1,65 @@
+# vae-pipeline: `make demo` runs the main job on real images, `make test` runs every test.
+# Both install what they need first (`make setup`): the ONNX Runtime library from the PyPI
+# wheel into .ort/, the Python reference packages into .venv/, the shared models into models/onnx/.
+
+SHARED      ?= ../shared
+ORT_VERSION := 1.31.1
+ORT_LIB     := .ort/libonnxruntime.so.$(ORT_VERSION)
+VENV        := .venv
+PY          := $(VENV)/bin/python
+BIN         := target/release/vae-pipeline
+CARGO_FLAGS := --release --locked
+DEMO_OUT    := demo-out/kodak-taef2-256
+
+export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
+export VAE_PIPELINE_PYTHON := $(abspath $(PY))
+
+.PHONY: setup build models demo test fmt lint clean
+
+setup: $(ORT_LIB) $(VENV)/.installed models
+
+$(ORT_LIB):
+	mkdir -p .ort
+	python3 -m pip download --quiet --no-deps --only-binary=:all: onnxruntime==$(ORT_VERSION) -d .ort
+	python3 -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('.ort/onnxruntime-$(ORT_VERSION)-*.whl')[0]); \
+	  open('$(ORT_LIB)', 'wb').write(z.read('onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION)'))"
+	rm -f .ort/onnxruntime-*.whl
+
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r tests/requirements.txt
+	touch $@
+
+# ONNX weights are never committed: copy the shared test models, or say how to get them.
+models:
+	@if [ -d "$(SHARED)/models" ]; then \
+	  mkdir -p models/onnx && cp -u $(SHARED)/models/*.onnx models/onnx/ && echo "models/onnx/ filled from $(SHARED)/models"; \
+	else \
+	  echo "$(SHARED)/models not found: the shipped cards for taef2, taef2-fp16, tiny-kl and avgpool8 need its ONNX files."; \
+	  echo "Put them in models/onnx/, or see README.md 'Getting ONNX files for real VAEs'."; exit 1; \
+	fi
+
+build:
+	cargo build $(CARGO_FLAGS)
+
+demo: setup build
+	rm -rf $(DEMO_OUT)
+	time $(BIN) precompute --input $(SHARED)/data/kodak --out $(DEMO_OUT) --model taef2 --size 256
+	$(PY) -c "import pyarrow.parquet as pq, glob; \
+	  t = pq.read_table(sorted(glob.glob('$(DEMO_OUT)/*/*.parquet'))); a = t.column('latent').combine_chunks(); \
+	  print(f'pyarrow reads {t.num_rows} rows; latent {a.type}; array {a.to_numpy_ndarray().shape}')"
+
+test: setup build
+	cargo test $(CARGO_FLAGS)
+	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
+
+fmt:
+	cargo fmt
+
+lint:
+	cargo fmt --check
+	cargo clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+
+clean:
+	rm -rf target .ort $(VENV) models/onnx demo-out

@@ -1,0 +1,102 @@
+//! Batch: takes prepared images in order, hands on `Batch`es of one input shape: an NCHW f32
+//! tensor filled straight from the resized pixels, plus the rows' metadata. A partial batch is
+//! flushed at the end.
+
+use std::collections::BTreeMap;
+
+use crate::resize::Prepared;
+
+/// What the shard records about one source image besides its latent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowMeta {
+    pub key: String,
+    pub source_sha256: [u8; 32],
+    /// Upright size after EXIF orientation.
+    pub orig_width: i32,
+    pub orig_height: i32,
+    /// Offset of the crop in resized pixels.
+    pub crop_top: i32,
+    pub crop_left: i32,
+    /// Pixel size fed to the encoder.
+    pub width: i32,
+    pub height: i32,
+    pub caption: Option<String>,
+}
+
+/// Images of one shape, ready for the encoder.
+pub struct Batch {
+    pub width: u32,
+    pub height: u32,
+    pub rows: Vec<RowMeta>,
+    /// `rows.len()` × 3 × height × width, NCHW, in the model's input range.
+    pub pixels: Vec<f32>,
+}
+
+impl Batch {
+    fn with_capacity(width: u32, height: u32, rows: usize) -> Self {
+        Batch {
+            width,
+            height,
+            rows: Vec::with_capacity(rows),
+            pixels: Vec::with_capacity(rows * image_len(width, height)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+fn image_len(width: u32, height: u32) -> usize {
+    3 * width as usize * height as usize
+}
+
+/// Groups prepared images by shape into batches of `batch_size`.
+pub struct Batcher {
+    batch_size: usize,
+    input_range: [f32; 2],
+    open: BTreeMap<(u32, u32), Batch>,
+}
+
+impl Batcher {
+    pub fn new(batch_size: usize, input_range: [f32; 2]) -> Self {
+        Batcher {
+            batch_size,
+            input_range,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// Adds one image; returns the batch it completed, if any.
+    pub fn push(&mut self, image: &Prepared, meta: RowMeta) -> Option<Batch> {
+        let shape = (image.size, image.size);
+        let batch_size = self.batch_size;
+        let batch = self
+            .open
+            .entry(shape)
+            .or_insert_with(|| Batch::with_capacity(shape.0, shape.1, batch_size));
+        let start = batch.pixels.len();
+        batch
+            .pixels
+            .resize(start + image_len(shape.0, shape.1), 0.0);
+        image.write_chw(&mut batch.pixels[start..], self.input_range);
+        batch.rows.push(meta);
+        if batch.len() == self.batch_size {
+            self.open.remove(&shape)
+        } else {
+            None
+        }
+    }
+
+    /// The partial batches left at the end of the input, in shape order.
+    pub fn flush(&mut self) -> Vec<Batch> {
+        std::mem::take(&mut self.open)
+            .into_values()
+            .filter(|b| !b.is_empty())
+            .collect()
+    }
+}

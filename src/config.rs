@@ -1,0 +1,179 @@
+//! The one home of configuration: a typed struct with defaults, filled from a preset TOML
+//! (`--pipeline`) and then from flags. The run records it in every shard so a run can be
+//! reproduced from its output.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// How an image becomes an encoder-sized square.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizePolicy {
+    /// Scale the shorter side to `size` (antialiased Lanczos3), crop the centre.
+    CenterCrop,
+}
+
+impl ResizePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResizePolicy::CenterCrop => "center-crop",
+        }
+    }
+}
+
+/// What is stored for encoders whose output is mean ‖ logvar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LatentMode {
+    /// The distribution's mode (its mean).
+    Mean,
+    /// mean + std·ε, ε drawn from an RNG seeded by `seed` and the key.
+    Sample,
+    /// Scaled mean in `latent`, scaled std in `latent_std`: the trainer resamples.
+    Dist,
+}
+
+impl LatentMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LatentMode::Mean => "mean",
+            LatentMode::Sample => "sample",
+            LatentMode::Dist => "dist",
+        }
+    }
+}
+
+/// Element type of the stored latent tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageDType {
+    F16,
+    /// Arrow has no bfloat16: the bits are stored as uint16 (see README).
+    Bf16,
+    F32,
+}
+
+impl StorageDType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageDType::F16 => "f16",
+            StorageDType::Bf16 => "bf16",
+            StorageDType::F32 => "f32",
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            StorageDType::F32 => 4,
+            StorageDType::F16 | StorageDType::Bf16 => 2,
+        }
+    }
+}
+
+/// Everything a `precompute` run needs. Fields that change the output are hashed into
+/// `config_hash`; `threads` and the thread split only change speed and are left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrecomputeConfig {
+    pub input: PathBuf,
+    pub out: PathBuf,
+    /// Card name in `models/` or a path to a card TOML.
+    pub model: String,
+    pub size: u32,
+    pub resize: ResizePolicy,
+    pub batch_size: usize,
+    pub latent_mode: LatentMode,
+    pub dtype: StorageDType,
+    pub seed: u64,
+    pub shard_rows: usize,
+    /// 0 = all cores.
+    pub threads: usize,
+}
+
+impl Default for PrecomputeConfig {
+    fn default() -> Self {
+        PrecomputeConfig {
+            input: PathBuf::new(),
+            out: PathBuf::new(),
+            model: "taef2".into(),
+            size: 256,
+            resize: ResizePolicy::CenterCrop,
+            batch_size: 16,
+            latent_mode: LatentMode::Mean,
+            dtype: StorageDType::F16,
+            seed: 0,
+            shard_rows: 4096,
+            threads: 0,
+        }
+    }
+}
+
+impl PrecomputeConfig {
+    /// Reads a preset; unknown keys are errors so a typo cannot silently fall back to a default.
+    pub fn from_preset(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read pipeline preset {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid pipeline preset {}", path.display()))
+    }
+
+    /// Checks values that need no files: fails before any work with what to change.
+    pub fn validate(&self) -> Result<()> {
+        if self.input.as_os_str().is_empty() {
+            bail!("no input folder: pass --input DIR");
+        }
+        if self.out.as_os_str().is_empty() {
+            bail!("no output folder: pass --out DIR");
+        }
+        if self.size == 0 {
+            bail!("--size must be a positive number of pixels");
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if self.shard_rows == 0 {
+            bail!("--shard-rows must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Worker threads for the run: `threads`, or every core when 0.
+    pub fn thread_budget(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// The effective config as TOML, as `--print-config` shows it and shards record it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serializes to TOML")
+    }
+
+    /// Hash of everything that decides the rows and latents: the output-affecting fields plus
+    /// the model's identity (card values and encoder bytes), so a changed model is a new config.
+    pub fn output_hash(&self, model_identity: &str) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            self.input.to_string_lossy().as_ref(),
+            model_identity,
+            &self.size.to_string(),
+            self.resize.as_str(),
+            self.latent_mode.as_str(),
+            self.dtype.as_str(),
+            &self.seed.to_string(),
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        hex(&h.finalize())
+    }
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,317 @@
+//! Encode: owns one ONNX Runtime session. Takes a `Batch`, hands on an `EncodedBatch`: stored
+//! latents (the card's normalization applied, the latent mode chosen) and a `Failure` for every
+//! image whose latent is not finite.
+
+use anyhow::{anyhow, bail, Context, Result};
+use half::f16;
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::{Tensor, TensorElementType, ValueType};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use sha2::{Digest, Sha256};
+
+use crate::batch::{Batch, RowMeta};
+use crate::config::LatentMode;
+use crate::failure::{Failure, FailureKind};
+use crate::model::{EncoderOutput, ModelCard};
+use crate::runtime;
+
+/// diffusers' `DiagonalGaussianDistribution` clamps logvar to this range.
+const LOGVAR_RANGE: (f32, f32) = (-30.0, 20.0);
+
+/// Latents of one batch, ready to write.
+pub struct EncodedBatch {
+    pub width: u32,
+    pub height: u32,
+    /// `[C, h, w]` of one stored latent.
+    pub latent_shape: [usize; 3],
+    pub rows: Vec<RowMeta>,
+    /// `rows.len()` × C·h·w stored values.
+    pub latents: Vec<f32>,
+    /// Scaled std per element, in `dist` mode.
+    pub stds: Option<Vec<f32>>,
+    /// Images dropped from this batch (non-finite latents).
+    pub failures: Vec<Failure>,
+}
+
+/// One encoder worker: a session plus what turns its output into stored latents.
+pub struct Encoder {
+    session: Session,
+    card: ModelCard,
+    input_name: String,
+    output_name: String,
+    input_f16: bool,
+    mode: LatentMode,
+    seed: u64,
+}
+
+/// Builder errors carry the builder and are not `Send`; keep only the message.
+fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
+    anyhow!("{}", ort::Error::<()>::from(e))
+}
+
+impl Encoder {
+    /// Opens the card's encoder with `intra_threads` ONNX Runtime threads and checks that the
+    /// ONNX graph agrees with the card (names, element type, channels) before any work.
+    pub fn open(
+        card: &ModelCard,
+        intra_threads: usize,
+        mode: LatentMode,
+        seed: u64,
+    ) -> Result<Self> {
+        let env = runtime::environment()?;
+        let session = Session::builder(env)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(builder_err)?
+            .with_intra_threads(intra_threads.max(1))
+            .map_err(builder_err)?
+            .with_intra_op_spinning(false)
+            .map_err(builder_err)?
+            .commit_from_file(&card.encoder)
+            .with_context(|| {
+                format!(
+                    "cannot open encoder {} of model card {}",
+                    card.encoder.display(),
+                    card.card_path.display()
+                )
+            })?;
+        let at = card.card_path.display();
+        let pick = |outlets: &[ort::value::Outlet],
+                    wanted: &Option<String>,
+                    field: &str,
+                    what: &str|
+         -> Result<String> {
+            let names: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
+            match wanted {
+                Some(n) if names.contains(&n.as_str()) => Ok(n.clone()),
+                Some(n) => bail!("model card {at}: field `{field}` = {n:?}, but the encoder's {what}s are {names:?}"),
+                None if names.len() == 1 => Ok(names[0].to_string()),
+                None => bail!("model card {at}: the encoder has {what}s {names:?}; set `{field}` to the one to use"),
+            }
+        };
+        let input_name = pick(session.inputs(), &card.input_name, "input_name", "input")?;
+        let output_name = pick(
+            session.outputs(),
+            &card.output_name,
+            "output_name",
+            "output",
+        )?;
+        let input = session
+            .inputs()
+            .iter()
+            .find(|o| o.name() == input_name)
+            .expect("picked");
+        let input_f16 = match input.dtype() {
+            ValueType::Tensor { ty: TensorElementType::Float32, .. } => false,
+            ValueType::Tensor { ty: TensorElementType::Float16, .. } => true,
+            other => bail!("model card {at}: encoder input {input_name:?} is {other:?}; vae-pipeline feeds float32 or float16 NCHW images"),
+        };
+        if let ValueType::Tensor { shape, .. } = input.dtype() {
+            if shape.len() != 4 || (shape[1] != -1 && shape[1] != 3) {
+                bail!("model card {at}: encoder input {input_name:?} has shape {:?}; expected [batch, 3, height, width]", &shape[..]);
+            }
+        }
+        let output = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == output_name)
+            .expect("picked");
+        if let ValueType::Tensor { shape, .. } = output.dtype() {
+            if shape.len() == 4 && shape[1] != -1 && shape[1] as usize != card.output_channels() {
+                bail!(
+                    "{}",
+                    channel_mismatch(card, &output_name, shape[1] as usize)
+                );
+            }
+        }
+        let mut encoder = Encoder {
+            session,
+            card: card.clone(),
+            input_name,
+            output_name,
+            input_f16,
+            mode,
+            seed,
+        };
+        encoder.probe()?;
+        Ok(encoder)
+    }
+
+    /// Runs one small gray image to check output channels and spatial factor when the ONNX
+    /// graph leaves them dynamic.
+    fn probe(&mut self) -> Result<()> {
+        let side = (self.card.spatial_factor * 8) as usize;
+        let mid = (self.card.input_range[0] + self.card.input_range[1]) / 2.0;
+        let pixels = vec![mid; 3 * side * side];
+        let (shape, _) = self.run(&pixels, 1, side, side)?;
+        let at = self.card.card_path.display();
+        if shape[1] != self.card.output_channels() {
+            bail!(
+                "{}",
+                channel_mismatch(&self.card, &self.output_name, shape[1])
+            );
+        }
+        let expect = side / self.card.spatial_factor as usize;
+        if shape[2] != expect || shape[3] != expect {
+            bail!(
+                "model card {at}: field `spatial_factor` = {} says a {side}x{side} image gives {expect}x{expect} latents, \
+                 but the encoder gave {}x{}",
+                self.card.spatial_factor, shape[3], shape[2]
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs the session on `n` NCHW images; returns the output shape and values as f32.
+    fn run(
+        &mut self,
+        pixels: &[f32],
+        n: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<([usize; 4], Vec<f32>)> {
+        let shape = [n, 3, height, width];
+        let outputs = if self.input_f16 {
+            let half: Vec<f16> = pixels.iter().map(|&v| f16::from_f32(v)).collect();
+            let tensor = Tensor::from_array((shape, half))?;
+            self.session
+                .run(ort::inputs![self.input_name.as_str() => tensor])?
+        } else {
+            let tensor = ort::value::TensorRef::from_array_view((shape, pixels))?;
+            self.session
+                .run(ort::inputs![self.input_name.as_str() => tensor])?
+        };
+        let value = &outputs[self.output_name.as_str()];
+        let (dims, values) = match value.try_extract_tensor::<f32>() {
+            Ok((s, v)) => (s.to_vec(), v.to_vec()),
+            Err(_) => {
+                let (s, v) = value.try_extract_tensor::<f16>().with_context(|| {
+                    format!(
+                        "encoder output {:?} is neither float32 nor float16",
+                        self.output_name
+                    )
+                })?;
+                (s.to_vec(), v.iter().map(|x| x.to_f32()).collect())
+            }
+        };
+        if dims.len() != 4 || dims[0] as usize != n {
+            bail!(
+                "encoder output {:?} has shape {dims:?}; expected [{n}, C, h, w]",
+                self.output_name
+            );
+        }
+        Ok((
+            [n, dims[1] as usize, dims[2] as usize, dims[3] as usize],
+            values,
+        ))
+    }
+
+    /// Encodes `batch` and applies the latent mode and the card's normalization.
+    pub fn encode(&mut self, batch: Batch) -> Result<EncodedBatch> {
+        let n = batch.len();
+        let (shape, raw) = self.run(
+            &batch.pixels,
+            n,
+            batch.height as usize,
+            batch.width as usize,
+        )?;
+        let channels = self.card.latent_channels;
+        if shape[1] != self.card.output_channels() {
+            bail!(
+                "{}",
+                channel_mismatch(&self.card, &self.output_name, shape[1])
+            );
+        }
+        let plane = shape[2] * shape[3];
+        let per_latent = channels * plane;
+        let per_output = shape[1] * plane;
+        let (scale, shift) = (self.card.scaling_factor, self.card.shift_factor);
+        let dist = self.card.output == EncoderOutput::Moments && self.mode == LatentMode::Dist;
+        let mut out = EncodedBatch {
+            width: batch.width,
+            height: batch.height,
+            latent_shape: [channels, shape[2], shape[3]],
+            rows: Vec::with_capacity(n),
+            latents: Vec::with_capacity(n * per_latent),
+            stds: dist.then(|| Vec::with_capacity(n * per_latent)),
+            failures: Vec::new(),
+        };
+        for (i, row) in batch.rows.into_iter().enumerate() {
+            let output = &raw[i * per_output..(i + 1) * per_output];
+            let start = out.latents.len();
+            match self.card.output {
+                EncoderOutput::Latent => out
+                    .latents
+                    .extend(output.iter().map(|&z| (z - shift) * scale)),
+                EncoderOutput::Moments => {
+                    let (mean, logvar) = output.split_at(per_latent);
+                    let std = logvar
+                        .iter()
+                        .map(|&lv| (0.5 * lv.clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1)).exp());
+                    match self.mode {
+                        LatentMode::Mean | LatentMode::Dist => out
+                            .latents
+                            .extend(mean.iter().map(|&z| (z - shift) * scale)),
+                        LatentMode::Sample => {
+                            let mut rng = key_rng(self.seed, &row.key);
+                            out.latents
+                                .extend(mean.iter().zip(std.clone()).map(|(&m, s)| {
+                                    let eps: f32 = StandardNormal.sample(&mut rng);
+                                    (m + s * eps - shift) * scale
+                                }))
+                        }
+                    }
+                    if let Some(stds) = out.stds.as_mut() {
+                        stds.extend(std.map(|s| s * scale.abs()));
+                    }
+                }
+            }
+            let latent_ok = out.latents[start..].iter().all(|v| v.is_finite());
+            let std_ok = out
+                .stds
+                .as_ref()
+                .is_none_or(|s| s[start..].iter().all(|v| v.is_finite()));
+            if latent_ok && std_ok {
+                out.rows.push(row);
+            } else {
+                out.latents.truncate(start);
+                if let Some(s) = out.stds.as_mut() {
+                    s.truncate(start);
+                }
+                out.failures.push(Failure::new(
+                    row.key,
+                    FailureKind::Nonfinite,
+                    format!(
+                        "encoder {} produced NaN or Inf (fp16 overflow?)",
+                        self.card.name
+                    ),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The RNG for `sample` mode: one stream per (seed, key), so a rerun or a different batch
+/// split draws the same noise for the same image.
+fn key_rng(seed: u64, key: &str) -> ChaCha8Rng {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(key.as_bytes());
+    ChaCha8Rng::from_seed(h.finalize().into())
+}
+
+fn channel_mismatch(card: &ModelCard, output: &str, got: usize) -> String {
+    let kind = match card.output {
+        EncoderOutput::Latent => "output = \"latent\"",
+        EncoderOutput::Moments => "output = \"moments\" (mean ‖ logvar)",
+    };
+    format!(
+        "model card {}: field `latent_channels` = {} with {kind} expects {} output channels, \
+         but encoder output {output:?} has {got}",
+        card.card_path.display(),
+        card.latent_channels,
+        card.output_channels()
+    )
+}

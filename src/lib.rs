@@ -1,0 +1,18 @@
+//! vae-pipeline: image folders → normalized VAE latents in Parquet shards.
+//!
+//! The stages are the modules, in flow order: [`discover`] → [`decode`] → [`resize`] →
+//! [`batch`] → [`encode`] → [`write`], wired by [`pipeline`]. [`config`] holds the run's
+//! settings, [`model`] the VAE's card, [`runtime`] the ONNX Runtime library, [`failure`] the
+//! kinds of input that cannot be used. See ARCHITECTURE.md.
+
+pub mod batch;
+pub mod config;
+pub mod decode;
+pub mod discover;
+pub mod encode;
+pub mod failure;
+pub mod model;
+pub mod pipeline;
+pub mod resize;
+pub mod runtime;
+pub mod write;

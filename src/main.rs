@@ -1,0 +1,120 @@
+//! The command line: parses arguments and calls the library. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use vae_pipeline::config::{LatentMode, PrecomputeConfig, ResizePolicy, StorageDType};
+use vae_pipeline::pipeline;
+
+#[derive(Parser)]
+#[command(
+    name = "vae-pipeline",
+    version,
+    about = "Image folders → normalized VAE latents in Parquet shards"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Encode every image under --input into latent shards under --out.
+    Precompute(PrecomputeArgs),
+}
+
+/// Flags override the preset (--pipeline), which overrides the defaults shown here.
+#[derive(Args)]
+struct PrecomputeArgs {
+    /// Folder of images (walked recursively; symlinks followed).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Output folder for shards, _errors.jsonl, _manifest.jsonl and _SUCCESS.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Model card: a name in models/ (taef2, taef2-fp16, tiny-kl, sd15, sdxl, …) or a card TOML path [default: taef2].
+    #[arg(long)]
+    model: Option<String>,
+    /// Preset TOML with any of these settings (see pipelines/).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Side of the square fed to the encoder, in pixels; a multiple of the card's spatial_factor [default: 256].
+    #[arg(long)]
+    size: Option<u32>,
+    /// How images become size×size [default: center-crop].
+    #[arg(long, value_enum)]
+    resize: Option<ResizePolicy>,
+    /// Images per encoder call [default: 16].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// For moments encoders (AutoencoderKL): store the mean, a seeded sample, or mean and std [default: mean].
+    #[arg(long, value_enum)]
+    latent_mode: Option<LatentMode>,
+    /// Storage type of latents; bf16 is stored as its uint16 bits [default: f16].
+    #[arg(long, value_enum)]
+    dtype: Option<StorageDType>,
+    /// Seed for --latent-mode sample (combined with each image's key) [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Rows per Parquet shard before a new one starts [default: 4096].
+    #[arg(long)]
+    shard_rows: Option<usize>,
+    /// Threads for decoding and ONNX Runtime together; 0 = all cores [default: 0].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl PrecomputeArgs {
+    fn into_config(self) -> Result<(PrecomputeConfig, bool)> {
+        let mut c = match &self.pipeline {
+            Some(path) => PrecomputeConfig::from_preset(path)?,
+            None => PrecomputeConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        set!(
+            input,
+            out,
+            model,
+            size,
+            resize,
+            batch_size,
+            latent_mode,
+            dtype,
+            seed,
+            shard_rows,
+            threads
+        );
+        Ok((c, self.print_config))
+    }
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().command {
+        Command::Precompute(args) => {
+            let (config, print_only) = args.into_config()?;
+            if print_only {
+                print!("{}", config.to_toml());
+                return Ok(());
+            }
+            pipeline::precompute(&config)?.print();
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Model cards: one VAE's contract (where its ONNX files are, what range it takes, what it
+//! outputs, how its latents are normalized). Takes a card name or path, hands on a validated
+//! `ModelCard` with absolute paths.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::hex;
+
+/// What the encoder's single output holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EncoderOutput {
+    /// Deterministic latents with `latent_channels` channels.
+    Latent,
+    /// mean ‖ logvar along channels (2 × `latent_channels`), as diffusers'
+    /// `DiagonalGaussianDistribution` receives them.
+    Moments,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCard {
+    pub name: String,
+    pub encoder: PathBuf,
+    #[serde(default)]
+    pub decoder: Option<PathBuf>,
+    pub input_range: [f32; 2],
+    pub output: EncoderOutput,
+    pub latent_channels: usize,
+    pub spatial_factor: u32,
+    pub scaling_factor: f32,
+    #[serde(default)]
+    pub shift_factor: f32,
+    /// Names of the encoder's input and output; the single input/output when absent.
+    #[serde(default)]
+    pub input_name: Option<String>,
+    #[serde(default)]
+    pub output_name: Option<String>,
+    /// Free text for users: where the weights come from, how to export them.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The card file this was read from.
+    #[serde(skip)]
+    pub card_path: PathBuf,
+}
+
+impl ModelCard {
+    /// `spec` is a card name (`models/<spec>.toml` beside the repo or the binary) or a path.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        let path = find_card(spec)?;
+        Self::load(&path)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model card {}", path.display()))?;
+        let mut card: ModelCard = toml::from_str(&text)
+            .with_context(|| format!("invalid model card {}", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        card.encoder = dir.join(&card.encoder);
+        card.decoder = card.decoder.map(|d| dir.join(d));
+        card.card_path = path.to_path_buf();
+        card.check_values()?;
+        Ok(card)
+    }
+
+    fn check_values(&self) -> Result<()> {
+        let at = self.card_path.display();
+        let [lo, hi] = self.input_range;
+        if !(lo < hi) || !lo.is_finite() || !hi.is_finite() {
+            bail!("model card {at}: field `input_range` must be [low, high] with low < high, got [{lo}, {hi}]");
+        }
+        if self.latent_channels == 0 {
+            bail!("model card {at}: field `latent_channels` must be positive");
+        }
+        if self.spatial_factor == 0 {
+            bail!("model card {at}: field `spatial_factor` must be positive");
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
+            bail!("model card {at}: field `scaling_factor` must be a non-zero number");
+        }
+        if !self.shift_factor.is_finite() {
+            bail!("model card {at}: field `shift_factor` must be a number");
+        }
+        if !self.encoder.is_file() {
+            bail!(
+                "model card {at}: field `encoder` names {}, which does not exist.\n\
+                 Run `make models` to copy the shared test models into models/onnx/, or see the \
+                 README section \"Getting ONNX files for real VAEs\" to export this model",
+                self.encoder.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Channels the encoder's output must have.
+    pub fn output_channels(&self) -> usize {
+        match self.output {
+            EncoderOutput::Latent => self.latent_channels,
+            EncoderOutput::Moments => 2 * self.latent_channels,
+        }
+    }
+
+    /// A `--size` the encoder can take, or an error naming the card and field.
+    pub fn check_size(&self, size: u32) -> Result<()> {
+        if size % self.spatial_factor != 0 {
+            bail!(
+                "--size {size} is not a multiple of `spatial_factor` = {} in model card {}: use {} or {}",
+                self.spatial_factor,
+                self.card_path.display(),
+                size / self.spatial_factor * self.spatial_factor,
+                (size / self.spatial_factor + 1) * self.spatial_factor
+            );
+        }
+        Ok(())
+    }
+
+    /// sha256 of the encoder file: recorded in shards so a changed model is detectable.
+    pub fn encoder_sha256(&self) -> Result<String> {
+        let bytes = std::fs::read(&self.encoder)
+            .with_context(|| format!("cannot read encoder {}", self.encoder.display()))?;
+        Ok(hex(&Sha256::digest(&bytes)))
+    }
+
+    /// Human-readable normalization, as recorded in shard metadata.
+    pub fn normalization(&self) -> String {
+        format!("(z - {}) * {}", self.shift_factor, self.scaling_factor)
+    }
+}
+
+/// Folders that hold shipped cards: `models/` in the working directory, then the repo that
+/// built this binary (`<repo>/target/<profile>/vae-pipeline`).
+pub fn card_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("models")];
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(repo) = exe.ancestors().nth(3) {
+            dirs.push(repo.join("models"));
+        }
+    }
+    dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
+    dirs
+}
+
+fn find_card(spec: &str) -> Result<PathBuf> {
+    let as_path = Path::new(spec);
+    if spec.ends_with(".toml") || as_path.components().count() > 1 {
+        if as_path.is_file() {
+            return Ok(as_path.to_path_buf());
+        }
+        bail!("model card {spec} does not exist");
+    }
+    let dirs = card_dirs();
+    for dir in &dirs {
+        let candidate = dir.join(format!("{spec}.toml"));
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    let known: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension()? == "toml").then_some(())?;
+            Some(p.file_stem()?.to_string_lossy().into_owned())
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    bail!(
+        "unknown model {spec:?}: no {spec}.toml in {}. Known cards: {}. \
+         Pass a card name or a path to a card TOML",
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    )
+}

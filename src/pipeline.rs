@@ -1,0 +1,402 @@
+//! The wiring: discover → decode+resize (rayon pool) → batch → encode → write, joined by bounded
+//! channels so memory stays flat and a slow stage back-pressures the ones before it. Takes a
+//! `PrecomputeConfig`, hands on a `RunSummary`.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::batch::{Batch, Batcher, RowMeta};
+use crate::config::PrecomputeConfig;
+use crate::decode::{decode, DEFAULT_MAX_PIXELS};
+use crate::discover::{self, Source};
+use crate::encode::{EncodedBatch, Encoder};
+use crate::failure::Failure;
+use crate::model::ModelCard;
+use crate::resize::{prepare, Prepared};
+use crate::write::{prepare_output, OutputState, ShardWriter};
+
+/// Batches waiting for the encoder: one being filled while one waits is enough to overlap.
+const ENCODE_QUEUE: usize = 2;
+/// Messages waiting for the writer.
+const WRITE_QUEUE: usize = 4;
+
+/// What the run did, as the final summary prints it and `_SUCCESS` records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub encoded: usize,
+    pub failed: usize,
+    pub failures: std::collections::BTreeMap<String, usize>,
+    pub shards: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    pub decode_threads: usize,
+    pub encode_threads: usize,
+    /// Seconds each stage spent working (decode summed over its threads).
+    pub busy_seconds: StageBusy,
+    pub config_hash: String,
+    /// True when `--out` already held this exact run and nothing was done.
+    pub up_to_date: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageBusy {
+    pub decode_resize: f64,
+    pub encode: f64,
+    pub write: f64,
+}
+
+impl RunSummary {
+    /// The stage that limited throughput: the one busiest for its share of threads.
+    pub fn bottleneck(&self) -> &'static str {
+        let decode = self.busy_seconds.decode_resize / self.decode_threads.max(1) as f64;
+        let stages = [
+            ("decode+resize", decode),
+            ("encode", self.busy_seconds.encode),
+            ("write", self.busy_seconds.write),
+        ];
+        stages
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or("none", |s| s.0)
+    }
+
+    pub fn print(&self) {
+        if self.up_to_date {
+            eprintln!(
+                "up to date: the output folder already holds this run (config_hash {})",
+                self.config_hash
+            );
+            return;
+        }
+        let failures = if self.failed == 0 {
+            String::new()
+        } else {
+            let kinds: Vec<String> = self
+                .failures
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            format!(" ({}; see _errors.jsonl)", kinds.join(", "))
+        };
+        eprintln!(
+            "encoded {} images, {} failed{failures}, into {} shard(s) in {:.1} s: {:.2} images/s",
+            self.encoded, self.failed, self.shards, self.seconds, self.images_per_second
+        );
+        eprintln!(
+            "busy: decode+resize {:.1} s over {} thread(s), encode {:.1} s ({} ONNX Runtime thread(s)), write {:.1} s; bottleneck: {}",
+            self.busy_seconds.decode_resize,
+            self.decode_threads,
+            self.busy_seconds.encode,
+            self.encode_threads,
+            self.busy_seconds.write,
+            self.bottleneck()
+        );
+    }
+}
+
+/// How the thread budget is split. The encoder gets every thread (it is the bottleneck for any
+/// real VAE on CPU), the decode pool too; ONNX Runtime does not spin while waiting, so the pool
+/// takes the cores whenever the encoder waits for a batch.
+pub fn thread_split(budget: usize) -> (usize, usize) {
+    (budget.max(1), budget.max(1))
+}
+
+/// Runs `precompute`: everything that can be checked is checked before the first image.
+pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
+    config.validate()?;
+    let input = std::fs::canonicalize(&config.input)
+        .with_context(|| format!("--input {} does not exist", config.input.display()))?;
+    if !input.is_dir() {
+        bail!("--input {} is not a folder", config.input.display());
+    }
+    let card = ModelCard::resolve(&config.model)?;
+    card.check_size(config.size)?;
+    let (decode_threads, encode_threads) = thread_split(config.thread_budget());
+    let mut encoder = Encoder::open(&card, encode_threads, config.latent_mode, config.seed)?;
+
+    let encoder_sha256 = card.encoder_sha256()?;
+    let identity = format!(
+        "{}|{:?}|{:?}|{}|{}|{}|{}",
+        card.name,
+        card.input_range,
+        card.output,
+        card.latent_channels,
+        card.scaling_factor,
+        card.shift_factor,
+        encoder_sha256
+    );
+    let mut effective = config.clone();
+    effective.input = input.clone();
+    let config_hash = effective.output_hash(&identity);
+    let config_toml = effective.to_toml();
+    let state = prepare_output(&config.out, &config_hash, &config_toml)?;
+    let mut summary = RunSummary {
+        encoded: 0,
+        failed: 0,
+        failures: Default::default(),
+        shards: 0,
+        seconds: 0.0,
+        images_per_second: 0.0,
+        decode_threads,
+        encode_threads,
+        busy_seconds: StageBusy::default(),
+        config_hash: config_hash.clone(),
+        up_to_date: state == OutputState::Complete,
+    };
+    if summary.up_to_date {
+        return Ok(summary);
+    }
+    if state == OutputState::Restarted {
+        eprintln!(
+            "{} held an unfinished run of this config: starting it over",
+            config.out.display()
+        );
+    }
+
+    let metadata = vec![
+        (
+            "vae_pipeline.version".into(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        ("vae_pipeline.model".into(), card.name.clone()),
+        ("vae_pipeline.encoder_sha256".into(), encoder_sha256),
+        (
+            "vae_pipeline.scaling_factor".into(),
+            card.scaling_factor.to_string(),
+        ),
+        (
+            "vae_pipeline.shift_factor".into(),
+            card.shift_factor.to_string(),
+        ),
+        ("vae_pipeline.normalization".into(), card.normalization()),
+        (
+            "vae_pipeline.latent_mode".into(),
+            config.latent_mode.as_str().into(),
+        ),
+        ("vae_pipeline.dtype".into(), config.dtype.as_str().into()),
+        (
+            "vae_pipeline.resize".into(),
+            format!("{} {}", config.resize.as_str(), config.size),
+        ),
+        ("vae_pipeline.config_hash".into(), config_hash),
+        ("vae_pipeline.config".into(), config_toml),
+    ];
+    let mut writer = ShardWriter::new(&config.out, config.shard_rows, config.dtype, metadata)?;
+
+    let start = Instant::now();
+    let (batch_tx, batch_rx) = bounded::<Batch>(ENCODE_QUEUE);
+    let (write_tx, write_rx) = bounded::<Message>(WRITE_QUEUE);
+    let progress = Progress::new();
+
+    let (decode_busy, encode_busy, write_busy) = std::thread::scope(|scope| -> Result<_> {
+        let producer_tx = write_tx.clone();
+        let producer = scope.spawn(|| {
+            produce(
+                &input,
+                config,
+                card.input_range,
+                decode_threads,
+                batch_tx,
+                producer_tx,
+            )
+        });
+        let encoding = scope.spawn(move || -> Result<Duration> {
+            let mut busy = Duration::ZERO;
+            for batch in batch_rx {
+                let t = Instant::now();
+                let encoded = encoder.encode(batch)?;
+                busy += t.elapsed();
+                if write_tx.send(Message::Encoded(encoded)).is_err() {
+                    break;
+                }
+            }
+            Ok(busy)
+        });
+        let write_busy = consume(&mut writer, write_rx, &progress);
+        let encode_busy = encoding.join().expect("encoder thread panicked");
+        let decode_busy = producer.join().expect("decode thread panicked");
+        // The first failure in flow order is the cause; later ones are its echo.
+        let decode_busy = decode_busy?;
+        let encode_busy = encode_busy?;
+        Ok((decode_busy, encode_busy, write_busy?))
+    })?;
+    progress.finish();
+
+    let totals = writer.totals().clone();
+    let seconds = start.elapsed().as_secs_f64();
+    summary.encoded = totals.rows;
+    summary.failed = totals.failed();
+    summary.failures = totals
+        .failures
+        .iter()
+        .map(|(k, n)| (k.as_str().to_string(), *n))
+        .collect();
+    summary.seconds = seconds;
+    summary.images_per_second = totals.rows as f64 / seconds.max(1e-9);
+    summary.busy_seconds = StageBusy {
+        decode_resize: decode_busy.as_secs_f64(),
+        encode: encode_busy.as_secs_f64(),
+        write: write_busy.as_secs_f64(),
+    };
+    summary.shards = writer.shards_when_finished();
+    writer.finish(&serde_json::to_value(&summary)?)?;
+    Ok(summary)
+}
+
+enum Message {
+    Encoded(EncodedBatch),
+    Failed(Failure),
+}
+
+/// Discover, decode and resize in order-preserving chunks on a rayon pool, then batch.
+/// Returns the decode pool's summed busy time.
+fn produce(
+    input: &Path,
+    config: &PrecomputeConfig,
+    input_range: [f32; 2],
+    threads: usize,
+    batch_tx: Sender<Batch>,
+    write_tx: Sender<Message>,
+) -> Result<Duration> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("decode-{i}"))
+        .build()
+        .context("cannot start the decode thread pool")?;
+    let chunk_len = (config.batch_size * threads).max(32);
+    let mut batcher = Batcher::new(config.batch_size, input_range);
+    let mut busy = Duration::ZERO;
+    let mut sources = discover::walk(input).peekable();
+    while sources.peek().is_some() {
+        let chunk: Vec<Result<Source, Failure>> = sources.by_ref().take(chunk_len).collect();
+        let prepared: Vec<(Result<(Prepared, RowMeta), Failure>, Duration)> = pool.install(|| {
+            chunk
+                .into_par_iter()
+                .map(|item| {
+                    let t = Instant::now();
+                    let out = item.and_then(|source| decode_and_resize(&source, config));
+                    (out, t.elapsed())
+                })
+                .collect()
+        });
+        for (item, took) in prepared {
+            busy += took;
+            let sent = match item {
+                Ok((image, meta)) => match batcher.push(&image, meta) {
+                    Some(batch) => batch_tx.send(batch).is_ok(),
+                    None => true,
+                },
+                Err(failure) => write_tx.send(Message::Failed(failure)).is_ok(),
+            };
+            if !sent {
+                return Ok(busy);
+            }
+        }
+    }
+    for batch in batcher.flush() {
+        if batch_tx.send(batch).is_err() {
+            break;
+        }
+    }
+    Ok(busy)
+}
+
+fn decode_and_resize(
+    source: &Source,
+    config: &PrecomputeConfig,
+) -> Result<(Prepared, RowMeta), Failure> {
+    let decoded = decode(source, DEFAULT_MAX_PIXELS)?;
+    let (orig_width, orig_height) = decoded.rgb.dimensions();
+    let image = prepare(decoded.rgb, config.resize, config.size).map_err(|e| {
+        Failure::new(
+            source.key.clone(),
+            crate::failure::FailureKind::Corrupt,
+            format!("{e:#}"),
+        )
+    })?;
+    let meta = RowMeta {
+        key: source.key.clone(),
+        source_sha256: decoded.source_sha256,
+        orig_width: orig_width as i32,
+        orig_height: orig_height as i32,
+        crop_top: image.crop_top as i32,
+        crop_left: image.crop_left as i32,
+        width: image.size as i32,
+        height: image.size as i32,
+        caption: decoded.caption,
+    };
+    Ok((image, meta))
+}
+
+/// The writer's loop: runs on the calling thread until every sender is gone.
+fn consume(
+    writer: &mut ShardWriter,
+    rx: Receiver<Message>,
+    progress: &Progress,
+) -> Result<Duration> {
+    let mut busy = Duration::ZERO;
+    for message in rx {
+        let t = Instant::now();
+        match message {
+            Message::Encoded(batch) => writer.write(batch)?,
+            Message::Failed(failure) => writer.record_failure(&failure)?,
+        }
+        busy += t.elapsed();
+        let totals = writer.totals();
+        progress.update(totals.rows, totals.failed());
+    }
+    Ok(busy)
+}
+
+/// A progress bar on a terminal, a plain line every 10 s otherwise (logs, `make`).
+struct Progress {
+    bar: Option<ProgressBar>,
+    start: Instant,
+    last_line: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                    .expect("valid progress template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        let now = Instant::now();
+        Progress {
+            bar,
+            start: now,
+            last_line: std::cell::Cell::new(now),
+        }
+    }
+
+    fn update(&self, encoded: usize, failed: usize) {
+        let rate = encoded as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+        let msg = format!("{encoded} encoded, {failed} failed, {rate:.2} images/s");
+        match &self.bar {
+            Some(bar) => bar.set_message(msg),
+            None if self.last_line.get().elapsed() >= Duration::from_secs(10) => {
+                self.last_line.set(Instant::now());
+                eprintln!("progress: {msg}");
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Finding and loading the ONNX Runtime shared library (`ort` with `load-dynamic`). Takes
+//! nothing, hands on the process's one `ort::Environment` or an error that lists where it
+//! looked and how to fix it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Result};
+use ort::environment::Environment;
+
+/// The library file name the Makefile installs (from the `onnxruntime` PyPI wheel).
+pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
+
+static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment, loading the library on first use.
+pub fn environment() -> Result<&'static Environment> {
+    ENVIRONMENT
+        .get_or_init(|| load().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+fn load() -> Result<Environment> {
+    let path = locate()?;
+    ort::init_from(&path)
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            anyhow!(
+                "cannot load ONNX Runtime from {}: {e}{cause}",
+                path.display()
+            )
+        })?
+        .with_name("vae-pipeline")
+        .build()
+        .map_err(|e| anyhow!("cannot start ONNX Runtime from {}: {e}", path.display()))
+}
+
+/// `ORT_DYLIB_PATH`, else `.ort/` where `make setup` puts it (in the working directory or the
+/// repo that built this binary), else an installed Python `onnxruntime` package.
+pub fn locate() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!(
+            "ORT_DYLIB_PATH is set to {}, which is not a file. Point it at libonnxruntime.so \
+             (from `pip download --no-deps onnxruntime==1.31.1`, unzip onnxruntime/capi/) or unset it \
+             and run `make setup`",
+            p.display()
+        );
+    }
+    let mut looked = vec!["ORT_DYLIB_PATH (not set)".to_string()];
+    let mut dirs = vec![PathBuf::from(".ort")];
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(repo) = exe.ancestors().nth(3) {
+            dirs.push(repo.join(".ort"));
+        }
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ort"));
+    for dir in dirs {
+        let candidate = dir.join(ORT_LIBRARY);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        looked.push(candidate.display().to_string());
+    }
+    match python_onnxruntime() {
+        Some(p) => return Ok(p),
+        None => looked.push("the `onnxruntime` package of python3 (not installed)".into()),
+    }
+    bail!(
+        "ONNX Runtime library not found. Looked in:\n  {}\nFix: run `make setup` in the vae-pipeline \
+         repo, or `pip install onnxruntime`, or set ORT_DYLIB_PATH to a libonnxruntime.so (1.24 or newer)",
+        looked.join("\n  ")
+    )
+}
+
+fn python_onnxruntime() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let capi = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("capi");
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(&capi)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
+        .collect();
+    libs.sort();
+    libs.pop()
+}
