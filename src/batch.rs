@@ -73,7 +73,7 @@ impl Batcher {
 
     /// Adds one image; returns the batch it completed, if any.
     pub fn push(&mut self, image: &Prepared, meta: RowMeta) -> Option<Batch> {
-        let shape = (image.size, image.size);
+        let shape = (image.crop_width, image.crop_height);
         let batch_size = self.batch_size;
         let batch = self
             .open

@@ -328,8 +328,8 @@ fn decode_and_resize(
         orig_height: orig_height as i32,
         crop_top: image.crop_top as i32,
         crop_left: image.crop_left as i32,
-        width: image.size as i32,
-        height: image.size as i32,
+        width: image.crop_width as i32,
+        height: image.crop_height as i32,
         caption: decoded.caption,
     };
     Ok((image, meta))

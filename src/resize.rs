@@ -12,14 +12,15 @@ use image::RgbImage;
 use crate::config::ResizePolicy;
 
 /// An image ready for batching: `pixels` is `width`×`height` RGB8 (the resized image), and the
-/// encoder sees the `size`×`size` window at (`crop_left`, `crop_top`).
+/// encoder sees the `crop_width`×`crop_height` window at (`crop_left`, `crop_top`).
 pub struct Prepared {
     pub pixels: Vec<u8>,
     pub width: u32,
     pub height: u32,
     pub crop_left: u32,
     pub crop_top: u32,
-    pub size: u32,
+    pub crop_width: u32,
+    pub crop_height: u32,
 }
 
 thread_local! {
@@ -47,54 +48,70 @@ pub fn target_dims(policy: ResizePolicy, width: u32, height: u32, size: u32) -> 
 pub fn prepare(image: RgbImage, policy: ResizePolicy, size: u32) -> Result<Prepared> {
     let (w, h) = image.dimensions();
     let (tw, th) = target_dims(policy, w, h, size);
-    let pixels = if (tw, th) == (w, h) {
-        image.into_raw()
-    } else {
-        let src =
-            ImageRef::new(w, h, image.as_raw(), PixelType::U8x3).context("source image buffer")?;
-        let mut dst = fr::images::Image::new(tw, th, PixelType::U8x3);
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
-        RESIZER
-            .with(|r| r.borrow_mut().resize(&src, &mut dst, &options))
-            .with_context(|| format!("resizing {w}x{h} to {tw}x{th}"))?;
-        dst.into_vec()
-    };
+    let pixels = lanczos3(image, tw, th).with_context(|| format!("resizing {w}x{h} to {tw}x{th}"))?;
     Ok(Prepared {
         pixels,
         width: tw,
         height: th,
         crop_left: (tw - size) / 2,
         crop_top: (th - size) / 2,
-        size,
+        crop_width: size,
+        crop_height: size,
     })
+}
+
+/// Resizes in Pillow's order, horizontal pass then vertical, each rounded to 8 bits.
+/// fast_image_resize runs the vertical pass first for u8 images; with Lanczos' negative lobes
+/// the intermediate clamping then moves edge pixels by up to 12 levels away from Pillow.
+fn lanczos3(image: RgbImage, tw: u32, th: u32) -> Result<Vec<u8>> {
+    let (w, h) = image.dimensions();
+    if (tw, th) == (w, h) {
+        return Ok(image.into_raw());
+    }
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    let src = ImageRef::new(w, h, image.as_raw(), PixelType::U8x3)?;
+    let mut out = fr::images::Image::new(tw, th, PixelType::U8x3);
+    RESIZER.with(|r| -> Result<()> {
+        let mut r = r.borrow_mut();
+        if tw == w || th == h {
+            r.resize(&src, &mut out, &options)?;
+        } else {
+            let mut wide = fr::images::Image::new(tw, h, PixelType::U8x3);
+            r.resize(&src, &mut wide, &options)?;
+            r.resize(&wide, &mut out, &options)?;
+        }
+        Ok(())
+    })?;
+    Ok(out.into_vec())
 }
 
 impl Prepared {
     /// The crop window as HWC RGB8 (for tests and reports).
     pub fn window_rgb(&self) -> Vec<u8> {
-        let s = self.size as usize;
-        let mut out = Vec::with_capacity(s * s * 3);
-        for y in 0..s {
-            let start =
-                ((self.crop_top as usize + y) * self.width as usize + self.crop_left as usize) * 3;
-            out.extend_from_slice(&self.pixels[start..start + s * 3]);
+        let mut out = Vec::with_capacity(self.crop_width as usize * self.crop_height as usize * 3);
+        for y in 0..self.crop_height as usize {
+            out.extend_from_slice(self.window_row(y));
         }
         out
     }
 
-    /// Writes the crop window into `dst` (CHW, `3·size²` floats), mapping 0..=255 onto `range`.
+    /// Row `y` of the crop window, RGB8.
+    fn window_row(&self, y: usize) -> &[u8] {
+        let start = ((self.crop_top as usize + y) * self.width as usize + self.crop_left as usize) * 3;
+        &self.pixels[start..start + self.crop_width as usize * 3]
+    }
+
+    /// Writes the crop window into `dst` (CHW, 3·w·h floats), mapping 0..=255 onto `range`.
     pub fn write_chw(&self, dst: &mut [f32], range: [f32; 2]) {
-        let s = self.size as usize;
-        let plane = s * s;
+        let (w, h) = (self.crop_width as usize, self.crop_height as usize);
+        let plane = w * h;
         assert_eq!(dst.len(), 3 * plane, "destination must hold one CHW image");
         let lut = level_table(range);
         let (r, rest) = dst.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
-        for y in 0..s {
-            let start =
-                ((self.crop_top as usize + y) * self.width as usize + self.crop_left as usize) * 3;
-            let row = &self.pixels[start..start + s * 3];
-            let at = y * s;
+        for y in 0..h {
+            let row = self.window_row(y);
+            let at = y * w;
             for (x, px) in row.chunks_exact(3).enumerate() {
                 r[at + x] = lut[px[0] as usize];
                 g[at + x] = lut[px[1] as usize];

@@ -1,0 +1,138 @@
+//! Shared test material: `../shared` (must exist: CI fails, never skips, without it), model
+//! cards that point straight at its ONNX files, the binary, and a Parquet reader for shards.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray};
+use vae_pipeline::model::ModelCard;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file under `../shared`, which the tests need; a clear failure when it is missing.
+pub fn shared(rel: &str) -> PathBuf {
+    let path = repo().join("..").join("shared").join(rel);
+    assert!(path.exists(), "test material {} is missing: the tests need ../shared beside the repo", path.display());
+    path
+}
+
+/// A scratch folder under `target/`, emptied first.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = repo().join("target").join("test-scratch").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes a card for a shared model into `dir` and returns its path.
+pub fn card_file(dir: &Path, model: &str) -> PathBuf {
+    let m = |f: &str| shared(&format!("models/{f}")).display().to_string();
+    let body = match model {
+        "taef2" => format!(
+            "name = \"taef2\"\nencoder = \"{}\"\ninput_range = [0.0, 1.0]\noutput = \"latent\"\nlatent_channels = 32\nspatial_factor = 8\nscaling_factor = 1.0\n",
+            m("taef2_encoder.onnx")
+        ),
+        "taef2-fp16" => format!(
+            "name = \"taef2-fp16\"\nencoder = \"{}\"\ninput_range = [0.0, 1.0]\noutput = \"latent\"\nlatent_channels = 32\nspatial_factor = 8\nscaling_factor = 1.0\n",
+            m("taef2_encoder_fp16.onnx")
+        ),
+        "tiny-kl" => format!(
+            "name = \"tiny-kl\"\nencoder = \"{}\"\ninput_range = [-1.0, 1.0]\noutput = \"moments\"\nlatent_channels = 4\nspatial_factor = 2\nscaling_factor = 0.18215\n",
+            m("tiny_kl_encoder.onnx")
+        ),
+        other => panic!("no test card for {other}"),
+    };
+    let path = dir.join(format!("{model}.toml"));
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+pub fn card(dir: &Path, model: &str) -> ModelCard {
+    ModelCard::load(&card_file(dir, model)).unwrap()
+}
+
+/// Reads a `.npy` file as a flat f32 vector plus its shape.
+pub fn npy_f32(rel: &str) -> (Vec<usize>, Vec<f32>) {
+    let a: ndarray::ArrayD<f32> = ndarray_npy::read_npy(shared(rel)).unwrap();
+    (a.shape().to_vec(), a.iter().copied().collect())
+}
+
+pub fn npy_u8(path: &Path) -> (Vec<usize>, Vec<u8>) {
+    let a: ndarray::ArrayD<u8> = ndarray_npy::read_npy(path).unwrap();
+    (a.shape().to_vec(), a.iter().copied().collect())
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Runs the binary with the repo's ONNX Runtime library (as `make` sets it up).
+pub fn vae_pipeline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vae-pipeline")).args(args).output().expect("binary runs")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The Python of the test venv (Pillow, pyarrow): `VAE_PIPELINE_PYTHON` or `.venv/bin/python`.
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("VAE_PIPELINE_PYTHON").map_or_else(|| repo().join(".venv/bin/python"), PathBuf::from);
+    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
+    p
+}
+
+/// Every f32 latent in a shard set, by key (shards written with `--dtype f32`).
+pub fn read_latents(out: &Path) -> BTreeMap<String, Vec<f32>> {
+    let mut rows = BTreeMap::new();
+    for entry in walk_parquet(out) {
+        let file = std::fs::File::open(&entry).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let keys = batch.column_by_name("key").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let latents =
+                batch.column_by_name("latent").unwrap().as_any().downcast_ref::<FixedSizeListArray>().unwrap().clone();
+            for i in 0..batch.num_rows() {
+                let v = latents.value(i);
+                let v = v.as_any().downcast_ref::<Float32Array>().expect("f32 latents").values().to_vec();
+                assert!(rows.insert(keys.value(i).to_string(), v).is_none(), "duplicate key {}", keys.value(i));
+            }
+        }
+    }
+    rows
+}
+
+fn walk_parquet(out: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in std::fs::read_dir(out).unwrap().flatten() {
+        if dir.path().is_dir() {
+            for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+                if f.path().extension().is_some_and(|e| e == "parquet") {
+                    files.push(f.path());
+                }
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// A folder with the first `n` Kodak images (symlinked).
+pub fn kodak_subset(dir: &Path, n: usize) -> PathBuf {
+    let input = dir.join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    for i in 1..=n {
+        let name = format!("kodim{i:02}.png");
+        std::os::unix::fs::symlink(shared(&format!("data/kodak/{name}")), input.join(&name)).unwrap();
+    }
+    input
+}
