@@ -48,7 +48,8 @@ pub fn target_dims(policy: ResizePolicy, width: u32, height: u32, size: u32) -> 
 pub fn prepare(image: RgbImage, policy: ResizePolicy, size: u32) -> Result<Prepared> {
     let (w, h) = image.dimensions();
     let (tw, th) = target_dims(policy, w, h, size);
-    let pixels = lanczos3(image, tw, th).with_context(|| format!("resizing {w}x{h} to {tw}x{th}"))?;
+    let pixels =
+        lanczos3(image, tw, th).with_context(|| format!("resizing {w}x{h} to {tw}x{th}"))?;
     Ok(Prepared {
         pixels,
         width: tw,
@@ -97,7 +98,8 @@ impl Prepared {
 
     /// Row `y` of the crop window, RGB8.
     fn window_row(&self, y: usize) -> &[u8] {
-        let start = ((self.crop_top as usize + y) * self.width as usize + self.crop_left as usize) * 3;
+        let start =
+            ((self.crop_top as usize + y) * self.width as usize + self.crop_left as usize) * 3;
         &self.pixels[start..start + self.crop_width as usize * 3]
     }
 

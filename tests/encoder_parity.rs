@@ -5,12 +5,16 @@ mod common;
 use common::*;
 use vae_pipeline::batch::{Batch, RowMeta};
 use vae_pipeline::config::LatentMode;
+use vae_pipeline::config::ResizePolicy;
 use vae_pipeline::decode::{decode_bytes, DEFAULT_MAX_PIXELS};
 use vae_pipeline::encode::Encoder;
 use vae_pipeline::resize::{prepare, Prepared};
-use vae_pipeline::config::ResizePolicy;
 
-const CASES: [&str; 3] = ["gradient_shapes_64x64", "grayscale_64x64", "nonsquare_96x64_q95"];
+const CASES: [&str; 3] = [
+    "gradient_shapes_64x64",
+    "grayscale_64x64",
+    "nonsquare_96x64_q95",
+];
 
 fn row(key: &str) -> RowMeta {
     RowMeta {
@@ -35,7 +39,12 @@ fn golden_batch(file: &str, cases: &[&str]) -> Batch {
         shape = s;
         pixels.extend(v);
     }
-    Batch { width: shape[3] as u32, height: shape[2] as u32, rows: cases.iter().map(|c| row(c)).collect(), pixels }
+    Batch {
+        width: shape[3] as u32,
+        height: shape[2] as u32,
+        rows: cases.iter().map(|c| row(c)).collect(),
+        pixels,
+    }
 }
 
 fn golden(case: &str, file: &str) -> Vec<f32> {
@@ -50,7 +59,10 @@ fn taef2_fp32_matches_pytorch_in_one_batch() {
     assert_eq!(out.latent_shape, [32, 8, 8]);
     let per = 32 * 64;
     for (i, case) in CASES.iter().enumerate() {
-        let d = max_abs_diff(&out.latents[i * per..(i + 1) * per], &golden(case, "taef2_latent.npy"));
+        let d = max_abs_diff(
+            &out.latents[i * per..(i + 1) * per],
+            &golden(case, "taef2_latent.npy"),
+        );
         assert!(d <= 1e-4, "{case}: max |diff| {d}");
     }
 }
@@ -60,7 +72,9 @@ fn taef2_fp32_native_nonsquare_matches_pytorch() {
     let dir = scratch("parity-taef2-native");
     let mut enc = Encoder::open(&card(&dir, "taef2"), 2, LatentMode::Mean, 0).unwrap();
     let case = "nonsquare_96x64_q95";
-    let out = enc.encode(golden_batch("native_taef2_input.npy", &[case])).unwrap();
+    let out = enc
+        .encode(golden_batch("native_taef2_input.npy", &[case]))
+        .unwrap();
     assert_eq!(out.latent_shape, [32, 8, 12]);
     let d = max_abs_diff(&out.latents, &golden(case, "native_taef2_latent.npy"));
     assert!(d <= 1e-4, "max |diff| {d}");
@@ -75,8 +89,16 @@ fn taef2_fp16_is_within_fp16_tolerance() {
     for (i, case) in CASES.iter().enumerate() {
         let got = &out.latents[i * per..(i + 1) * per];
         let want = golden(case, "taef2_latent.npy");
-        let mean = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / per as f32;
-        assert!(max_abs_diff(got, &want) <= 0.1 && mean <= 0.01, "{case}: mean |diff| {mean}");
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / per as f32;
+        assert!(
+            max_abs_diff(got, &want) <= 0.1 && mean <= 0.01,
+            "{case}: mean |diff| {mean}"
+        );
     }
 }
 
@@ -93,13 +115,24 @@ fn tiny_kl_mean_and_dist_match_diffusers() {
     for (i, case) in CASES.iter().enumerate() {
         let range = i * per..(i + 1) * per;
         let want = golden(case, "kl_mean_scaled.npy");
-        assert!(max_abs_diff(&out.latents[range.clone()], &want) <= 1e-4, "{case} mean");
-        assert!(max_abs_diff(&d_out.latents[range.clone()], &want) <= 1e-4, "{case} dist mean");
+        assert!(
+            max_abs_diff(&out.latents[range.clone()], &want) <= 1e-4,
+            "{case} mean"
+        );
+        assert!(
+            max_abs_diff(&d_out.latents[range.clone()], &want) <= 1e-4,
+            "{case} dist mean"
+        );
         let moments = golden(case, "kl_moments.npy");
-        let want_std: Vec<f32> =
-            moments[per..].iter().map(|lv| 0.18215 * (0.5 * lv.clamp(-30.0, 20.0)).exp()).collect();
+        let want_std: Vec<f32> = moments[per..]
+            .iter()
+            .map(|lv| 0.18215 * (0.5 * lv.clamp(-30.0, 20.0)).exp())
+            .collect();
         for (g, w) in stds[range].iter().zip(&want_std) {
-            assert!((g - w).abs() <= 1e-4 * w.abs().max(1e-3), "{case} std {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs().max(1e-3),
+                "{case} std {g} vs {w}"
+            );
         }
     }
 }
@@ -108,26 +141,42 @@ fn tiny_kl_mean_and_dist_match_diffusers() {
 fn tiny_kl_sample_is_seeded_per_key_and_distributed_like_diffusers() {
     let dir = scratch("parity-kl-sample");
     let batch = || golden_batch("kl_input.npy", &CASES);
-    let sample = |seed| Encoder::open(&card(&dir, "tiny-kl"), 2, LatentMode::Sample, seed).unwrap().encode(batch()).unwrap();
+    let sample = |seed| {
+        Encoder::open(&card(&dir, "tiny-kl"), 2, LatentMode::Sample, seed)
+            .unwrap()
+            .encode(batch())
+            .unwrap()
+    };
     let (a, b, c) = (sample(7), sample(7), sample(8));
     assert_eq!(a.latents, b.latents, "same seed, same latents");
-    assert!(max_abs_diff(&a.latents, &c.latents) > 1e-3, "another seed draws other noise");
+    assert!(
+        max_abs_diff(&a.latents, &c.latents) > 1e-3,
+        "another seed draws other noise"
+    );
     // Rebuilding diffusers' formula with *its* noise checks the mean/std combination exactly.
     let per = 4 * 32 * 32;
     let case = CASES[0];
     let moments = golden(case, "kl_moments.npy");
     let (mean, lv) = moments.split_at(per);
     let noise = golden(case, "kl_noise.npy");
-    let rebuilt: Vec<f32> = (0..per).map(|j| (mean[j] + (0.5 * lv[j].clamp(-30.0, 20.0)).exp() * noise[j]) * 0.18215).collect();
+    let rebuilt: Vec<f32> = (0..per)
+        .map(|j| (mean[j] + (0.5 * lv[j].clamp(-30.0, 20.0)).exp() * noise[j]) * 0.18215)
+        .collect();
     assert!(max_abs_diff(&rebuilt, &golden(case, "kl_sample_scaled.npy")) <= 1e-4);
     // Our noise, recovered as (sample - mean) / std, must be standard normal.
     let mut dist = Encoder::open(&card(&dir, "tiny-kl"), 2, LatentMode::Dist, 0).unwrap();
     let d = dist.encode(batch()).unwrap();
     let stds = d.stds.unwrap();
-    let eps: Vec<f64> = (0..a.latents.len()).map(|j| ((a.latents[j] - d.latents[j]) / stds[j]) as f64).collect();
+    let eps: Vec<f64> = (0..a.latents.len())
+        .map(|j| ((a.latents[j] - d.latents[j]) / stds[j]) as f64)
+        .collect();
     let m = eps.iter().sum::<f64>() / eps.len() as f64;
     let s = (eps.iter().map(|e| (e - m).powi(2)).sum::<f64>() / eps.len() as f64).sqrt();
-    assert!(m.abs() < 0.05 && (s - 1.0).abs() < 0.05, "noise mean {m}, std {s} over {} draws", eps.len());
+    assert!(
+        m.abs() < 0.05 && (s - 1.0).abs() < 0.05,
+        "noise mean {m}, std {s} over {} draws",
+        eps.len()
+    );
 }
 
 /// From the golden image files through our decoder: PNGs decode bit-exactly like Pillow; the
@@ -141,11 +190,27 @@ fn golden_image_files_decode_like_pillow_and_encode_within_tolerance() {
         let bytes = std::fs::read(shared(&format!("models/golden/inputs/{case}.{ext}"))).unwrap();
         let rgb = decode_bytes(&bytes, DEFAULT_MAX_PIXELS).unwrap();
         let (_, pillow) = npy_u8(&shared(&format!("models/golden/{case}/decoded_rgb_u8.npy")));
-        let worst = rgb.as_raw().iter().zip(&pillow).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-        assert!(if ext == "png" { worst == 0 } else { worst <= 2 }, "{case}: decode differs from Pillow by {worst}");
+        let worst = rgb
+            .as_raw()
+            .iter()
+            .zip(&pillow)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(
+            if ext == "png" { worst == 0 } else { worst <= 2 },
+            "{case}: decode differs from Pillow by {worst}"
+        );
         let (w, h) = rgb.dimensions();
-        let image =
-            Prepared { pixels: rgb.into_raw(), width: w, height: h, crop_left: 0, crop_top: 0, crop_width: w, crop_height: h };
+        let image = Prepared {
+            pixels: rgb.into_raw(),
+            width: w,
+            height: h,
+            crop_left: 0,
+            crop_top: 0,
+            crop_width: w,
+            crop_height: h,
+        };
         let (latent_file, input_file) = if ext == "jpg" {
             ("native_taef2_latent.npy", "native_taef2_input.npy")
         } else {
@@ -155,7 +220,14 @@ fn golden_image_files_decode_like_pillow_and_encode_within_tolerance() {
         image.write_chw(&mut pixels, [0.0, 1.0]);
         let (_, want_input) = npy_f32(&format!("models/golden/{case}/{input_file}"));
         assert!(max_abs_diff(&pixels, &want_input) <= 2.0 / 255.0 + 1e-6);
-        let out = enc.encode(Batch { width: w, height: h, rows: vec![row(case)], pixels }).unwrap();
+        let out = enc
+            .encode(Batch {
+                width: w,
+                height: h,
+                rows: vec![row(case)],
+                pixels,
+            })
+            .unwrap();
         let d = max_abs_diff(&out.latents, &golden(case, latent_file));
         assert!(d <= 0.1, "{case}: latents from the file differ by {d}");
     }

@@ -16,7 +16,11 @@ pub fn repo() -> PathBuf {
 /// A file under `../shared`, which the tests need; a clear failure when it is missing.
 pub fn shared(rel: &str) -> PathBuf {
     let path = repo().join("..").join("shared").join(rel);
-    assert!(path.exists(), "test material {} is missing: the tests need ../shared beside the repo", path.display());
+    assert!(
+        path.exists(),
+        "test material {} is missing: the tests need ../shared beside the repo",
+        path.display()
+    );
     path
 }
 
@@ -68,12 +72,18 @@ pub fn npy_u8(path: &Path) -> (Vec<usize>, Vec<u8>) {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Runs the binary with the repo's ONNX Runtime library (as `make` sets it up).
 pub fn vae_pipeline(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vae-pipeline")).args(args).output().expect("binary runs")
+    Command::new(env!("CARGO_BIN_EXE_vae-pipeline"))
+        .args(args)
+        .output()
+        .expect("binary runs")
 }
 
 pub fn stderr(out: &Output) -> String {
@@ -82,7 +92,8 @@ pub fn stderr(out: &Output) -> String {
 
 /// The Python of the test venv (Pillow, pyarrow): `VAE_PIPELINE_PYTHON` or `.venv/bin/python`.
 pub fn python() -> PathBuf {
-    let p = std::env::var_os("VAE_PIPELINE_PYTHON").map_or_else(|| repo().join(".venv/bin/python"), PathBuf::from);
+    let p = std::env::var_os("VAE_PIPELINE_PYTHON")
+        .map_or_else(|| repo().join(".venv/bin/python"), PathBuf::from);
     assert!(p.exists(), "{} is missing: run `make setup`", p.display());
     p
 }
@@ -98,13 +109,33 @@ pub fn read_latents(out: &Path) -> BTreeMap<String, Vec<f32>> {
             .unwrap();
         for batch in reader {
             let batch = batch.unwrap();
-            let keys = batch.column_by_name("key").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
-            let latents =
-                batch.column_by_name("latent").unwrap().as_any().downcast_ref::<FixedSizeListArray>().unwrap().clone();
+            let keys = batch
+                .column_by_name("key")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            let latents = batch
+                .column_by_name("latent")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .unwrap()
+                .clone();
             for i in 0..batch.num_rows() {
                 let v = latents.value(i);
-                let v = v.as_any().downcast_ref::<Float32Array>().expect("f32 latents").values().to_vec();
-                assert!(rows.insert(keys.value(i).to_string(), v).is_none(), "duplicate key {}", keys.value(i));
+                let v = v
+                    .as_any()
+                    .downcast_ref::<Float32Array>()
+                    .expect("f32 latents")
+                    .values()
+                    .to_vec();
+                assert!(
+                    rows.insert(keys.value(i).to_string(), v).is_none(),
+                    "duplicate key {}",
+                    keys.value(i)
+                );
             }
         }
     }
@@ -132,7 +163,8 @@ pub fn kodak_subset(dir: &Path, n: usize) -> PathBuf {
     std::fs::create_dir_all(&input).unwrap();
     for i in 1..=n {
         let name = format!("kodim{i:02}.png");
-        std::os::unix::fs::symlink(shared(&format!("data/kodak/{name}")), input.join(&name)).unwrap();
+        std::os::unix::fs::symlink(shared(&format!("data/kodak/{name}")), input.join(&name))
+            .unwrap();
     }
     input
 }

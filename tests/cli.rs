@@ -1,0 +1,426 @@
+//! The binary as a user runs it: bad flags and models fail before any work with a message that
+//! says what to do; results do not depend on batch size, threads or the run.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs `precompute` and asserts it failed before writing any shard, with `expect` in stderr.
+fn fails_before_work(args: &[&str], out: &Path, expect: &str) {
+    let result = vae_pipeline(&[&["precompute"], args].concat());
+    let err = stderr(&result);
+    assert!(
+        !result.status.success(),
+        "expected failure for {args:?}, got success: {err}"
+    );
+    assert!(
+        err.contains(expect),
+        "for {args:?} expected {expect:?} in:\n{err}"
+    );
+    assert!(
+        !out.join("_SUCCESS").exists() && !out.join("64x64").exists(),
+        "work was done for {args:?}"
+    );
+}
+
+#[test]
+fn bad_input_model_and_flags_fail_before_work() {
+    let dir = scratch("cli-errors");
+    let input = kodak_subset(&dir, 1);
+    let out = dir.join("out");
+    let taef2 = card_file(&dir, "taef2");
+    let kl = card_file(&dir, "tiny-kl");
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--out", s(&out)].iter().map(|x| x.to_string()).collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let run = |extra: &[&str], expect: &str| {
+        let args = common(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_before_work(&refs, &out, expect);
+    };
+    run(
+        &["--input", "/no/such/folder", "--model", s(&taef2)],
+        "--input /no/such/folder does not exist",
+    );
+    run(
+        &["--input", s(&taef2), "--model", s(&taef2)],
+        "is not a folder",
+    );
+    run(
+        &["--input", s(&input), "--model", "no-such-model"],
+        "unknown model \"no-such-model\"",
+    );
+    run(
+        &["--input", s(&input), "--model", s(&taef2), "--size", "100"],
+        "--size 100 is not a multiple of `spatial_factor` = 8",
+    );
+    run(
+        &["--input", s(&input), "--model", s(&kl), "--size", "63"],
+        "use 62 or 64",
+    );
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&taef2),
+            "--batch-size",
+            "0",
+        ],
+        "--batch-size must be at least 1",
+    );
+    run(
+        &["--input", s(&input), "--model", s(&taef2), "--size", "abc"],
+        "invalid value 'abc' for '--size",
+    );
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&taef2),
+            "--latent-mode",
+            "median",
+        ],
+        "invalid value 'median'",
+    );
+
+    let missing = dir.join("missing.toml");
+    std::fs::write(
+        &missing,
+        std::fs::read_to_string(&taef2)
+            .unwrap()
+            .replace("taef2_encoder.onnx", "nope.onnx"),
+    )
+    .unwrap();
+    run(
+        &["--input", s(&input), "--model", s(&missing)],
+        "field `encoder` names",
+    );
+
+    let wrong_channels = dir.join("wrong-channels.toml");
+    std::fs::write(
+        &wrong_channels,
+        std::fs::read_to_string(&taef2)
+            .unwrap()
+            .replace("latent_channels = 32", "latent_channels = 16"),
+    )
+    .unwrap();
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&wrong_channels),
+            "--size",
+            "64",
+        ],
+        "field `latent_channels` = 16",
+    );
+
+    let wrong_output = dir.join("wrong-output.toml");
+    std::fs::write(
+        &wrong_output,
+        std::fs::read_to_string(&kl)
+            .unwrap()
+            .replace("\"moments\"", "\"latent\""),
+    )
+    .unwrap();
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&wrong_output),
+            "--size",
+            "64",
+        ],
+        "but encoder output \"moments\" has 8",
+    );
+
+    let wrong_factor = dir.join("wrong-factor.toml");
+    std::fs::write(
+        &wrong_factor,
+        std::fs::read_to_string(&kl)
+            .unwrap()
+            .replace("spatial_factor = 2", "spatial_factor = 8"),
+    )
+    .unwrap();
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&wrong_factor),
+            "--size",
+            "64",
+        ],
+        "field `spatial_factor` = 8",
+    );
+
+    let wrong_name = dir.join("wrong-name.toml");
+    std::fs::write(
+        &wrong_name,
+        format!(
+            "{}input_name = \"pixels\"\n",
+            std::fs::read_to_string(&taef2).unwrap()
+        ),
+    )
+    .unwrap();
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&wrong_name),
+            "--size",
+            "64",
+        ],
+        "field `input_name` = \"pixels\"",
+    );
+
+    let not_a_card = dir.join("bad.toml");
+    std::fs::write(&not_a_card, "name = \"x\"\nencoder = 3\n").unwrap();
+    run(
+        &["--input", s(&input), "--model", s(&not_a_card)],
+        "invalid model card",
+    );
+}
+
+#[test]
+fn missing_onnx_runtime_says_how_to_fix_it() {
+    let dir = scratch("cli-ort");
+    let input = kodak_subset(&dir, 1);
+    let out = dir.join("out");
+    let taef2 = card_file(&dir, "taef2");
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_vae-pipeline"))
+        .args([
+            "precompute",
+            "--input",
+            s(&input),
+            "--out",
+            s(&out),
+            "--model",
+            s(&taef2),
+        ])
+        .env("ORT_DYLIB_PATH", "/no/such/libonnxruntime.so")
+        .output()
+        .unwrap();
+    let err = stderr(&result);
+    assert!(!result.status.success());
+    assert!(
+        err.contains("ORT_DYLIB_PATH is set to /no/such/libonnxruntime.so")
+            && err.contains("make setup"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "output created before the model loaded");
+}
+
+#[test]
+fn output_folders_of_other_runs_are_refused_and_finished_runs_are_up_to_date() {
+    let dir = scratch("cli-out");
+    let input = kodak_subset(&dir, 2);
+    let out = dir.join("out");
+    let taef2 = card_file(&dir, "taef2");
+    let base = [
+        "precompute",
+        "--input",
+        s(&input),
+        "--out",
+        s(&out),
+        "--model",
+        s(&taef2),
+        "--size",
+        "64",
+    ];
+    let first = vae_pipeline(&base);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(out.join("_SUCCESS").exists());
+
+    let again = vae_pipeline(&base);
+    assert!(
+        again.status.success() && stderr(&again).contains("up to date"),
+        "{}",
+        stderr(&again)
+    );
+
+    fails_before_work_in(
+        &[&base[..], &["--dtype", "f32"]].concat(),
+        "holds shards made with a different config",
+    );
+
+    let foreign = dir.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let r = vae_pipeline(&[
+        "precompute",
+        "--input",
+        s(&input),
+        "--out",
+        s(&foreign),
+        "--model",
+        s(&taef2),
+        "--size",
+        "64",
+    ]);
+    assert!(
+        !r.status.success() && stderr(&r).contains("was not written by vae-pipeline"),
+        "{}",
+        stderr(&r)
+    );
+    assert_eq!(
+        std::fs::read_dir(&foreign).unwrap().count(),
+        1,
+        "foreign folder was touched"
+    );
+}
+
+fn fails_before_work_in(args: &[&str], expect: &str) {
+    let r = vae_pipeline(args);
+    assert!(
+        !r.status.success() && stderr(&r).contains(expect),
+        "{}",
+        stderr(&r)
+    );
+}
+
+/// Runs taef2 at 64² with f32 storage on 9 Kodak images and returns latents by key.
+fn latents(dir: &Path, name: &str, extra: &[&str]) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let input = dir.join("input");
+    let out = dir.join(name);
+    let taef2 = dir.join("taef2.toml");
+    let args = [
+        &[
+            "precompute",
+            "--input",
+            s(&input),
+            "--out",
+            s(&out),
+            "--model",
+            s(&taef2),
+            "--size",
+            "64",
+            "--dtype",
+            "f32",
+        ],
+        extra,
+    ]
+    .concat();
+    let r = vae_pipeline(&args);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let rows = read_latents(&out);
+    assert_eq!(rows.len(), 9, "every image encoded once");
+    rows
+}
+
+fn assert_close(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+    tol: f32,
+    what: &str,
+) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: same keys"
+    );
+    for (k, v) in a {
+        let d = max_abs_diff(v, &b[k]);
+        assert!(d <= tol, "{what}: {k} differs by {d}");
+    }
+}
+
+#[test]
+fn latents_do_not_depend_on_batch_size_threads_or_the_run() {
+    let dir = scratch("cli-invariance");
+    kodak_subset(&dir, 9);
+    card_file(&dir, "taef2");
+    let reference = latents(&dir, "b16", &[]);
+    assert_close(
+        &reference,
+        &latents(&dir, "b1", &["--batch-size", "1"]),
+        1e-5,
+        "batch 1 vs 16",
+    );
+    assert_close(
+        &reference,
+        &latents(&dir, "b7", &["--batch-size", "7", "--shard-rows", "4"]),
+        1e-5,
+        "batch 7 vs 16",
+    );
+    assert_close(
+        &reference,
+        &latents(&dir, "t1", &["--threads", "1"]),
+        1e-5,
+        "1 vs default threads",
+    );
+    assert_close(
+        &reference,
+        &latents(&dir, "t2", &["--threads", "2"]),
+        1e-5,
+        "2 vs default threads",
+    );
+    assert_eq!(
+        reference,
+        latents(&dir, "again", &[]),
+        "two identical runs give identical latents"
+    );
+}
+
+/// An fp16 encoder overflows when fed values above 65504: those images become `nonfinite`
+/// error rows, the others are written, and the run succeeds.
+#[test]
+fn non_finite_latents_become_error_rows() {
+    let dir = scratch("cli-nonfinite");
+    let input = dir.join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([10, 10, 10]))
+        .save(input.join("dark.png"))
+        .unwrap();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([250, 250, 250]))
+        .save(input.join("bright.png"))
+        .unwrap();
+    let card = dir.join("overflow.toml");
+    let text = std::fs::read_to_string(card_file(&dir, "taef2-fp16")).unwrap();
+    std::fs::write(
+        &card,
+        text.replace("input_range = [0.0, 1.0]", "input_range = [0.0, 100000.0]"),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let r = vae_pipeline(&[
+        "precompute",
+        "--input",
+        s(&input),
+        "--out",
+        s(&out),
+        "--model",
+        s(&card),
+        "--size",
+        "64",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("1 failed (nonfinite 1"),
+        "{}",
+        stderr(&r)
+    );
+    let errors = std::fs::read_to_string(out.join("_errors.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(errors.trim()).unwrap();
+    assert_eq!(line["key"], "bright.png");
+    assert_eq!(line["kind"], "nonfinite");
+    let rows = read_latents(&out);
+    assert_eq!(rows.keys().collect::<Vec<_>>(), vec!["dark.png"]);
+    assert!(rows["dark.png"].iter().all(|v| v.is_finite()));
+}

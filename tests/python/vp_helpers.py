@@ -1,0 +1,107 @@
+"""Shared helpers for the Python reader tests of vae-pipeline.
+
+Everything here reads the binary's output with third-party readers (pyarrow, Pillow, hashlib)
+so that the tests compare the binary against independent references, never against itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+
+#: Parquet key-value metadata keys every shard must carry (the contract).
+METADATA_KEYS = (
+    "vae_pipeline.version",
+    "vae_pipeline.model",
+    "vae_pipeline.encoder_sha256",
+    "vae_pipeline.scaling_factor",
+    "vae_pipeline.shift_factor",
+    "vae_pipeline.latent_mode",
+    "vae_pipeline.dtype",
+    "vae_pipeline.resize",
+    "vae_pipeline.config_hash",
+)
+
+INT32_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left", "width", "height")
+
+
+def require(path: Path, what: str) -> Path:
+    """Fail (never skip) with a clear message when a needed file is missing."""
+    path = Path(path)
+    if not path.exists():
+        pytest.fail(f"missing {what}: {path} does not exist", pytrace=False)
+    return path
+
+
+def sha256_file(path: Path) -> bytes:
+    return hashlib.sha256(Path(path).read_bytes()).digest()
+
+
+def run_precompute(binary: Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `vae-pipeline precompute ARGS`; fail with the command, exit code and stderr if it fails."""
+    cmd = [str(binary), "precompute", *[str(a) for a in args]]
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\nstderr:\n{e.stderr}", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(
+            f"vae-pipeline exited with {proc.returncode}\ncommand: {' '.join(cmd)}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}\n--- stdout ---\n{proc.stdout[-3000:]}",
+            pytrace=False,
+        )
+    return proc
+
+
+def shard_dir(out: Path, size: int) -> Path:
+    return require(Path(out) / f"{size}x{size}", f"shard folder for {size}x{size} in the run output")
+
+
+def shard_files(out: Path, size: int) -> list[Path]:
+    files = sorted(shard_dir(out, size).glob("part-*.parquet"))
+    assert files, f"no part-*.parquet files in {shard_dir(out, size)}: {os.listdir(shard_dir(out, size))}"
+    return files
+
+
+def read_shards(out: Path, size: int) -> pa.Table:
+    """All shards of one shape, concatenated and sorted by key (pyarrow)."""
+    tables = [pq.read_table(f) for f in shard_files(out, size)]
+    table = pa.concat_tables(tables)
+    return table.sort_by("key")
+
+
+def tensor(table: pa.Table, column: str) -> np.ndarray:
+    """(N, C, h, w) numpy array of a fixed_shape_tensor column, read the documented pyarrow way."""
+    col = table.column(column).combine_chunks()
+    assert isinstance(col.type, pa.FixedShapeTensorType), (
+        f"column {column!r} is {col.type}, not arrow.fixed_shape_tensor"
+    )
+    return col.to_numpy_ndarray()
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """The Parquet footer's key-value metadata (raw, as every Parquet reader sees it)."""
+    md = pq.ParquetFile(path).metadata.metadata or {}
+    return {k.decode(): v.decode() for k, v in md.items()}
+
+
+def expected_crop(orig_w: int, orig_h: int, size: int) -> tuple[int, int, int, int]:
+    """Contract's center-crop geometry: (resized_w, resized_h, crop_left, crop_top)."""
+    if orig_w <= orig_h:  # shorter side is the width
+        short, long = orig_w, orig_h
+    else:
+        short, long = orig_h, orig_w
+    new_long = (long * size + short // 2) // short
+    off = (new_long - size) // 2
+    if orig_w <= orig_h:
+        return size, new_long, 0, off
+    return new_long, size, off, 0
