@@ -14,7 +14,7 @@ DEMO_OUT    := demo-out/kodak-taef2-256
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export VAE_PIPELINE_PYTHON := $(abspath $(PY))
 
-.PHONY: setup build models demo test fmt lint clean
+.PHONY: setup build models demo test bench fmt lint clean
 
 setup: $(ORT_LIB) $(VENV)/.installed models
 
@@ -45,7 +45,7 @@ build:
 
 demo: setup build
 	rm -rf $(DEMO_OUT)
-	time $(BIN) precompute --input $(SHARED)/data/kodak --out $(DEMO_OUT) --model taef2 --size 256
+	time $(BIN) precompute --pipeline pipelines/taef2-256-demo.toml --input $(SHARED)/data/kodak --out $(DEMO_OUT)
 	$(PY) -c "import pyarrow.parquet as pq, glob; \
 	  t = pq.read_table(sorted(glob.glob('$(DEMO_OUT)/*/*.parquet'))); a = t.column('latent').combine_chunks(); \
 	  print(f'pyarrow reads {t.num_rows} rows; latent {a.type}; array {a.to_numpy_ndarray().shape}')"
@@ -53,6 +53,9 @@ demo: setup build
 test: setup build
 	cargo test $(CARGO_FLAGS)
 	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
+
+bench: setup build
+	benches/end_to_end.sh
 
 fmt:
 	cargo fmt

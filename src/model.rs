@@ -71,7 +71,7 @@ impl ModelCard {
     fn check_values(&self) -> Result<()> {
         let at = self.card_path.display();
         let [lo, hi] = self.input_range;
-        if !(lo < hi) || !lo.is_finite() || !hi.is_finite() {
+        if lo >= hi || !lo.is_finite() || !hi.is_finite() {
             bail!("model card {at}: field `input_range` must be [low, high] with low < high, got [{lo}, {hi}]");
         }
         if self.latent_channels == 0 {
@@ -107,7 +107,7 @@ impl ModelCard {
 
     /// A `--size` the encoder can take, or an error naming the card and field.
     pub fn check_size(&self, size: u32) -> Result<()> {
-        if size % self.spatial_factor != 0 {
+        if !size.is_multiple_of(self.spatial_factor) {
             bail!(
                 "--size {size} is not a multiple of `spatial_factor` = {} in model card {}: use {} or {}",
                 self.spatial_factor,

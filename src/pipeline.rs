@@ -250,6 +250,9 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
     Ok(summary)
 }
 
+/// One image out of decode+resize, or why it could not be used.
+type PreparedRow = Result<(Prepared, RowMeta), Failure>;
+
 enum Message {
     Encoded(EncodedBatch),
     Failed(Failure),
@@ -276,7 +279,7 @@ fn produce(
     let mut sources = discover::walk(input).peekable();
     while sources.peek().is_some() {
         let chunk: Vec<Result<Source, Failure>> = sources.by_ref().take(chunk_len).collect();
-        let prepared: Vec<(Result<(Prepared, RowMeta), Failure>, Duration)> = pool.install(|| {
+        let prepared: Vec<(PreparedRow, Duration)> = pool.install(|| {
             chunk
                 .into_par_iter()
                 .map(|item| {

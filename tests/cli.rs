@@ -424,3 +424,55 @@ fn non_finite_latents_become_error_rows() {
     assert_eq!(rows.keys().collect::<Vec<_>>(), vec!["dark.png"]);
     assert!(rows["dark.png"].iter().all(|v| v.is_finite()));
 }
+
+/// A preset fills the config, flags override it, and --print-config shows the result as TOML
+/// that reads back as a preset.
+#[test]
+fn preset_then_flags_make_the_effective_config() {
+    let dir = scratch("cli-preset");
+    let preset = repo().join("pipelines/taef2-256-demo.toml");
+    let r = vae_pipeline(&[
+        "precompute",
+        "--pipeline",
+        s(&preset),
+        "--size",
+        "128",
+        "--dtype",
+        "bf16",
+        "--print-config",
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&r.stdout)).unwrap();
+    assert_eq!(printed["model"].as_str(), Some("taef2"), "from the preset");
+    assert_eq!(
+        printed["batch_size"].as_integer(),
+        Some(16),
+        "from the preset"
+    );
+    assert_eq!(
+        printed["size"].as_integer(),
+        Some(128),
+        "flag overrides preset"
+    );
+    assert_eq!(
+        printed["dtype"].as_str(),
+        Some("bf16"),
+        "flag overrides preset"
+    );
+    let reread = dir.join("printed.toml");
+    std::fs::write(&reread, &r.stdout).unwrap();
+    let again = vae_pipeline(&["precompute", "--pipeline", s(&reread), "--print-config"]);
+    assert_eq!(
+        again.stdout, r.stdout,
+        "printed config reads back unchanged"
+    );
+
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "sise = 256\n").unwrap();
+    let bad = vae_pipeline(&["precompute", "--pipeline", s(&typo), "--print-config"]);
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("unknown field `sise`"),
+        "{}",
+        stderr(&bad)
+    );
+}

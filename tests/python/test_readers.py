@@ -274,3 +274,14 @@ def test_dtype_bf16(dtype_runs, tmp_path):
     ds, lat = hf_load_latents(files, C, H, W, dtype="bf16", cache_dir=str(tmp_path / "hf"))
     order = np.argsort(np.array(ds["key"], dtype=object))
     np.testing.assert_array_equal(lat[order], zb)
+
+
+def test_readme_quotes_the_tested_hf_recipe():
+    """The README's Hugging Face recipe is exactly the code these tests run."""
+    import inspect
+
+    import hf_recipe
+    from vp_helpers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    assert inspect.getsource(hf_recipe.hf_load_latents) in readme
