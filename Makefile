@@ -50,7 +50,8 @@ demo: setup build
 	  t = pq.read_table(sorted(glob.glob('$(DEMO_OUT)/*/*.parquet'))); a = t.column('latent').combine_chunks(); \
 	  print(f'pyarrow reads {t.num_rows} rows; latent {a.type}; array {a.to_numpy_ndarray().shape}')"
 
-test: setup build
+# `cargo test` builds the release binary too (one build, one profile) for the Python tests.
+test: setup
 	cargo test $(CARGO_FLAGS)
 	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
 

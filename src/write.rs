@@ -242,11 +242,12 @@ impl ShardWriter {
             return Ok(());
         }
         let shape = (batch.width, batch.height);
-        let record = self.record_batch(&batch)?;
+        let latent_shape = batch.latent_shape;
+        let record = self.record_batch(batch)?;
         let mut offset = 0;
         while offset < record.num_rows() {
             if !self.open.contains_key(&shape) {
-                let shard = self.open_shard(&batch, record.schema())?;
+                let shard = self.open_shard(shape, latent_shape, record.schema())?;
                 self.open.insert(shape, shard);
             }
             let shard = self.open.get_mut(&shape).expect("opened above");
@@ -263,9 +264,13 @@ impl ShardWriter {
         Ok(())
     }
 
-    fn open_shard(&mut self, batch: &EncodedBatch, schema: SchemaRef) -> Result<OpenShard> {
-        let shape = (batch.width, batch.height);
-        let dir_name = format!("{}x{}", batch.width, batch.height);
+    fn open_shard(
+        &mut self,
+        shape: (u32, u32),
+        latent_shape: [usize; 3],
+        schema: SchemaRef,
+    ) -> Result<OpenShard> {
+        let dir_name = format!("{}x{}", shape.0, shape.1);
         let dir = self.out.join(&dir_name);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -276,9 +281,13 @@ impl ShardWriter {
         let tmp = tmp_name(&path);
         let file =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let row_bytes = batch.latent_shape.iter().product::<usize>()
-            * self.dtype.bytes()
-            * if batch.stds.is_some() { 2 } else { 1 };
+        let tensor_columns = if schema.field_with_name("latent_std").is_ok() {
+            2
+        } else {
+            1
+        };
+        let row_bytes =
+            latent_shape.iter().product::<usize>() * self.dtype.bytes() * tensor_columns;
         let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
             .set_max_row_group_row_count(Some(
@@ -300,9 +309,9 @@ impl ShardWriter {
             entry: ManifestEntry {
                 path: format!("{dir_name}/{name}"),
                 rows: 0,
-                width: batch.width,
-                height: batch.height,
-                latent_shape: batch.latent_shape,
+                width: shape.0,
+                height: shape.1,
+                latent_shape,
             },
         })
     }
@@ -374,8 +383,9 @@ impl ShardWriter {
             .clone()
     }
 
-    fn record_batch(&mut self, batch: &EncodedBatch) -> Result<RecordBatch> {
-        let schema = self.schema(batch);
+    /// Moves the batch's latents into Arrow arrays (no copy for f32).
+    fn record_batch(&mut self, batch: EncodedBatch) -> Result<RecordBatch> {
+        let schema = self.schema(&batch);
         let rows = &batch.rows;
         let int = |f: fn(&crate::batch::RowMeta) -> i32| -> ArrayRef {
             Arc::new(Int32Array::from_iter_values(rows.iter().map(f)))
@@ -393,9 +403,9 @@ impl ShardWriter {
             int(|r| r.crop_left),
             int(|r| r.width),
             int(|r| r.height),
-            tensor_array(&batch.latents, self.dtype, batch.latent_shape),
+            tensor_array(batch.latents, self.dtype, batch.latent_shape),
         ];
-        if let Some(stds) = &batch.stds {
+        if let Some(stds) = batch.stds {
             columns.push(tensor_array(stds, self.dtype, batch.latent_shape));
         }
         columns.push(Arc::new(StringArray::from(
@@ -436,7 +446,7 @@ fn tensor_field(name: &str, dtype: StorageDType, shape: [usize; 3]) -> Field {
     )
 }
 
-fn tensor_array(values: &[f32], dtype: StorageDType, shape: [usize; 3]) -> ArrayRef {
+fn tensor_array(values: Vec<f32>, dtype: StorageDType, shape: [usize; 3]) -> ArrayRef {
     let item = Arc::new(Field::new("item", element_type(dtype), true));
     let child: ArrayRef = match dtype {
         StorageDType::F16 => Arc::new(Float16Array::from_iter_values(
@@ -445,7 +455,7 @@ fn tensor_array(values: &[f32], dtype: StorageDType, shape: [usize; 3]) -> Array
         StorageDType::Bf16 => Arc::new(UInt16Array::from_iter_values(
             values.iter().map(|&v| half::bf16::from_f32(v).to_bits()),
         )),
-        StorageDType::F32 => Arc::new(Float32Array::from(values.to_vec())),
+        StorageDType::F32 => Arc::new(Float32Array::from(values)),
     };
     let len = shape.iter().product::<usize>() as i32;
     Arc::new(FixedSizeListArray::new(item, len, child, None))
