@@ -311,7 +311,8 @@ fn produce(
     Ok(busy)
 }
 
-fn decode_and_resize(
+/// The decode+resize stage for one source: what `precompute` and `report` both run per image.
+pub fn decode_and_resize(
     source: &Source,
     config: &PrecomputeConfig,
 ) -> Result<(Prepared, RowMeta), Failure> {
