@@ -14,9 +14,9 @@ DEMO_OUT    := demo-out/kodak-taef2-256
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export VAE_PIPELINE_PYTHON := $(abspath $(PY))
 
-.PHONY: setup build models demo test bench fmt lint clean
+.PHONY: setup build models chromium demo test bench fuzz fmt lint clean
 
-setup: $(ORT_LIB) $(VENV)/.installed models
+setup: $(ORT_LIB) $(VENV)/.installed models chromium
 
 $(ORT_LIB):
 	mkdir -p .ort
@@ -30,6 +30,10 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r tests/requirements.txt
 	touch $@
+
+# The report test renders report.html in a real headless browser: Debian's chromium.
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y --no-install-recommends chromium; }
 
 # ONNX weights are never committed: copy the shared test models, or say how to get them.
 models:
@@ -57,6 +61,14 @@ test: setup
 
 bench: setup build
 	benches/end_to_end.sh
+
+# Fuzz the decode stage (bytes in -> image or typed refusal) with libFuzzer: `cargo install
+# cargo-fuzz` once; RUSTC_BOOTSTRAP lets the stable toolchain build the sanitizer flags.
+FUZZ_SECONDS ?= 600
+fuzz:
+	mkdir -p fuzz/corpus/decode && cp -n fuzz/seeds/* fuzz/corpus/decode/
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode --release -- \
+	  -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=1024
 
 fmt:
 	cargo fmt

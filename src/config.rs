@@ -46,6 +46,27 @@ impl LatentMode {
     }
 }
 
+/// What happens to transparent pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlphaPolicy {
+    /// Composite on white, as viewers and most training sets show transparency.
+    White,
+    Black,
+    /// Refuse images with an alpha channel (`unsupported`).
+    Reject,
+}
+
+impl AlphaPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlphaPolicy::White => "white",
+            AlphaPolicy::Black => "black",
+            AlphaPolicy::Reject => "reject",
+        }
+    }
+}
+
 /// Element type of the stored latent tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -73,8 +94,8 @@ impl StorageDType {
     }
 }
 
-/// Everything a `precompute` run needs. Fields that change the output are hashed into
-/// `config_hash`; `threads` and the thread split only change speed and are left out.
+/// Everything a `precompute` run needs. Fields that change the rows or latents are hashed into
+/// `config_hash`; batch size, shard size, threads and the failure threshold are left out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrecomputeConfig {
@@ -91,6 +112,17 @@ pub struct PrecomputeConfig {
     pub shard_rows: usize,
     /// 0 = all cores.
     pub threads: usize,
+    pub alpha: AlphaPolicy,
+    /// Shorter sides below this are refused as `too_small`; 0 upscales everything.
+    pub min_size: u32,
+    /// Images with more pixels are refused as `too_large`, from the header.
+    pub max_pixels: u64,
+    /// The run exits non-zero when more than this fraction of inputs failed.
+    pub max_failures: f64,
+    /// Discard an output folder of another config instead of refusing it. An action, not a
+    /// setting: never read from presets or recorded.
+    #[serde(skip)]
+    pub overwrite: bool,
 }
 
 impl Default for PrecomputeConfig {
@@ -107,11 +139,25 @@ impl Default for PrecomputeConfig {
             seed: 0,
             shard_rows: 4096,
             threads: 0,
+            alpha: AlphaPolicy::White,
+            min_size: 0,
+            max_pixels: crate::decode::DEFAULT_MAX_PIXELS,
+            max_failures: 1.0,
+            overwrite: false,
         }
     }
 }
 
 impl PrecomputeConfig {
+    /// What the decode stage accepts.
+    pub fn decode_options(&self) -> crate::decode::DecodeOptions {
+        crate::decode::DecodeOptions {
+            max_pixels: self.max_pixels,
+            min_size: self.min_size,
+            alpha: self.alpha,
+        }
+    }
+
     /// Reads a preset; unknown keys are errors so a typo cannot silently fall back to a default.
     pub fn from_preset(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -135,6 +181,15 @@ impl PrecomputeConfig {
         }
         if self.shard_rows == 0 {
             bail!("--shard-rows must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.max_failures) {
+            bail!(
+                "--max-failures is a fraction between 0 and 1, got {}",
+                self.max_failures
+            );
+        }
+        if self.max_pixels == 0 {
+            bail!("--max-pixels must be positive");
         }
         Ok(())
     }
@@ -165,6 +220,9 @@ impl PrecomputeConfig {
             self.latent_mode.as_str(),
             self.dtype.as_str(),
             &self.seed.to_string(),
+            self.alpha.as_str(),
+            &self.min_size.to_string(),
+            &self.max_pixels.to_string(),
         ] {
             h.update(part.as_bytes());
             h.update([0]);

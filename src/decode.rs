@@ -4,14 +4,41 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 use sha2::{Digest, Sha256};
 
+use crate::config::AlphaPolicy;
 use crate::discover::Source;
 use crate::failure::{Failure, FailureKind};
 
 /// Pillow's `DecompressionBombError` threshold (2 × its warning limit of 89,478,485 px).
 pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
+/// What the decode stage accepts and how it flattens transparency.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    /// Refuse (`too_large`) images with more pixels than this, judged from the header.
+    pub max_pixels: u64,
+    /// Refuse (`too_small`) images whose shorter side is below this; 0 accepts all.
+    pub min_size: u32,
+    pub alpha: AlphaPolicy,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            max_pixels: DEFAULT_MAX_PIXELS,
+            min_size: 0,
+            alpha: AlphaPolicy::White,
+        }
+    }
+}
+
+/// A source file's bytes and their sha256: enough to tell whether a committed row is current.
+pub struct SourceBytes {
+    pub bytes: Vec<u8>,
+    pub sha256: [u8; 32],
+}
 
 /// A source image, upright and in 8-bit RGB.
 pub struct Decoded {
@@ -20,52 +47,142 @@ pub struct Decoded {
     pub caption: Option<String>,
 }
 
-/// Reads and decodes `source`; any problem becomes a `Failure` with the right kind.
-pub fn decode(source: &Source, max_pixels: u64) -> Result<Decoded, Failure> {
-    let fail = |kind, msg: String| Failure::new(source.key.clone(), kind, msg);
-    let bytes = std::fs::read(&source.path)
-        .map_err(|e| fail(FailureKind::Io, format!("cannot read: {e}")))?;
+/// Reads `source` whole and hashes it; unreadable and zero-byte files are failures.
+pub fn read_source(source: &Source) -> Result<SourceBytes, Failure> {
+    let bytes = std::fs::read(&source.path).map_err(|e| {
+        Failure::new(
+            source.key.clone(),
+            FailureKind::Io,
+            format!("cannot read: {e}"),
+        )
+    })?;
     if bytes.is_empty() {
-        return Err(fail(FailureKind::Empty, "zero-byte file".into()));
+        return Err(Failure::new(
+            source.key.clone(),
+            FailureKind::Empty,
+            "zero-byte file",
+        ));
     }
-    let rgb = decode_bytes(&bytes, max_pixels).map_err(|(kind, msg)| fail(kind, msg))?;
+    let sha256 = Sha256::digest(&bytes).into();
+    Ok(SourceBytes { bytes, sha256 })
+}
+
+/// Decodes bytes read from `source`; any problem becomes a `Failure` with the right kind.
+pub fn decode_source(
+    source: &Source,
+    read: SourceBytes,
+    options: &DecodeOptions,
+) -> Result<Decoded, Failure> {
+    let rgb = decode_bytes(&read.bytes, options)
+        .map_err(|(kind, msg)| Failure::new(source.key.clone(), kind, msg))?;
     Ok(Decoded {
         rgb,
-        source_sha256: Sha256::digest(&bytes).into(),
+        source_sha256: read.sha256,
         caption: read_caption(&source.path),
     })
 }
 
+/// Reads and decodes `source`.
+pub fn decode(source: &Source, options: &DecodeOptions) -> Result<Decoded, Failure> {
+    decode_source(source, read_source(source)?, options)
+}
+
 /// Decodes image bytes to upright RGB8: EXIF orientation applied, gray replicated, alpha
-/// composited on white. The header's size is checked before any pixel buffer exists.
-pub fn decode_bytes(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, (FailureKind, String)> {
+/// flattened per `options.alpha`. The header's size is checked before any pixel buffer exists.
+pub fn decode_bytes(
+    bytes: &[u8],
+    options: &DecodeOptions,
+) -> Result<RgbImage, (FailureKind, String)> {
+    if let Some(format) = undecoded_format(bytes) {
+        return Err((
+            FailureKind::Unsupported,
+            format!("{format} images are not decoded; convert them to PNG or JPEG"),
+        ));
+    }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| (FailureKind::Io, e.to_string()))?;
-    if reader.format().is_none() {
-        return Err((
-            FailureKind::Corrupt,
-            "not a recognized image format (unknown signature)".into(),
-        ));
+    match reader.format() {
+        None => {
+            return Err((
+                FailureKind::Corrupt,
+                "not a recognized image format (unknown signature)".into(),
+            ))
+        }
+        Some(ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
+            return Err((
+                FailureKind::Corrupt,
+                "truncated JPEG: no end-of-image marker after the last scan".into(),
+            ))
+        }
+        Some(_) => {}
     }
     let mut limits = Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(8));
+    limits.max_alloc = Some(options.max_pixels.saturating_mul(8));
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(classify)?;
     let (w, h) = decoder.dimensions();
-    if u64::from(w) * u64::from(h) > max_pixels {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > options.max_pixels {
         return Err((
             FailureKind::TooLarge,
             format!(
-                "{w}x{h} = {} pixels is above the limit of {max_pixels}",
-                u64::from(w) * u64::from(h)
+                "{w}x{h} = {pixels} pixels is above --max-pixels {}",
+                options.max_pixels
+            ),
+        ));
+    }
+    if w.min(h) < options.min_size {
+        return Err((
+            FailureKind::TooSmall,
+            format!(
+                "{w}x{h}: the shorter side is below --min-size {}",
+                options.min_size
             ),
         ));
     }
     let orientation = decoder.orientation().map_err(classify)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(classify)?;
     image.apply_orientation(orientation);
-    Ok(to_rgb_on_white(image))
+    flatten(image, options.alpha)
+}
+
+/// The JPEG decoder fills missing scan data with gray instead of failing, so completeness is
+/// checked here: an end-of-image marker must follow the last start-of-scan. Neither marker can
+/// occur inside entropy-coded data (0xFF is byte-stuffed there), and an EXIF thumbnail's markers
+/// all come before the main image's scans.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    matches!((last(0xDA), last(0xD9)), (Some(sos), Some(eoi)) if eoi > sos)
+}
+
+/// Formats users have that this tool recognizes by signature but does not decode.
+fn undecoded_format(bytes: &[u8]) -> Option<&'static str> {
+    let ftyp = |brands: &[&[u8]]| {
+        bytes.len() >= 12 && &bytes[4..8] == b"ftyp" && brands.contains(&&bytes[8..12])
+    };
+    if ftyp(&[
+        b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1",
+    ]) {
+        Some("HEIC/HEIF")
+    } else if ftyp(&[b"avif", b"avis"]) {
+        Some("AVIF")
+    } else if bytes.starts_with(b"8BPS") {
+        Some("PSD")
+    } else if bytes.starts_with(b"\xff\x0a") || bytes.starts_with(b"\0\0\0\x0cJXL ") {
+        Some("JPEG XL")
+    } else if is_svg(bytes) {
+        Some("SVG")
+    } else {
+        None
+    }
+}
+
+fn is_svg(bytes: &[u8]) -> bool {
+    let head = String::from_utf8_lossy(&bytes[..bytes.len().min(1024)]).to_ascii_lowercase();
+    let head = head.trim_start();
+    (head.starts_with("<?xml") || head.starts_with("<svg") || head.starts_with("<!doctype svg"))
+        && head.contains("<svg")
 }
 
 fn classify(err: ImageError) -> (FailureKind, String) {
@@ -78,21 +195,32 @@ fn classify(err: ImageError) -> (FailureKind, String) {
     (kind, err.to_string())
 }
 
-/// 8-bit RGB; transparent pixels are blended onto white, as a viewer shows them.
-fn to_rgb_on_white(image: DynamicImage) -> RgbImage {
+/// 8-bit RGB; transparent pixels are blended onto white or black, as a viewer shows them, or
+/// the image is refused.
+fn flatten(image: DynamicImage, alpha: AlphaPolicy) -> Result<RgbImage, (FailureKind, String)> {
     if !image.color().has_alpha() {
-        return image.into_rgb8();
+        return Ok(image.into_rgb8());
     }
+    let background: u32 = match alpha {
+        AlphaPolicy::White => 255,
+        AlphaPolicy::Black => 0,
+        AlphaPolicy::Reject => {
+            return Err((
+                FailureKind::Unsupported,
+                "image has an alpha channel and --alpha is reject".into(),
+            ))
+        }
+    };
     let rgba = image.into_rgba8();
     let (w, h) = rgba.dimensions();
     let mut out = Vec::with_capacity(w as usize * h as usize * 3);
     for px in rgba.pixels() {
         let a = u32::from(px[3]);
         for c in 0..3 {
-            out.push(((u32::from(px[c]) * a + 255 * (255 - a) + 127) / 255) as u8);
+            out.push(((u32::from(px[c]) * a + background * (255 - a) + 127) / 255) as u8);
         }
     }
-    RgbImage::from_raw(w, h, out).expect("buffer sized to the image")
+    Ok(RgbImage::from_raw(w, h, out).expect("buffer sized to the image"))
 }
 
 /// Caption from a sidecar `NAME.txt` or `NAME.caption` beside `NAME.ext`, trimmed.

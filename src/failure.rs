@@ -14,6 +14,8 @@ pub enum FailureKind {
     Unsupported,
     /// Header dimensions above the pixel limit.
     TooLarge,
+    /// Shorter side below `--min-size`.
+    TooSmall,
     /// Unreadable file or folder (permissions, vanished, symlink loop).
     Io,
     /// The encoder produced NaN or Inf for this image.
@@ -27,6 +29,7 @@ impl FailureKind {
             FailureKind::Corrupt => "corrupt",
             FailureKind::Unsupported => "unsupported",
             FailureKind::TooLarge => "too_large",
+            FailureKind::TooSmall => "too_small",
             FailureKind::Io => "io",
             FailureKind::Nonfinite => "nonfinite",
         }

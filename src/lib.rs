@@ -3,7 +3,8 @@
 //! The stages are the modules, in flow order: [`discover`] → [`decode`] → [`resize`] →
 //! [`batch`] → [`encode`] → [`write`], wired by [`pipeline`]. [`config`] holds the run's
 //! settings, [`model`] the VAE's card, [`runtime`] the ONNX Runtime library, [`failure`] the
-//! kinds of input that cannot be used. See ARCHITECTURE.md.
+//! kinds of input that cannot be used. [`report`] measures how well a VAE reconstructs the
+//! images (PSNR, SSIM, latent statistics, an HTML page). See ARCHITECTURE.md.
 
 pub mod batch;
 pub mod config;
@@ -13,6 +14,9 @@ pub mod encode;
 pub mod failure;
 pub mod model;
 pub mod pipeline;
+pub mod report;
 pub mod resize;
+pub mod resume;
 pub mod runtime;
+pub mod verify;
 pub mod write;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use vae_pipeline::config::{LatentMode, PrecomputeConfig, ResizePolicy, StorageDType};
-use vae_pipeline::pipeline;
+use vae_pipeline::config::{AlphaPolicy, LatentMode, PrecomputeConfig, ResizePolicy, StorageDType};
+use vae_pipeline::report::{self, ReportArgs};
+use vae_pipeline::{pipeline, verify};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +24,19 @@ struct Cli {
 enum Command {
     /// Encode every image under --input into latent shards under --out.
     Precompute(PrecomputeArgs),
+    /// Encode and decode images (or decode stored shards) and report reconstruction quality:
+    /// PSNR, SSIM, latent statistics and a self-contained HTML page under --out.
+    Report(ReportArgs),
+    /// Check a shard set is complete and sane; prints a one-line verdict, exits non-zero on any problem.
+    Verify {
+        /// The --out folder of a precompute run.
+        shards: PathBuf,
+    },
+    /// Show what a shard set holds: rows per shape, latent type, model, normalization, errors, config.
+    Inspect {
+        /// The --out folder of a precompute run.
+        shards: PathBuf,
+    },
 }
 
 /// Flags override the preset (--pipeline), which overrides the defaults shown here.
@@ -64,6 +78,21 @@ struct PrecomputeArgs {
     /// Threads for decoding and ONNX Runtime together; 0 = all cores [default: 0].
     #[arg(long)]
     threads: Option<usize>,
+    /// Transparent pixels: composite on white or black, or refuse the image [default: white].
+    #[arg(long, value_enum)]
+    alpha: Option<AlphaPolicy>,
+    /// Refuse images whose shorter side is below N pixels (kind too_small); 0 upscales all [default: 0].
+    #[arg(long)]
+    min_size: Option<u32>,
+    /// Refuse images with more pixels than this, judged from the header (kind too_large) [default: 178956970].
+    #[arg(long)]
+    max_pixels: Option<u64>,
+    /// Exit non-zero (and write no _SUCCESS) when more than this fraction of inputs failed [default: 1.0].
+    #[arg(long)]
+    max_failures: Option<f64>,
+    /// Replace an output folder made with a different config instead of refusing it.
+    #[arg(long)]
+    overwrite: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -89,8 +118,13 @@ impl PrecomputeArgs {
             dtype,
             seed,
             shard_rows,
-            threads
+            threads,
+            alpha,
+            min_size,
+            max_pixels,
+            max_failures
         );
+        c.overwrite = self.overwrite;
         Ok((c, self.print_config))
     }
 }
@@ -106,6 +140,17 @@ fn run() -> Result<()> {
             pipeline::precompute(&config)?.print();
             Ok(())
         }
+        Command::Report(args) => {
+            report::run(&args)?.print(&args.out);
+            Ok(())
+        }
+        Command::Verify { shards } => {
+            let verdict = verify::verify(&shards)?;
+            verdict.print(&shards);
+            anyhow::ensure!(verdict.ok(), "{} failed verification", shards.display());
+            Ok(())
+        }
+        Command::Inspect { shards } => verify::inspect(&shards),
     }
 }
 

@@ -1,7 +1,9 @@
 //! The wiring: discover → decode+resize (rayon pool) → batch → encode → write, joined by bounded
 //! channels so memory stays flat and a slow stage back-pressures the ones before it. Takes a
-//! `PrecomputeConfig`, hands on a `RunSummary`.
+//! `PrecomputeConfig`, hands on a `RunSummary`. A rerun resumes: committed rows whose source is
+//! unchanged are skipped, stale ones pruned.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,13 +16,14 @@ use serde::Serialize;
 
 use crate::batch::{Batch, Batcher, RowMeta};
 use crate::config::PrecomputeConfig;
-use crate::decode::{decode, DEFAULT_MAX_PIXELS};
+use crate::decode::{decode_source, read_source, SourceBytes};
 use crate::discover::{self, Source};
 use crate::encode::{EncodedBatch, Encoder};
-use crate::failure::Failure;
+use crate::failure::{Failure, FailureKind};
 use crate::model::ModelCard;
-use crate::resize::{prepare, Prepared};
-use crate::write::{prepare_output, OutputState, ShardWriter};
+use crate::resize::{prepare, target_dims, Prepared};
+use crate::resume::{self, Committed};
+use crate::write::{self, ShardWriter};
 
 /// Batches waiting for the encoder: one being filled while one waits is enough to overlap.
 const ENCODE_QUEUE: usize = 2;
@@ -28,12 +31,18 @@ const ENCODE_QUEUE: usize = 2;
 const WRITE_QUEUE: usize = 4;
 
 /// What the run did, as the final summary prints it and `_SUCCESS` records it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
+    /// Images encoded by this run.
     pub encoded: usize,
+    /// Images whose committed row was current, skipped.
+    pub already_committed: usize,
+    /// Committed rows dropped because their source changed, vanished or became unusable.
+    pub pruned: usize,
     pub failed: usize,
-    pub failures: std::collections::BTreeMap<String, usize>,
+    pub failures: BTreeMap<String, usize>,
     pub shards: usize,
+    pub rows: i64,
     pub seconds: f64,
     pub images_per_second: f64,
     pub decode_threads: usize,
@@ -41,8 +50,6 @@ pub struct RunSummary {
     /// Seconds each stage spent working (decode summed over its threads).
     pub busy_seconds: StageBusy,
     pub config_hash: String,
-    /// True when `--out` already held this exact run and nothing was done.
-    pub up_to_date: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -67,14 +74,17 @@ impl RunSummary {
             .map_or("none", |s| s.0)
     }
 
-    pub fn print(&self) {
-        if self.up_to_date {
-            eprintln!(
-                "up to date: the output folder already holds this run (config_hash {})",
-                self.config_hash
-            );
-            return;
+    /// Share of this run's inputs that failed.
+    pub fn failed_fraction(&self) -> f64 {
+        let seen = self.encoded + self.already_committed + self.failed;
+        if seen == 0 {
+            0.0
+        } else {
+            self.failed as f64 / seen as f64
         }
+    }
+
+    pub fn print(&self) {
         let failures = if self.failed == 0 {
             String::new()
         } else {
@@ -85,9 +95,17 @@ impl RunSummary {
                 .collect();
             format!(" ({}; see _errors.jsonl)", kinds.join(", "))
         };
+        let resumed = if self.already_committed + self.pruned == 0 {
+            String::new()
+        } else {
+            format!(
+                ", {} already committed, {} stale rows pruned",
+                self.already_committed, self.pruned
+            )
+        };
         eprintln!(
-            "encoded {} images, {} failed{failures}, into {} shard(s) in {:.1} s: {:.2} images/s",
-            self.encoded, self.failed, self.shards, self.seconds, self.images_per_second
+            "encoded {} images{resumed}, {} failed{failures}; {} rows in {} shard(s); {:.1} s, {:.2} images/s",
+            self.encoded, self.failed, self.rows, self.shards, self.seconds, self.images_per_second
         );
         eprintln!(
             "busy: decode+resize {:.1} s over {} thread(s), encode {:.1} s ({} ONNX Runtime thread(s)), write {:.1} s; bottleneck: {}",
@@ -136,27 +154,13 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
     effective.input = input.clone();
     let config_hash = effective.output_hash(&identity);
     let config_toml = effective.to_toml();
-    let state = prepare_output(&config.out, &config_hash, &config_toml)?;
-    let mut summary = RunSummary {
-        encoded: 0,
-        failed: 0,
-        failures: Default::default(),
-        shards: 0,
-        seconds: 0.0,
-        images_per_second: 0.0,
-        decode_threads,
-        encode_threads,
-        busy_seconds: StageBusy::default(),
-        config_hash: config_hash.clone(),
-        up_to_date: state == OutputState::Complete,
-    };
-    if summary.up_to_date {
-        return Ok(summary);
-    }
-    if state == OutputState::Restarted {
+    let committed =
+        resume::prepare_output(&config.out, &config_hash, &config_toml, config.overwrite)?;
+    if !committed.is_empty() {
         eprintln!(
-            "{} held an unfinished run of this config: starting it over",
-            config.out.display()
+            "{} holds {} committed rows of this config: resuming",
+            config.out.display(),
+            committed.len()
         );
     }
 
@@ -185,7 +189,7 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
             "vae_pipeline.resize".into(),
             format!("{} {}", config.resize.as_str(), config.size),
         ),
-        ("vae_pipeline.config_hash".into(), config_hash),
+        ("vae_pipeline.config_hash".into(), config_hash.clone()),
         ("vae_pipeline.config".into(), config_toml),
     ];
     let mut writer = ShardWriter::new(&config.out, config.shard_rows, config.dtype, metadata)?;
@@ -195,14 +199,16 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
     let (write_tx, write_rx) = bounded::<Message>(WRITE_QUEUE);
     let progress = Progress::new();
 
-    let (decode_busy, encode_busy, write_busy) = std::thread::scope(|scope| -> Result<_> {
+    let stages = std::thread::scope(|scope| -> Result<_> {
         let producer_tx = write_tx.clone();
-        let producer = scope.spawn(|| {
+        let committed = &committed;
+        let producer = scope.spawn(move || {
             produce(
                 &input,
                 config,
                 card.input_range,
                 decode_threads,
+                committed,
                 batch_tx,
                 producer_tx,
             )
@@ -221,53 +227,94 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
         });
         let write_busy = consume(&mut writer, write_rx, &progress);
         let encode_busy = encoding.join().expect("encoder thread panicked");
-        let decode_busy = producer.join().expect("decode thread panicked");
+        let produced = producer.join().expect("decode thread panicked");
         // The first failure in flow order is the cause; later ones are its echo.
-        let decode_busy = decode_busy?;
-        let encode_busy = encode_busy?;
-        Ok((decode_busy, encode_busy, write_busy?))
-    })?;
+        Ok((produced?, encode_busy?, write_busy?))
+    });
     progress.finish();
-
-    let totals = writer.totals().clone();
-    let seconds = start.elapsed().as_secs_f64();
-    summary.encoded = totals.rows;
-    summary.failed = totals.failed();
-    summary.failures = totals
-        .failures
-        .iter()
-        .map(|(k, n)| (k.as_str().to_string(), *n))
-        .collect();
-    summary.seconds = seconds;
-    summary.images_per_second = totals.rows as f64 / seconds.max(1e-9);
-    summary.busy_seconds = StageBusy {
-        decode_resize: decode_busy.as_secs_f64(),
-        encode: encode_busy.as_secs_f64(),
-        write: write_busy.as_secs_f64(),
+    let (produced, encode_busy, write_busy) = match stages {
+        Ok(done) => done,
+        Err(e) => {
+            writer.abort();
+            return Err(e);
+        }
     };
-    summary.shards = writer.shards_when_finished();
-    writer.finish(&serde_json::to_value(&summary)?)?;
+
+    let t = Instant::now();
+    let totals = writer.close()?;
+    let pruned = resume::prune(&committed, &produced.current)?;
+    let mut summary = RunSummary {
+        encoded: totals.rows,
+        already_committed: produced.skipped,
+        pruned,
+        failed: totals.failed(),
+        failures: totals
+            .failures
+            .iter()
+            .map(|(k, n)| (k.as_str().to_string(), *n))
+            .collect(),
+        decode_threads,
+        encode_threads,
+        busy_seconds: StageBusy {
+            decode_resize: produced.busy.as_secs_f64(),
+            encode: encode_busy.as_secs_f64(),
+            write: (write_busy + t.elapsed()).as_secs_f64(),
+        },
+        config_hash,
+        ..RunSummary::default()
+    };
+    summary.seconds = start.elapsed().as_secs_f64();
+    summary.images_per_second = totals.rows as f64 / summary.seconds.max(1e-9);
+    summary.shards = write::shard_files(&config.out)?.len();
+    if summary.failed_fraction() > config.max_failures {
+        summary.print();
+        bail!(
+            "{:.1}% of the inputs failed, more than --max-failures {}: no _SUCCESS written (see {})",
+            summary.failed_fraction() * 100.0,
+            config.max_failures,
+            config.out.join(write::ERRORS).display()
+        );
+    }
+    let manifest = write::seal(&config.out, &serde_json::to_value(&summary)?)?;
+    summary.rows = manifest.iter().map(|e| e.rows).sum();
     Ok(summary)
 }
 
-/// One image out of decode+resize, or why it could not be used.
-type PreparedRow = Result<(Prepared, RowMeta), Failure>;
+/// One image out of decode+resize.
+enum PreparedRow {
+    Ready(Prepared, RowMeta),
+    /// A committed row is current for this key.
+    Committed {
+        key: String,
+        sha256: [u8; 32],
+    },
+    Failed(Failure),
+}
 
 enum Message {
     Encoded(EncodedBatch),
     Failed(Failure),
 }
 
+/// What the producer hands back: its busy time, the current hash of every readable source that
+/// has a committed row (what pruning keeps; bounded by the committed set, empty on a fresh run),
+/// and how many images were skipped as committed.
+struct Produced {
+    busy: Duration,
+    current: HashMap<String, [u8; 32]>,
+    skipped: usize,
+}
+
 /// Discover, decode and resize in order-preserving chunks on a rayon pool, then batch.
-/// Returns the decode pool's summed busy time.
 fn produce(
     input: &Path,
     config: &PrecomputeConfig,
     input_range: [f32; 2],
     threads: usize,
+    committed: &Committed,
     batch_tx: Sender<Batch>,
     write_tx: Sender<Message>,
-) -> Result<Duration> {
+) -> Result<Produced> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("decode-{i}"))
@@ -275,7 +322,11 @@ fn produce(
         .context("cannot start the decode thread pool")?;
     let chunk_len = (config.batch_size * threads).max(32);
     let mut batcher = Batcher::new(config.batch_size, input_range);
-    let mut busy = Duration::ZERO;
+    let mut produced = Produced {
+        busy: Duration::ZERO,
+        current: HashMap::new(),
+        skipped: 0,
+    };
     let mut sources = discover::walk(input).peekable();
     while sources.peek().is_some() {
         let chunk: Vec<Result<Source, Failure>> = sources.by_ref().take(chunk_len).collect();
@@ -284,22 +335,37 @@ fn produce(
                 .into_par_iter()
                 .map(|item| {
                     let t = Instant::now();
-                    let out = item.and_then(|source| decode_and_resize(&source, config));
-                    (out, t.elapsed())
+                    let row = match item {
+                        Ok(source) => prepare_row(&source, config, committed),
+                        Err(failure) => PreparedRow::Failed(failure),
+                    };
+                    (row, t.elapsed())
                 })
                 .collect()
         });
-        for (item, took) in prepared {
-            busy += took;
-            let sent = match item {
-                Ok((image, meta)) => match batcher.push(&image, meta) {
-                    Some(batch) => batch_tx.send(batch).is_ok(),
-                    None => true,
-                },
-                Err(failure) => write_tx.send(Message::Failed(failure)).is_ok(),
+        for (row, took) in prepared {
+            produced.busy += took;
+            let sent = match row {
+                PreparedRow::Ready(image, meta) => {
+                    if committed.has_key(&meta.key) {
+                        produced
+                            .current
+                            .insert(meta.key.clone(), meta.source_sha256);
+                    }
+                    match batcher.push(&image, meta) {
+                        Some(batch) => batch_tx.send(batch).is_ok(),
+                        None => true,
+                    }
+                }
+                PreparedRow::Committed { key, sha256 } => {
+                    produced.current.insert(key, sha256);
+                    produced.skipped += 1;
+                    true
+                }
+                PreparedRow::Failed(failure) => write_tx.send(Message::Failed(failure)).is_ok(),
             };
             if !sent {
-                return Ok(busy);
+                return Ok(produced);
             }
         }
     }
@@ -308,7 +374,7 @@ fn produce(
             break;
         }
     }
-    Ok(busy)
+    Ok(produced)
 }
 
 /// The decode+resize stage for one source: what `precompute` and `report` both run per image.
@@ -316,15 +382,48 @@ pub fn decode_and_resize(
     source: &Source,
     config: &PrecomputeConfig,
 ) -> Result<(Prepared, RowMeta), Failure> {
-    let decoded = decode(source, DEFAULT_MAX_PIXELS)?;
+    decoded_row(source, config, read_source(source)?)
+}
+
+/// `decode_and_resize` for `precompute`: sources whose committed row is current (same key,
+/// same bytes) are not decoded.
+fn prepare_row(source: &Source, config: &PrecomputeConfig, committed: &Committed) -> PreparedRow {
+    let read = match read_source(source) {
+        Ok(read) => read,
+        Err(failure) => return PreparedRow::Failed(failure),
+    };
+    if committed.holds(&source.key, &read.sha256) {
+        return PreparedRow::Committed {
+            key: source.key.clone(),
+            sha256: read.sha256,
+        };
+    }
+    match decoded_row(source, config, read) {
+        Ok((image, meta)) => PreparedRow::Ready(image, meta),
+        Err(failure) => PreparedRow::Failed(failure),
+    }
+}
+
+fn decoded_row(
+    source: &Source,
+    config: &PrecomputeConfig,
+    read: SourceBytes,
+) -> Result<(Prepared, RowMeta), Failure> {
+    let decoded = decode_source(source, read, &config.decode_options())?;
     let (orig_width, orig_height) = decoded.rgb.dimensions();
-    let image = prepare(decoded.rgb, config.resize, config.size).map_err(|e| {
-        Failure::new(
+    let (tw, th) = target_dims(config.resize, orig_width, orig_height, config.size);
+    if u64::from(tw) * u64::from(th) > config.max_pixels {
+        return Err(Failure::new(
             source.key.clone(),
-            crate::failure::FailureKind::Corrupt,
-            format!("{e:#}"),
-        )
-    })?;
+            FailureKind::TooLarge,
+            format!(
+                "{orig_width}x{orig_height} resized to cover {0}x{0} is {tw}x{th}, above --max-pixels {1}",
+                config.size, config.max_pixels
+            ),
+        ));
+    }
+    let image = prepare(decoded.rgb, config.resize, config.size)
+        .map_err(|e| Failure::new(source.key.clone(), FailureKind::Corrupt, format!("{e:#}")))?;
     let meta = RowMeta {
         key: source.key.clone(),
         source_sha256: decoded.source_sha256,

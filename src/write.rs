@@ -1,5 +1,5 @@
 //! Write: takes `EncodedBatch`es and `Failure`s, hands on Parquet shards under `OUT/<W>x<H>/`,
-//! `_errors.jsonl`, `_manifest.jsonl` and, last, `_SUCCESS`. A shard becomes visible only whole:
+//! `_errors.jsonl`, and (`seal`) `_manifest.jsonl` then `_SUCCESS`. A shard becomes visible only whole:
 //! it is written under a temporary name, fsynced and renamed.
 
 use std::collections::{BTreeMap, HashMap};
@@ -8,7 +8,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use arrow_array::{
     ArrayRef, FixedSizeBinaryArray, FixedSizeListArray, Float16Array, Float32Array, Int32Array,
     RecordBatch, StringArray, UInt16Array,
@@ -34,88 +34,79 @@ pub const CONFIG: &str = "_config.toml";
 /// Row groups are cut at this many bytes so memory stays bounded for large latents.
 const ROW_GROUP_BYTES: usize = 64 << 20;
 
-/// What an output folder holds before a run.
-#[derive(Debug, PartialEq, Eq)]
-pub enum OutputState {
-    /// Nothing there yet (or an empty folder).
-    Fresh,
-    /// A finished run with this very config: nothing to do.
-    Complete,
-    /// An unfinished run with this config: its partial files were removed.
-    Restarted,
-}
-
-/// Checks `out` before any work and makes it ready: refuses folders that hold something else or
-/// shards of another config; records the config so a later run can tell.
-pub fn prepare_output(out: &Path, config_hash: &str, config_toml: &str) -> Result<OutputState> {
-    let mut state = OutputState::Fresh;
-    if out.exists() {
-        if !out.is_dir() {
-            bail!("--out {} exists and is not a folder", out.display());
-        }
-        let has_entries = std::fs::read_dir(out)
-            .with_context(|| format!("cannot read --out {}", out.display()))?
-            .next()
-            .is_some();
-        if has_entries {
-            let recorded = std::fs::read_to_string(out.join(CONFIG)).map_err(|_| {
-                anyhow::anyhow!(
-                    "--out {} is not empty and holds no {CONFIG}: it was not written by vae-pipeline. \
-                     Choose an empty or new folder",
-                    out.display()
-                )
-            })?;
-            let theirs = recorded_hash(&recorded);
-            if theirs != Some(config_hash) {
-                bail!(
-                    "--out {} holds shards made with a different config (config_hash {} there, {config_hash} now; \
-                     see {}). Use another --out, or delete that folder to rebuild it",
-                    out.display(),
-                    theirs.unwrap_or("missing"),
-                    out.join(CONFIG).display()
-                );
-            }
-            if out.join(SUCCESS).exists() {
-                return Ok(OutputState::Complete);
-            }
-            remove_outputs(out)?;
-            state = OutputState::Restarted;
-        }
-    }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create --out {}", out.display()))?;
-    write_atomic(
-        &out.join(CONFIG),
-        format!("config_hash = \"{config_hash}\"\n{config_toml}").as_bytes(),
-    )
-    .with_context(|| format!("--out {} is not writable", out.display()))?;
-    Ok(state)
-}
-
-fn recorded_hash(config: &str) -> Option<&str> {
-    config
-        .lines()
-        .find_map(|l| l.strip_prefix("config_hash = \"")?.strip_suffix('"'))
-}
-
-/// Removes what an unfinished run left: shard folders and side files, not foreign files.
-fn remove_outputs(out: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(out)?.flatten() {
-        let path = entry.path();
+/// The shard folders (`<W>x<H>`) in `out`, sorted.
+pub fn shape_dirs(out: &Path) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(out)
+        .with_context(|| format!("cannot read {}", out.display()))?
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if path.is_dir() && is_shape_dir(&name) {
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot clear {}", path.display()))?;
-        } else if [ERRORS, MANIFEST].contains(&name.as_str()) {
-            std::fs::remove_file(&path)?;
+        if entry.path().is_dir() && is_shape_dir(&name) {
+            dirs.push(entry.path());
         }
     }
-    Ok(())
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Every committed shard in `out` (`<W>x<H>/part-NNNNN.parquet`), sorted.
+pub fn shard_files(out: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for dir in shape_dirs(out)? {
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            if part_number(&entry.file_name().to_string_lossy()).is_some() {
+                files.push(entry.path());
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The part number after the highest in `dir`, so a resumed run never reuses a name.
+fn next_free_part(dir: &Path) -> Result<usize> {
+    let mut next = 0;
+    for entry in std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+    {
+        if let Some(n) = part_number(&entry.file_name().to_string_lossy()) {
+            next = next.max(n + 1);
+        }
+    }
+    Ok(next)
+}
+
+fn part_number(name: &str) -> Option<usize> {
+    name.strip_prefix("part-")?
+        .strip_suffix(".parquet")?
+        .parse()
+        .ok()
 }
 
 fn is_shape_dir(name: &str) -> bool {
     name.split_once('x')
         .is_some_and(|(w, h)| w.parse::<u32>().is_ok() && h.parse::<u32>().is_ok())
+}
+
+/// Writer settings every shard shares: zstd; no dictionary or statistics on tensor columns
+/// (dictionaries of floats only cost space); row groups capped so memory stays bounded.
+pub fn shard_properties(
+    metadata: Vec<KeyValue>,
+    max_rows: Option<usize>,
+) -> Result<WriterProperties> {
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_max_row_group_row_count(max_rows)
+        .set_key_value_metadata(Some(metadata));
+    for column in ["latent", "latent_std"] {
+        let path = ColumnPath::from(vec![column.to_string(), "list".into(), "item".into()]);
+        props = props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_statistics_enabled(path, EnabledStatistics::None);
+    }
+    Ok(props.build())
 }
 
 /// Writes `bytes` to `path` whole or not at all.
@@ -127,13 +118,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     commit(&tmp, path)
 }
 
-fn tmp_name(path: &Path) -> PathBuf {
+/// Where `path` is written before it is complete: hidden, and removed by a resuming run.
+pub fn tmp_name(path: &Path) -> PathBuf {
     let name = path.file_name().expect("file path").to_string_lossy();
     path.with_file_name(format!(".{name}.tmp"))
 }
 
+/// Marks a run complete: `_manifest.jsonl` lists every shard in `out` with its row count (read
+/// from the Parquet footers), then `_SUCCESS` is written last with the run summary.
+pub fn seal(out: &Path, summary: &serde_json::Value) -> Result<Vec<ManifestEntry>> {
+    let mut entries = Vec::new();
+    let mut lines = Vec::new();
+    for shard in shard_files(out)? {
+        let reader = parquet::file::reader::SerializedFileReader::new(File::open(&shard)?)
+            .with_context(|| format!("cannot read {}", shard.display()))?;
+        let rows = parquet::file::reader::FileReader::metadata(&reader)
+            .file_metadata()
+            .num_rows();
+        let entry = ManifestEntry {
+            path: crate::discover::key_of(out, &shard),
+            rows,
+        };
+        serde_json::to_writer(&mut lines, &entry)?;
+        lines.push(b'\n');
+        entries.push(entry);
+    }
+    write_atomic(&out.join(MANIFEST), &lines)?;
+    write_atomic(
+        &out.join(SUCCESS),
+        serde_json::to_string_pretty(summary)?.as_bytes(),
+    )?;
+    Ok(entries)
+}
+
 /// Renames a finished temporary file into place and makes the rename durable.
-fn commit(tmp: &Path, path: &Path) -> Result<()> {
+pub fn commit(tmp: &Path, path: &Path) -> Result<()> {
     std::fs::rename(tmp, path)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     if let Some(dir) = path.parent() {
@@ -145,11 +164,9 @@ fn commit(tmp: &Path, path: &Path) -> Result<()> {
 /// One committed shard, as `_manifest.jsonl` lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ManifestEntry {
+    /// Relative to the output folder.
     pub path: String,
-    pub rows: usize,
-    pub width: u32,
-    pub height: u32,
-    pub latent_shape: [usize; 3],
+    pub rows: i64,
 }
 
 struct OpenShard {
@@ -157,7 +174,6 @@ struct OpenShard {
     tmp: PathBuf,
     path: PathBuf,
     rows: usize,
-    entry: ManifestEntry,
 }
 
 /// Counts a finished run hands to its summary.
@@ -184,7 +200,6 @@ pub struct ShardWriter {
     next_part: HashMap<(u32, u32), usize>,
     schemas: HashMap<(u32, u32), SchemaRef>,
     errors: BufWriter<File>,
-    manifest: Vec<ManifestEntry>,
     totals: WriteTotals,
 }
 
@@ -211,7 +226,6 @@ impl ShardWriter {
             next_part: HashMap::new(),
             schemas: HashMap::new(),
             errors: BufWriter::new(errors),
-            manifest: Vec::new(),
             totals: WriteTotals::default(),
         })
     }
@@ -222,11 +236,6 @@ impl ShardWriter {
         self.errors.write_all(b"\n")?;
         *self.totals.failures.entry(failure.kind).or_default() += 1;
         Ok(())
-    }
-
-    /// Shards committed so far plus those `finish` will commit.
-    pub fn shards_when_finished(&self) -> usize {
-        self.totals.shards + self.open.len()
     }
 
     pub fn totals(&self) -> &WriteTotals {
@@ -252,7 +261,9 @@ impl ShardWriter {
             }
             let shard = self.open.get_mut(&shape).expect("opened above");
             let take = (self.shard_rows - shard.rows).min(record.num_rows() - offset);
-            shard.writer.write(&record.slice(offset, take))?;
+            shard.writer.write(&record.slice(offset, take)).with_context(|| {
+                format!("cannot write {} (disk full?); free space and rerun the same command to resume", shard.tmp.display())
+            })?;
             shard.rows += take;
             offset += take;
             if shard.rows == self.shard_rows {
@@ -270,11 +281,16 @@ impl ShardWriter {
         latent_shape: [usize; 3],
         schema: SchemaRef,
     ) -> Result<OpenShard> {
-        let dir_name = format!("{}x{}", shape.0, shape.1);
-        let dir = self.out.join(&dir_name);
+        let dir = self.out.join(format!("{}x{}", shape.0, shape.1));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let part = self.next_part.entry(shape).or_default();
+        let part = match self.next_part.get_mut(&shape) {
+            Some(part) => part,
+            None => {
+                let next = next_free_part(&dir)?;
+                self.next_part.entry(shape).or_insert(next)
+            }
+        };
         let name = format!("part-{part:05}.parquet");
         *part += 1;
         let path = dir.join(&name);
@@ -288,69 +304,63 @@ impl ShardWriter {
         };
         let row_bytes =
             latent_shape.iter().product::<usize>() * self.dtype.bytes() * tensor_columns;
-        let mut props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
-            .set_max_row_group_row_count(Some(
-                self.shard_rows.min((ROW_GROUP_BYTES / row_bytes).max(1)),
-            ))
-            .set_key_value_metadata(Some(self.metadata.clone()));
-        for column in ["latent", "latent_std"] {
-            let path = ColumnPath::from(vec![column.to_string(), "list".into(), "item".into()]);
-            props = props
-                .set_column_dictionary_enabled(path.clone(), false)
-                .set_column_statistics_enabled(path, EnabledStatistics::None);
-        }
-        let writer = ArrowWriter::try_new(file, schema, Some(props.build()))?;
+        let max_rows = self.shard_rows.min((ROW_GROUP_BYTES / row_bytes).max(1));
+        let props = shard_properties(self.metadata.clone(), Some(max_rows))?;
+        let writer = ArrowWriter::try_new(file, schema, Some(props))?;
         Ok(OpenShard {
             writer,
             tmp,
             path,
             rows: 0,
-            entry: ManifestEntry {
-                path: format!("{dir_name}/{name}"),
-                rows: 0,
-                width: shape.0,
-                height: shape.1,
-                latent_shape,
-            },
         })
     }
 
-    fn close_shard(&mut self, mut shard: OpenShard) -> Result<()> {
-        let file = shard
-            .writer
+    /// Finishes, fsyncs and renames a shard; on failure its temporary file is removed.
+    fn close_shard(&mut self, shard: OpenShard) -> Result<()> {
+        let OpenShard {
+            writer, tmp, path, ..
+        } = shard;
+        let finished = writer
             .into_inner()
-            .with_context(|| format!("finishing {}", shard.tmp.display()))?;
-        file.sync_all()?;
-        drop(file);
-        commit(&shard.tmp, &shard.path)?;
-        shard.entry.rows = shard.rows;
-        self.manifest.push(shard.entry);
+            .map_err(anyhow::Error::from)
+            .and_then(|f| Ok(f.sync_all()?));
+        if let Err(e) = finished {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.context(format!(
+                "cannot finish {} (disk full?); free space and rerun the same command to resume",
+                tmp.display()
+            )));
+        }
+        commit(&tmp, &path)?;
         self.totals.shards += 1;
         Ok(())
     }
 
-    /// Closes every open shard and writes the side files, `_SUCCESS` last.
-    pub fn finish(mut self, summary: &serde_json::Value) -> Result<WriteTotals> {
+    /// Commits every open shard and flushes `_errors.jsonl`.
+    pub fn close(mut self) -> Result<WriteTotals> {
         let mut open: Vec<_> = self.open.drain().collect();
         open.sort_by_key(|(shape, _)| *shape);
-        for (_, shard) in open {
-            self.close_shard(shard)?;
+        let mut open = open.into_iter();
+        while let Some((_, shard)) = open.next() {
+            if let Err(e) = self.close_shard(shard) {
+                for (_, rest) in open {
+                    let _ = std::fs::remove_file(&rest.tmp);
+                }
+                return Err(e);
+            }
         }
         self.errors.flush()?;
         self.errors.get_ref().sync_all()?;
-        self.manifest.sort_by(|a, b| a.path.cmp(&b.path));
-        let mut lines = Vec::new();
-        for entry in &self.manifest {
-            serde_json::to_writer(&mut lines, entry)?;
-            lines.push(b'\n');
-        }
-        write_atomic(&self.out.join(MANIFEST), &lines)?;
-        write_atomic(
-            &self.out.join(SUCCESS),
-            serde_json::to_string_pretty(summary)?.as_bytes(),
-        )?;
         Ok(self.totals)
+    }
+
+    /// After a failure: removes the unfinished shards' temporary files, so nothing partial is
+    /// left behind (a resuming run would remove them too).
+    pub fn abort(self) {
+        for shard in self.open.into_values() {
+            drop(shard.writer);
+            let _ = std::fs::remove_file(&shard.tmp);
+        }
     }
 
     fn schema(&mut self, batch: &EncodedBatch) -> SchemaRef {

@@ -226,7 +226,7 @@ fn missing_onnx_runtime_says_how_to_fix_it() {
 }
 
 #[test]
-fn output_folders_of_other_runs_are_refused_and_finished_runs_are_up_to_date() {
+fn output_folders_of_other_runs_are_refused_and_finished_runs_resume() {
     let dir = scratch("cli-out");
     let input = kodak_subset(&dir, 2);
     let out = dir.join("out");
@@ -247,15 +247,22 @@ fn output_folders_of_other_runs_are_refused_and_finished_runs_are_up_to_date() {
     assert!(out.join("_SUCCESS").exists());
 
     let again = vae_pipeline(&base);
+    let err = stderr(&again);
     assert!(
-        again.status.success() && stderr(&again).contains("up to date"),
-        "{}",
-        stderr(&again)
+        again.status.success() && err.contains("encoded 0 images, 2 already committed"),
+        "{err}"
     );
 
     fails_before_work_in(
         &[&base[..], &["--dtype", "f32"]].concat(),
         "holds shards made with a different config",
+    );
+    let overwrite = vae_pipeline(&[&base[..], &["--dtype", "f32", "--overwrite"]].concat());
+    assert!(overwrite.status.success(), "{}", stderr(&overwrite));
+    assert_eq!(
+        read_latents(&out).len(),
+        2,
+        "--overwrite replaced the f16 shards with f32 ones"
     );
 
     let foreign = dir.join("foreign");

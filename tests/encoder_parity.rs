@@ -6,7 +6,7 @@ use common::*;
 use vae_pipeline::batch::{Batch, RowMeta};
 use vae_pipeline::config::LatentMode;
 use vae_pipeline::config::ResizePolicy;
-use vae_pipeline::decode::{decode_bytes, DEFAULT_MAX_PIXELS};
+use vae_pipeline::decode::{decode_bytes, DecodeOptions};
 use vae_pipeline::encode::Encoder;
 use vae_pipeline::resize::{prepare, Prepared};
 
@@ -188,7 +188,7 @@ fn golden_image_files_decode_like_pillow_and_encode_within_tolerance() {
     for case in CASES {
         let ext = if case.ends_with("q95") { "jpg" } else { "png" };
         let bytes = std::fs::read(shared(&format!("models/golden/inputs/{case}.{ext}"))).unwrap();
-        let rgb = decode_bytes(&bytes, DEFAULT_MAX_PIXELS).unwrap();
+        let rgb = decode_bytes(&bytes, &DecodeOptions::default()).unwrap();
         let (_, pillow) = npy_u8(&shared(&format!("models/golden/{case}/decoded_rgb_u8.npy")));
         let worst = rgb
             .as_raw()
@@ -237,7 +237,7 @@ fn golden_image_files_decode_like_pillow_and_encode_within_tolerance() {
 #[test]
 fn same_size_center_crop_is_identity() {
     let bytes = std::fs::read(shared("models/golden/inputs/gradient_shapes_64x64.png")).unwrap();
-    let rgb = decode_bytes(&bytes, DEFAULT_MAX_PIXELS).unwrap();
+    let rgb = decode_bytes(&bytes, &DecodeOptions::default()).unwrap();
     let raw = rgb.as_raw().clone();
     let p = prepare(rgb, ResizePolicy::CenterCrop, 64).unwrap();
     assert_eq!(p.window_rgb(), raw);

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use common::*;
 use vae_pipeline::config::ResizePolicy;
-use vae_pipeline::decode::{decode_bytes, DEFAULT_MAX_PIXELS};
+use vae_pipeline::decode::{decode_bytes, DecodeOptions};
 use vae_pipeline::resize::prepare;
 
 #[test]
@@ -38,7 +38,7 @@ fn center_crop_matches_pillow_lanczos_on_kodak() {
         let (shape, pillow) = npy_u8(&reference);
         assert_eq!(shape, vec![size, size, 3]);
 
-        let rgb = decode_bytes(&std::fs::read(&path).unwrap(), DEFAULT_MAX_PIXELS).unwrap();
+        let rgb = decode_bytes(&std::fs::read(&path).unwrap(), &DecodeOptions::default()).unwrap();
         let ours = prepare(rgb, ResizePolicy::CenterCrop, size as u32)
             .unwrap()
             .window_rgb();

@@ -1,0 +1,229 @@
+//! The `report` command line and everything about it that can be checked before any work: the
+//! folders, the cards (each with a decoder), the size, and for `--shards` that the shard set
+//! and the card belong together.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use super::reconstruct::decoder_path;
+use super::shards::ShardSet;
+use crate::config::{PrecomputeConfig, ResizePolicy};
+use crate::model::ModelCard;
+
+/// Flags of `vae-pipeline report`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReportArgs {
+    /// Folder of images, walked recursively in name order as `precompute` does. With --shards:
+    /// the folder the shards were made from (their keys are paths relative to it).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Decode the stored latents of this shard set (a `precompute --out` folder) instead of
+    /// encoding the images: checks that the stored latents round-trip.
+    #[arg(long)]
+    pub shards: Option<PathBuf>,
+    /// Model card with a `decoder`: a name in models/ or a card TOML path. Repeat to compare
+    /// models on the same images [default: taef2; with --shards: the shards' model].
+    #[arg(long = "model", value_name = "MODEL")]
+    pub models: Vec<String>,
+    /// Side of the square each image is resized and cropped to; a multiple of every card's
+    /// spatial_factor [default: 256; with --shards: the shards' size].
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// How images become size×size [default: center-crop; with --shards: the shards' policy].
+    #[arg(long, value_enum)]
+    pub resize: Option<ResizePolicy>,
+    /// Output folder for metrics.parquet, summary.json, report.html and errors.jsonl (those
+    /// files are replaced; nothing else in it is touched).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Report on the first N inputs only (name order; with --shards, shard order).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// LPIPS as an ONNX export: two float32 [N, 3, H, W] inputs in [-1, 1] (original, then
+    /// reconstruction) and one output of N distances (see README). Without it there is no
+    /// LPIPS column.
+    #[arg(long, value_name = "MODEL.onnx")]
+    pub lpips: Option<PathBuf>,
+    /// Images per encoder and decoder call.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Threads for decoding, metrics and each ONNX Runtime session; 0 = all cores.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Where the latents come from.
+pub enum Origin {
+    /// Encode the images here.
+    Images,
+    /// Decode what a shard set stores.
+    Shards(Box<ShardSet>),
+}
+
+/// A checked report run.
+pub struct Plan {
+    pub input: PathBuf,
+    pub origin: Origin,
+    pub cards: Vec<ModelCard>,
+    /// Size, resize and decode settings for reading the source images.
+    pub config: PrecomputeConfig,
+    pub limit: usize,
+    pub threads: usize,
+}
+
+impl ReportArgs {
+    /// Checks every flag, folder and card; fails with what to fix before any image is read.
+    pub fn plan(&self) -> Result<Plan> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if self.limit == Some(0) {
+            bail!("--limit must be at least 1 (leave it out to use every image)");
+        }
+        let input = std::fs::canonicalize(&self.input)
+            .with_context(|| format!("--input {} does not exist", self.input.display()))?;
+        if !input.is_dir() {
+            bail!("--input {} is not a folder", self.input.display());
+        }
+        if self.out.exists() && !self.out.is_dir() {
+            bail!("--out {} exists and is not a folder", self.out.display());
+        }
+        if self.out.join(crate::write::CONFIG).exists() {
+            bail!(
+                "--out {} holds a shard set; write the report to another folder",
+                self.out.display()
+            );
+        }
+        let (origin, cards, config) = match &self.shards {
+            Some(dir) => self.plan_shards(dir)?,
+            None => self.plan_images()?,
+        };
+        let threads = if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        };
+        let config = PrecomputeConfig {
+            input: input.clone(),
+            out: self.out.clone(),
+            batch_size: self.batch_size,
+            threads,
+            ..config
+        };
+        Ok(Plan {
+            input,
+            origin,
+            cards,
+            config,
+            limit: self.limit.unwrap_or(usize::MAX),
+            threads,
+        })
+    }
+
+    fn plan_images(&self) -> Result<(Origin, Vec<ModelCard>, PrecomputeConfig)> {
+        let names = if self.models.is_empty() {
+            vec!["taef2".to_string()]
+        } else {
+            self.models.clone()
+        };
+        let cards = names
+            .iter()
+            .map(|m| ModelCard::resolve(m))
+            .collect::<Result<Vec<_>>>()?;
+        let mut seen = BTreeSet::new();
+        for card in &cards {
+            if !seen.insert(card.name.as_str()) {
+                bail!(
+                    "--model: two cards are named {:?}; each model is one column of the report",
+                    card.name
+                );
+            }
+        }
+        let defaults = PrecomputeConfig::default();
+        let config = PrecomputeConfig {
+            size: self.size.unwrap_or(defaults.size),
+            resize: self.resize.unwrap_or(defaults.resize),
+            ..defaults
+        };
+        if config.size == 0 {
+            bail!("--size must be a positive number of pixels");
+        }
+        for card in &cards {
+            card.check_size(config.size)?;
+            decoder_path(card)?;
+        }
+        Ok((Origin::Images, cards, config))
+    }
+
+    fn plan_shards(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<(Origin, Vec<ModelCard>, PrecomputeConfig)> {
+        let set = ShardSet::open(dir)?;
+        let info = &set.info;
+        let spec = match self.models.as_slice() {
+            [] => info.model.clone(),
+            [one] => one.clone(),
+            _ => bail!(
+                "--shards decodes the latents of one model ({}): pass one --model or none",
+                info.model
+            ),
+        };
+        let card = ModelCard::resolve(&spec)?;
+        if card.name != info.model {
+            bail!(
+                "--shards {} holds latents of model {:?}, but card {} is {:?}: pass --model {}",
+                dir.display(),
+                info.model,
+                card.card_path.display(),
+                card.name,
+                info.model
+            );
+        }
+        decoder_path(&card)?;
+        let sha = card.encoder_sha256()?;
+        if sha != info.encoder_sha256 {
+            bail!(
+                "--shards {} was encoded by an encoder with sha256 {}, but card {} names {} \
+                 (sha256 {sha}): the round trip would mix two models",
+                dir.display(),
+                info.encoder_sha256,
+                card.card_path.display(),
+                card.encoder.display()
+            );
+        }
+        if let Some(size) = self.size.filter(|&s| s != info.config.size) {
+            bail!(
+                "--size {size} differs from the shards' size {}: with --shards the size comes \
+                 from the shards; leave --size out",
+                info.config.size
+            );
+        }
+        if let Some(resize) = self.resize.filter(|&r| r != info.config.resize) {
+            bail!(
+                "--resize {} differs from the shards' {}: leave --resize out with --shards",
+                resize.as_str(),
+                info.config.resize.as_str()
+            );
+        }
+        if !set.complete {
+            eprintln!(
+                "warning: {} has no {}: the run that wrote it did not finish; reporting on the \
+                 shards it committed",
+                dir.display(),
+                crate::write::SUCCESS
+            );
+        }
+        if (card.scaling_factor, card.shift_factor) != (info.scaling_factor, info.shift_factor) {
+            eprintln!(
+                "warning: the shards were normalized with scaling_factor {} and shift_factor {}, \
+                 the card now says {} and {}: decoding undoes what the shards store",
+                info.scaling_factor, info.shift_factor, card.scaling_factor, card.shift_factor
+            );
+        }
+        let config = info.config.clone();
+        Ok((Origin::Shards(Box::new(set)), vec![card], config))
+    }
+}

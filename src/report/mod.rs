@@ -1,0 +1,530 @@
+//! `report`: how well a VAE reconstructs *these* images. Takes `ReportArgs`, reuses the
+//! precompute stages (discover, decode+resize, batch, encode) or reads stored latents from
+//! shards, decodes with each card's decoder, and hands on a `Summary` after writing
+//! `metrics.parquet`, `summary.json`, `errors.jsonl` and a self-contained `report.html`.
+//!
+//! Images flow in chunks: decoded and resized in parallel, then per model batched, encoded,
+//! decoded and scored (metrics in parallel). Only the scores, the running latent statistics and
+//! the 12 pictures per model are kept, so memory does not grow with the dataset.
+
+mod args;
+mod charts;
+mod gallery;
+mod html;
+mod lpips;
+pub mod metrics;
+mod output;
+mod progress;
+pub mod reconstruct;
+pub mod shards;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde::Serialize;
+
+pub use args::ReportArgs;
+pub use output::{ModelSummary, Summary};
+
+use self::args::{Origin, Plan};
+use self::gallery::Gallery;
+use self::lpips::Lpips;
+use self::metrics::{psnr, ssim, LatentStats};
+use self::progress::Progress;
+use self::reconstruct::{raw_latents, Decoder};
+use self::shards::{ShardSet, StoredRow};
+use crate::batch::{Batch, Batcher, RowMeta};
+use crate::config::{LatentMode, PrecomputeConfig};
+use crate::discover::{self, Source};
+use crate::encode::Encoder;
+use crate::failure::Failure;
+use crate::model::ModelCard;
+use crate::pipeline::decode_and_resize;
+use crate::resize::Prepared;
+
+/// One image's scores for one model: a row of `metrics.parquet`.
+#[derive(Debug, Clone)]
+pub struct ImageScore {
+    pub key: String,
+    pub psnr: f64,
+    pub ssim: f64,
+    pub lpips: Option<f64>,
+    /// Mean and population std of the image's raw latent, all channels together.
+    pub latent_mean: f64,
+    pub latent_std: f64,
+}
+
+/// An input the report could not score: a line of `errors.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub key: String,
+    /// The model that failed on it; `None` when the image itself could not be used.
+    pub model: Option<String>,
+    /// A `precompute` failure kind, or `stale` (the source changed since the shards were made).
+    pub kind: String,
+    pub message: String,
+}
+
+impl Skipped {
+    fn from_failure(f: Failure, model: Option<&str>) -> Self {
+        Skipped {
+            key: f.key,
+            model: model.map(str::to_string),
+            kind: f.kind.as_str().to_string(),
+            message: f.message,
+        }
+    }
+}
+
+/// One model's sessions, normalization and running results.
+struct Model {
+    card: ModelCard,
+    /// Only when encoding images; `--shards` decodes what is stored.
+    encoder: Option<Encoder>,
+    decoder: Decoder,
+    /// The normalization to undo: the card's, or what the shards record.
+    scaling_factor: f32,
+    shift_factor: f32,
+    scores: Vec<ImageScore>,
+    stats: LatentStats,
+    gallery: Gallery,
+    failed: usize,
+}
+
+/// Runs the report; everything checkable is checked before the first image is read.
+pub fn run(args: &ReportArgs) -> Result<Summary> {
+    let plan = args.plan()?;
+    let threads = plan.threads;
+    let mut models = Vec::with_capacity(plan.cards.len());
+    for card in &plan.cards {
+        let encoder = match plan.origin {
+            Origin::Images => Some(Encoder::open(card, threads, LatentMode::Mean, 0)?),
+            Origin::Shards(_) => None,
+        };
+        let (scaling_factor, shift_factor) = match &plan.origin {
+            Origin::Images => (card.scaling_factor, card.shift_factor),
+            Origin::Shards(set) => (set.info.scaling_factor, set.info.shift_factor),
+        };
+        models.push(Model {
+            decoder: Decoder::open(card, threads)?,
+            encoder,
+            scaling_factor,
+            shift_factor,
+            scores: Vec::new(),
+            stats: LatentStats::new(card.latent_channels),
+            gallery: Gallery::default(),
+            failed: 0,
+            card: card.clone(),
+        });
+    }
+    let size = plan.config.size as usize;
+    let lpips = match &args.lpips {
+        Some(path) => Some(Lpips::open(path, threads, size)?),
+        None => None,
+    };
+    let inputs = match &plan.origin {
+        Origin::Images => discover::walk(&plan.input).take(plan.limit).count(),
+        Origin::Shards(set) => set.rows.min(plan.limit),
+    };
+    if inputs == 0 {
+        match &plan.origin {
+            Origin::Images => bail!("--input {} holds no images", plan.input.display()),
+            Origin::Shards(set) => bail!("--shards {} holds no rows", set.dir.display()),
+        }
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create --out {}", args.out.display()))?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("report-{i}"))
+        .build()
+        .context("cannot start the report's thread pool")?;
+
+    let mut scorer = Scorer {
+        models,
+        lpips,
+        pool,
+        progress: Progress::new((inputs * plan.cards.len()) as u64),
+        skipped: Vec::new(),
+        batch_size: args.batch_size,
+    };
+    let chunk = (args.batch_size * threads).max(32);
+    match &plan.origin {
+        Origin::Images => scorer.score_images(&plan, chunk)?,
+        Origin::Shards(set) => scorer.score_shards(&plan, set, chunk)?,
+    }
+    scorer.progress.finish();
+    let summary = finish(args, &plan, scorer, inputs)?;
+    // A report with no numbers must not pass for a good one (in CI, in a make rule).
+    if let Some(name) = summary
+        .order
+        .iter()
+        .find(|n| summary.models[*n].images == 0)
+    {
+        bail!(
+            "model {name} could not score any of the {inputs} inputs: see {}",
+            args.out.join(output::ERRORS).display()
+        );
+    }
+    Ok(summary)
+}
+
+/// Writes the four outputs and returns the summary.
+fn finish(args: &ReportArgs, plan: &Plan, scorer: Scorer, inputs: usize) -> Result<Summary> {
+    let Scorer {
+        models, skipped, ..
+    } = scorer;
+    let mut summary = Summary {
+        version: env!("CARGO_PKG_VERSION"),
+        source: match plan.origin {
+            Origin::Images => "images",
+            Origin::Shards(_) => "shards",
+        },
+        input: plan.input.display().to_string(),
+        shards: args.shards.as_ref().map(|s| s.display().to_string()),
+        size: plan.config.size,
+        resize: plan.config.resize.as_str().to_string(),
+        inputs,
+        failed: skipped.iter().filter(|s| s.model.is_none()).count(),
+        lpips: args.lpips.as_ref().map(|p| p.display().to_string()),
+        models: BTreeMap::new(),
+        order: models.iter().map(|m| m.card.name.clone()).collect(),
+    };
+    for m in &models {
+        let model = ModelSummary::new(&m.card, &m.scores, &m.stats, m.failed);
+        summary.models.insert(m.card.name.clone(), model);
+    }
+    let out = &args.out;
+    let rows: Vec<(&str, &[ImageScore])> = models
+        .iter()
+        .map(|m| (m.card.name.as_str(), m.scores.as_slice()))
+        .collect();
+    output::write_metrics(&out.join(output::METRICS), &rows, args.lpips.is_some())?;
+    output::write_summary(&out.join(output::SUMMARY), &summary)?;
+    output::write_errors(&out.join(output::ERRORS), &skipped)?;
+
+    let psnrs: Vec<(&str, Vec<f64>)> = models
+        .iter()
+        .map(|m| {
+            (
+                m.card.name.as_str(),
+                m.scores.iter().map(|s| s.psnr).collect(),
+            )
+        })
+        .collect();
+    let psnr_chart = charts::psnr_histogram(&psnrs)?;
+    let mut pages = Vec::with_capacity(models.len());
+    for (i, m) in models.into_iter().enumerate() {
+        let (name, s) = summary
+            .models
+            .get_key_value(&m.card.name)
+            .expect("summarized above");
+        let latent_chart = charts::latent_channels(
+            i,
+            &s.latent_channel_mean,
+            &s.latent_channel_std,
+            s.latent_mean,
+            s.card_shift_factor,
+        )?;
+        let (worst, best) = m.gallery.finish();
+        pages.push(html::ModelPage {
+            name,
+            summary: s,
+            latent_chart,
+            worst,
+            best,
+        });
+    }
+    let page = html::render(&summary, &psnr_chart, &pages)?;
+    crate::write::write_atomic(&out.join(output::HTML), page.as_bytes())
+        .with_context(|| format!("cannot write {}", out.join(output::HTML).display()))?;
+    Ok(summary)
+}
+
+impl Summary {
+    /// The run's outcome on stderr: one line per model and where the report is.
+    pub fn print(&self, out: &Path) {
+        for name in &self.order {
+            let m = &self.models[name];
+            let lpips = m
+                .lpips_mean
+                .map(|l| format!(", LPIPS {l:.4}"))
+                .unwrap_or_default();
+            eprintln!(
+                "{name}: {} images ({} failed): PSNR {:.2} ± {:.2} dB, SSIM {:.4} ± {:.4}{lpips}; \
+                 latent std {:.4}, mean {:.4} → recommended scaling_factor {:.4} (card {}), \
+                 shift_factor {:.4} (card {})",
+                m.images,
+                m.failed,
+                m.psnr_mean,
+                m.psnr_std,
+                m.ssim_mean,
+                m.ssim_std,
+                m.latent_std,
+                m.latent_mean,
+                m.recommended_scaling_factor,
+                m.card_scaling_factor,
+                m.recommended_shift_factor,
+                m.card_shift_factor
+            );
+            eprintln!("  {}", m.verdict);
+        }
+        if self.failed > 0 {
+            eprintln!(
+                "{} of {} inputs could not be read (see {})",
+                self.failed,
+                self.inputs,
+                out.join(output::ERRORS).display()
+            );
+        }
+        eprintln!("report: {}", out.join(output::HTML).display());
+    }
+}
+
+/// The run's state while images stream through.
+struct Scorer {
+    models: Vec<Model>,
+    lpips: Option<Lpips>,
+    pool: rayon::ThreadPool,
+    progress: Progress,
+    skipped: Vec<Skipped>,
+    batch_size: usize,
+}
+
+/// The crop window as planar `3 × h × w` in [0, 1] (`v / 255` in f32, as the encoder sees it
+/// for a [0, 1] card).
+fn planar01(image: &Prepared) -> Vec<f32> {
+    let mut out = vec![0.0; 3 * image.crop_width as usize * image.crop_height as usize];
+    image.write_chw(&mut out, [0.0, 1.0]);
+    out
+}
+
+impl Scorer {
+    /// Discover → decode+resize (parallel) → per model: batch → encode → decode → score.
+    fn score_images(&mut self, plan: &Plan, chunk: usize) -> Result<()> {
+        let mut sources = discover::walk(&plan.input).take(plan.limit).peekable();
+        while sources.peek().is_some() {
+            let items: Vec<Result<Source, Failure>> = sources.by_ref().take(chunk).collect();
+            let prepared: Vec<Result<(Prepared, RowMeta), Failure>> = self.pool.install(|| {
+                items
+                    .into_par_iter()
+                    .map(|item| item.and_then(|s| decode_and_resize(&s, &plan.config)))
+                    .collect()
+            });
+            let mut images = Vec::with_capacity(prepared.len());
+            for item in prepared {
+                match item {
+                    Ok(image) => images.push(image),
+                    Err(failure) => self.skip_image(failure),
+                }
+            }
+            let originals: Vec<Vec<f32>> = self
+                .pool
+                .install(|| images.par_iter().map(|(p, _)| planar01(p)).collect());
+            let index: HashMap<&str, usize> = images
+                .iter()
+                .enumerate()
+                .map(|(i, (_, meta))| (meta.key.as_str(), i))
+                .collect();
+            for m in 0..self.models.len() {
+                let mut batcher = Batcher::new(self.batch_size, self.models[m].card.input_range);
+                for (image, meta) in &images {
+                    if let Some(batch) = batcher.push(image, meta.clone()) {
+                        self.encode_and_score(m, batch, &originals, &index)?;
+                    }
+                }
+                for batch in batcher.flush() {
+                    self.encode_and_score(m, batch, &originals, &index)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn encode_and_score(
+        &mut self,
+        m: usize,
+        batch: Batch,
+        originals: &[Vec<f32>],
+        index: &HashMap<&str, usize>,
+    ) -> Result<()> {
+        let (width, height) = (batch.width as usize, batch.height as usize);
+        let model = &mut self.models[m];
+        let encoded = model
+            .encoder
+            .as_mut()
+            .expect("images mode opens encoders")
+            .encode(batch)?;
+        for failure in encoded.failures {
+            model.failed += 1;
+            let name = model.card.name.clone();
+            self.skipped
+                .push(Skipped::from_failure(failure, Some(&name)));
+            self.progress.advance(1, &name);
+        }
+        let keys: Vec<String> = encoded.rows.into_iter().map(|r| r.key).collect();
+        let refs: Vec<&[f32]> = keys
+            .iter()
+            .map(|k| originals[index[k.as_str()]].as_slice())
+            .collect();
+        self.score(
+            m,
+            &keys,
+            &encoded.latents,
+            encoded.latent_shape,
+            &refs,
+            width,
+            height,
+        )
+    }
+
+    /// Shard rows → re-read and check their sources (parallel) → decode → score.
+    fn score_shards(&mut self, plan: &Plan, set: &ShardSet, chunk: usize) -> Result<()> {
+        let size = plan.config.size as usize;
+        set.for_each_chunk(chunk, plan.limit, |rows| {
+            let checked: Vec<Result<(StoredRow, Vec<f32>), Skipped>> = self.pool.install(|| {
+                rows.into_par_iter()
+                    .map(|row| reread(row, &plan.input, &plan.config))
+                    .collect()
+            });
+            let mut ready = Vec::with_capacity(checked.len());
+            for item in checked {
+                match item {
+                    Ok(pair) => ready.push(pair),
+                    Err(skipped) => {
+                        self.progress.advance(1, &self.models[0].card.name);
+                        self.skipped.push(skipped);
+                    }
+                }
+            }
+            for group in ready.chunk_by(|a, b| a.0.shape == b.0.shape) {
+                for batch in group.chunks(self.batch_size) {
+                    let keys: Vec<String> = batch.iter().map(|(r, _)| r.key.clone()).collect();
+                    let stored: Vec<f32> = batch
+                        .iter()
+                        .flat_map(|(r, _)| r.latent.iter().copied())
+                        .collect();
+                    let refs: Vec<&[f32]> = batch.iter().map(|(_, o)| o.as_slice()).collect();
+                    self.score(0, &keys, &stored, batch[0].0.shape, &refs, size, size)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Decodes one batch of stored latents and scores every image against its original.
+    #[allow(clippy::too_many_arguments)]
+    fn score(
+        &mut self,
+        m: usize,
+        keys: &[String],
+        stored: &[f32],
+        latent_shape: [usize; 3],
+        originals: &[&[f32]],
+        width: usize,
+        height: usize,
+    ) -> Result<()> {
+        let n = keys.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let model = &mut self.models[m];
+        let z = raw_latents(stored, model.scaling_factor, model.shift_factor);
+        let recon = model.decoder.decode(&z, n, latent_shape)?;
+        let plane = 3 * width * height;
+        if recon.len() != n * plane {
+            bail!(
+                "model {}: latents {latent_shape:?} decode to {} values per image, but the \
+                 images are {width}x{height}",
+                model.card.name,
+                recon.len() / n
+            );
+        }
+        let lpips = match self.lpips.as_mut() {
+            Some(l) => Some(l.score(&originals.concat(), &recon, n, height, width)?),
+            None => None,
+        };
+        let scored: Vec<Option<(f64, f64)>> = self.pool.install(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let r = &recon[i * plane..(i + 1) * plane];
+                    r.iter()
+                        .all(|v| v.is_finite())
+                        .then(|| (psnr(originals[i], r), ssim(originals[i], r, width, height)))
+                })
+                .collect()
+        });
+        let per_latent = latent_shape.iter().product::<usize>();
+        for (i, score) in scored.into_iter().enumerate() {
+            let Some((p, s)) = score else {
+                model.failed += 1;
+                self.skipped.push(Skipped {
+                    key: keys[i].clone(),
+                    model: Some(model.card.name.clone()),
+                    kind: "nonfinite".into(),
+                    message: format!("decoder of {} produced NaN or Inf", model.card.name),
+                });
+                continue;
+            };
+            let moments = model.stats.add(&z[i * per_latent..(i + 1) * per_latent]);
+            model.scores.push(ImageScore {
+                key: keys[i].clone(),
+                psnr: p,
+                ssim: s,
+                lpips: lpips.as_ref().map(|l| l[i]),
+                latent_mean: moments.mean(),
+                latent_std: moments.std(),
+            });
+            let r = &recon[i * plane..(i + 1) * plane];
+            model
+                .gallery
+                .offer(&keys[i], p, s, originals[i], r, width, height);
+        }
+        self.progress.advance(n as u64, &model.card.name);
+        Ok(())
+    }
+
+    /// An input that could not be read counts as done for every model.
+    fn skip_image(&mut self, failure: Failure) {
+        let name = self.models[0].card.name.clone();
+        self.progress.advance(self.models.len() as u64, &name);
+        self.skipped.push(Skipped::from_failure(failure, None));
+    }
+}
+
+/// Re-reads a stored row's source with the shards' own settings and checks it is the same
+/// file (sha256) cropped the same way; hands on the row and the original in [0, 1].
+fn reread(
+    row: StoredRow,
+    input: &Path,
+    config: &PrecomputeConfig,
+) -> Result<(StoredRow, Vec<f32>), Skipped> {
+    let source = Source {
+        key: row.key.clone(),
+        path: input.join(&row.key),
+    };
+    let (image, meta) =
+        decode_and_resize(&source, config).map_err(|f| Skipped::from_failure(f, None))?;
+    let stale = |message: String| Skipped {
+        key: row.key.clone(),
+        model: None,
+        kind: "stale".into(),
+        message,
+    };
+    if meta.source_sha256 != row.source_sha256 {
+        return Err(stale(format!(
+            "{} changed since the shards were written (its sha256 differs from source_sha256)",
+            source.path.display()
+        )));
+    }
+    if (meta.crop_top, meta.crop_left) != (row.crop_top, row.crop_left) {
+        return Err(stale(format!(
+            "re-reading gives crop ({}, {}) but the shards recorded ({}, {})",
+            meta.crop_top, meta.crop_left, row.crop_top, row.crop_left
+        )));
+    }
+    Ok((row, planar01(&image)))
+}

@@ -1,0 +1,273 @@
+//! What the report leaves in `--out`: `metrics.parquet` (one row per image and model),
+//! `summary.json` (per-model means, latent statistics, recommended normalization and the
+//! card's), and `errors.jsonl` (images that could not be scored). The HTML page is `html.rs`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde::Serialize;
+
+use super::metrics::{mean_std, LatentStats};
+use super::{ImageScore, Skipped};
+use crate::model::ModelCard;
+use crate::write::write_atomic;
+
+pub const METRICS: &str = "metrics.parquet";
+pub const SUMMARY: &str = "summary.json";
+pub const HTML: &str = "report.html";
+pub const ERRORS: &str = "errors.jsonl";
+
+/// How far the card's normalization may leave the stored latents from unit std and zero mean
+/// before the verdict says it does not fit (10%, in units of the normalized latent's std).
+pub const FIT_TOLERANCE: f64 = 0.10;
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub version: &'static str,
+    /// `images` (encoded here) or `shards` (stored latents decoded).
+    pub source: &'static str,
+    pub input: String,
+    pub shards: Option<String>,
+    pub size: u32,
+    pub resize: String,
+    /// Inputs looked at, and how many of them could not be read (for every model).
+    pub inputs: usize,
+    pub failed: usize,
+    pub lpips: Option<String>,
+    pub models: BTreeMap<String, ModelSummary>,
+    /// `--model` order, for the page's columns.
+    #[serde(skip)]
+    pub order: Vec<String>,
+}
+
+/// One model's numbers. Non-finite values (no images; PSNR = ∞ for an exact reconstruction)
+/// are written as `null`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    pub card: String,
+    pub decoder: String,
+    /// Images scored, and images this model could not score (non-finite latents or output).
+    pub images: usize,
+    pub failed: usize,
+    pub psnr_mean: f64,
+    pub psnr_std: f64,
+    pub ssim_mean: f64,
+    pub ssim_std: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lpips_mean: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lpips_std: Option<f64>,
+    /// Raw latents `z`: global mean and population std, then per channel.
+    pub latent_mean: f64,
+    pub latent_std: f64,
+    pub latent_channel_mean: Vec<f64>,
+    pub latent_channel_std: Vec<f64>,
+    /// `1 / latent_std` and `latent_mean`: the normalization that gives these latents unit std
+    /// and zero mean.
+    pub recommended_scaling_factor: f64,
+    pub recommended_shift_factor: f64,
+    pub card_scaling_factor: f64,
+    pub card_shift_factor: f64,
+    /// Std and mean of the stored latents under the card's normalization, `(z − shift) · scale`.
+    pub stored_latent_std: f64,
+    pub stored_latent_mean: f64,
+    pub scaling_factor_fits: bool,
+    pub shift_factor_fits: bool,
+    pub verdict: String,
+}
+
+impl ModelSummary {
+    pub fn new(
+        card: &ModelCard,
+        scores: &[ImageScore],
+        stats: &LatentStats,
+        failed: usize,
+    ) -> Self {
+        let column = |f: fn(&ImageScore) -> f64| scores.iter().map(f).collect::<Vec<_>>();
+        let (psnr_mean, psnr_std) = mean_std(&column(|s| s.psnr));
+        let (ssim_mean, ssim_std) = mean_std(&column(|s| s.ssim));
+        let lpips: Option<Vec<f64>> = scores.iter().map(|s| s.lpips).collect();
+        let lpips = lpips.filter(|l| !l.is_empty()).map(|l| mean_std(&l));
+        let global = stats.global();
+        let (mean, std) = (global.mean(), global.std());
+        let (scale, shift) = (decimal(card.scaling_factor), decimal(card.shift_factor));
+        let stored_std = std * scale.abs();
+        let stored_mean = (mean - shift) * scale;
+        let scaling_fits = (stored_std - 1.0).abs() <= FIT_TOLERANCE;
+        let shift_fits = stored_mean.abs() <= FIT_TOLERANCE;
+        ModelSummary {
+            card: card.card_path.display().to_string(),
+            decoder: card
+                .decoder
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            images: scores.len(),
+            failed,
+            psnr_mean,
+            psnr_std,
+            ssim_mean,
+            ssim_std,
+            lpips_mean: lpips.map(|l| l.0),
+            lpips_std: lpips.map(|l| l.1),
+            latent_mean: mean,
+            latent_std: std,
+            latent_channel_mean: stats.channels().iter().map(|m| m.mean()).collect(),
+            latent_channel_std: stats.channels().iter().map(|m| m.std()).collect(),
+            recommended_scaling_factor: 1.0 / std,
+            recommended_shift_factor: mean,
+            card_scaling_factor: scale,
+            card_shift_factor: shift,
+            stored_latent_std: stored_std,
+            stored_latent_mean: stored_mean,
+            scaling_factor_fits: scaling_fits,
+            shift_factor_fits: shift_fits,
+            verdict: verdict(scale, shift, mean, std, stored_std, stored_mean),
+        }
+    }
+}
+
+/// An f32 card value as the decimal the card wrote (0.18215, not 0.1821500062942505).
+fn decimal(v: f32) -> f64 {
+    v.to_string().parse().expect("an f32 prints as a number")
+}
+
+/// The plain-words judgement of the card's normalization on these latents.
+fn verdict(
+    scale: f64,
+    shift: f64,
+    mean: f64,
+    std: f64,
+    stored_std: f64,
+    stored_mean: f64,
+) -> String {
+    if !std.is_finite() {
+        return "No latents were measured, so the normalization cannot be judged.".into();
+    }
+    let mut parts = Vec::new();
+    if (stored_std - 1.0).abs() > FIT_TOLERANCE {
+        let how = if stored_std > 1.0 {
+            "larger"
+        } else {
+            "smaller"
+        };
+        parts.push(format!(
+            "the card's scaling_factor {scale} does not fit these images: the stored latents have \
+             std {stored_std:.3}, {:.0}% {how} than the unit std a diffusion model expects; \
+             scaling_factor {:.4} would give std 1",
+            (stored_std - 1.0).abs() * 100.0,
+            1.0 / std
+        ));
+    }
+    if stored_mean.abs() > FIT_TOLERANCE {
+        parts.push(format!(
+            "the card's shift_factor {shift} leaves the stored latents with mean {stored_mean:.3} \
+             (more than {:.0}% of their std away from 0); shift_factor {mean:.4} would centre them",
+            FIT_TOLERANCE * 100.0
+        ));
+    }
+    if parts.is_empty() {
+        format!(
+            "The card's normalization fits these images: the stored latents have std \
+             {stored_std:.3} and mean {stored_mean:.3} (within {:.0}% of 1 and 0).",
+            FIT_TOLERANCE * 100.0
+        )
+    } else {
+        let mut text = parts.join("; and ");
+        text[..1].make_ascii_uppercase();
+        text + "."
+    }
+}
+
+/// `metrics.parquet`: key, model, psnr, ssim, lpips (only with `--lpips`), latent_mean,
+/// latent_std; models in `--model` order, images in input order.
+pub fn write_metrics(
+    path: &Path,
+    models: &[(&str, &[ImageScore])],
+    with_lpips: bool,
+) -> Result<()> {
+    let rows = || {
+        models
+            .iter()
+            .flat_map(|(m, scores)| scores.iter().map(move |s| (*m, s)))
+    };
+    let floats = |f: fn(&ImageScore) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(rows().map(|(_, s)| f(s))))
+    };
+    let mut fields = vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("psnr", DataType::Float64, false),
+        Field::new("ssim", DataType::Float64, false),
+    ];
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            rows().map(|(_, s)| s.key.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(rows().map(|(m, _)| m))),
+        floats(|s| s.psnr),
+        floats(|s| s.ssim),
+    ];
+    if with_lpips {
+        fields.push(Field::new("lpips", DataType::Float64, false));
+        columns.push(floats(|s| s.lpips.unwrap_or(f64::NAN)));
+    }
+    fields.push(Field::new("latent_mean", DataType::Float64, false));
+    fields.push(Field::new("latent_std", DataType::Float64, false));
+    columns.push(floats(|s| s.latent_mean));
+    columns.push(floats(|s| s.latent_std));
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut bytes = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut bytes, batch.schema(), Some(props))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn write_summary(path: &Path, summary: &Summary) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(summary)?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn write_errors(path: &Path, skipped: &[Skipped]) -> Result<()> {
+    let mut text = String::new();
+    for s in skipped {
+        text += &serde_json::to_string(s)?;
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verdict;
+
+    #[test]
+    fn verdict_names_what_does_not_fit() {
+        let fits = verdict(1.0, 0.0, 0.02, 1.03, 1.03, 0.02);
+        assert!(fits.starts_with("The card's normalization fits"), "{fits}");
+        let scale = verdict(1.0, 0.0, 0.0, 0.5, 0.5, 0.0);
+        assert!(
+            scale.contains("scaling_factor 1 does not fit") && scale.contains("2.0000"),
+            "{scale}"
+        );
+        assert!(!scale.contains("shift_factor"), "{scale}");
+        let shift = verdict(1.0, 0.0, 0.3, 1.0, 1.0, 0.3);
+        assert!(
+            shift.starts_with("The card's shift_factor 0") && shift.contains("0.3000"),
+            "{shift}"
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! The decoder half of the round trip: owns the card's decoder session. Takes raw latents
+//! (`z`, the card's normalization undone), hands on reconstructions as planar `f32` in [0, 1].
+
+use anyhow::{anyhow, bail, Context, Result};
+use half::f16;
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::{Tensor, TensorElementType, ValueType};
+
+use crate::model::ModelCard;
+use crate::runtime;
+
+/// Builder errors carry the builder and are not `Send`; keep only the message.
+pub(super) fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
+    anyhow!("{}", ort::Error::<()>::from(e))
+}
+
+/// A session with the settings `encode.rs` uses: all graph optimizations, `threads` intra-op
+/// threads that do not spin while the CPU stages run.
+pub(super) fn open_session(path: &std::path::Path, threads: usize) -> Result<Session> {
+    Ok(Session::builder(runtime::environment()?)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(builder_err)?
+        .with_intra_threads(threads.max(1))
+        .map_err(builder_err)?
+        .with_intra_op_spinning(false)
+        .map_err(builder_err)?
+        .commit_from_file(path)?)
+}
+
+/// `z = stored / scaling_factor + shift_factor`: undoes `(z − shift) · scale`.
+pub fn raw_latents(stored: &[f32], scaling_factor: f32, shift_factor: f32) -> Vec<f32> {
+    stored
+        .iter()
+        .map(|&v| v / scaling_factor + shift_factor)
+        .collect()
+}
+
+/// The card's decoder file, or an error that says how to get one.
+pub fn decoder_path(card: &ModelCard) -> Result<&std::path::Path> {
+    let at = card.card_path.display();
+    let path = card.decoder.as_ref().ok_or_else(|| {
+        anyhow!(
+            "model card {at} has no `decoder`: the report decodes the latents with it. Add \
+             `decoder = \"path/to/decoder.onnx\"` to the card (see the README section \
+             \"Getting ONNX files for real VAEs\")"
+        )
+    })?;
+    if !path.is_file() {
+        bail!(
+            "model card {at}: field `decoder` names {}, which does not exist. Run `make models` \
+             for the shared test models, or export the decoder (README, \"Getting ONNX files for \
+             real VAEs\")",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// One model's decoder.
+pub struct Decoder {
+    session: Session,
+    input_name: String,
+    output_name: String,
+    input_f16: bool,
+    input_range: [f32; 2],
+    spatial_factor: usize,
+    latent_channels: usize,
+}
+
+impl Decoder {
+    /// Opens `card.decoder` and checks it before any work: it exists, has one latent input and
+    /// one output, and turns a probe latent into a 3-channel image `spatial_factor` times larger.
+    pub fn open(card: &ModelCard, threads: usize) -> Result<Self> {
+        let at = card.card_path.display();
+        let path = decoder_path(card)?;
+        let session = open_session(path, threads).with_context(|| {
+            format!("cannot open decoder {} of model card {at}", path.display())
+        })?;
+        let only = |names: Vec<&str>, what: &str| -> Result<String> {
+            match names.as_slice() {
+                [one] => Ok(one.to_string()),
+                _ => bail!(
+                    "model card {at}: decoder {} has {what}s {names:?}; the report needs exactly one \
+                     (the raw latent in, the image out)",
+                    path.display()
+                ),
+            }
+        };
+        let input_name = only(session.inputs().iter().map(|o| o.name()).collect(), "input")?;
+        let output_name = only(
+            session.outputs().iter().map(|o| o.name()).collect(),
+            "output",
+        )?;
+        let input_f16 = match session.inputs()[0].dtype() {
+            ValueType::Tensor {
+                ty: TensorElementType::Float32,
+                ..
+            } => false,
+            ValueType::Tensor {
+                ty: TensorElementType::Float16,
+                ..
+            } => true,
+            other => bail!(
+                "model card {at}: decoder input {input_name:?} is {other:?}; expected a float32 or \
+                 float16 [batch, latent_channels, h, w] tensor"
+            ),
+        };
+        let mut decoder = Decoder {
+            session,
+            input_name,
+            output_name,
+            input_f16,
+            input_range: card.input_range,
+            spatial_factor: card.spatial_factor as usize,
+            latent_channels: card.latent_channels,
+        };
+        let side = 8;
+        let probe = vec![0.0; card.latent_channels * side * side];
+        let (shape, _) = decoder
+            .run(&probe, [1, card.latent_channels, side, side])
+            .with_context(|| format!("model card {at}: probing the decoder with a zero latent"))?;
+        let expect = side * decoder.spatial_factor;
+        if shape != [1, 3, expect, expect] {
+            bail!(
+                "model card {at}: decoder {} turns a [1, {}, {side}, {side}] latent into {shape:?}; \
+                 with `spatial_factor` = {} it should give [1, 3, {expect}, {expect}]",
+                path.display(),
+                card.latent_channels,
+                card.spatial_factor
+            );
+        }
+        Ok(decoder)
+    }
+
+    /// Decodes `n` raw latents of `[C, h, w]` into `n × 3 × (h·f) × (w·f)` values, mapped from the
+    /// card's input range to [0, 1] and clamped. NaN stays NaN so the caller can refuse it.
+    pub fn decode(&mut self, z: &[f32], n: usize, latent: [usize; 3]) -> Result<Vec<f32>> {
+        let [c, h, w] = latent;
+        if c != self.latent_channels {
+            bail!(
+                "latents have {c} channels; the decoder takes {}",
+                self.latent_channels
+            );
+        }
+        let (shape, mut image) = self.run(z, [n, c, h, w])?;
+        let expect = [n, 3, h * self.spatial_factor, w * self.spatial_factor];
+        if shape != expect {
+            bail!("decoder output has shape {shape:?}; expected {expect:?}");
+        }
+        let [lo, hi] = self.input_range;
+        for v in &mut image {
+            *v = ((*v - lo) / (hi - lo)).clamp(0.0, 1.0);
+        }
+        Ok(image)
+    }
+
+    fn run(&mut self, z: &[f32], shape: [usize; 4]) -> Result<([usize; 4], Vec<f32>)> {
+        let outputs = if self.input_f16 {
+            let half: Vec<f16> = z.iter().map(|&v| f16::from_f32(v)).collect();
+            let tensor = Tensor::from_array((shape, half))?;
+            self.session
+                .run(ort::inputs![self.input_name.as_str() => tensor])?
+        } else {
+            let tensor = ort::value::TensorRef::from_array_view((shape, z))?;
+            self.session
+                .run(ort::inputs![self.input_name.as_str() => tensor])?
+        };
+        let value = &outputs[self.output_name.as_str()];
+        let (dims, values) = match value.try_extract_tensor::<f32>() {
+            Ok((s, v)) => (s.to_vec(), v.to_vec()),
+            Err(_) => {
+                let (s, v) = value.try_extract_tensor::<f16>().with_context(|| {
+                    format!(
+                        "decoder output {:?} is neither float32 nor float16",
+                        self.output_name
+                    )
+                })?;
+                (s.to_vec(), v.iter().map(|x| x.to_f32()).collect())
+            }
+        };
+        if dims.len() != 4 {
+            bail!(
+                "decoder output {:?} has shape {dims:?}; expected [N, 3, H, W]",
+                self.output_name
+            );
+        }
+        Ok((std::array::from_fn(|i| dims[i] as usize), values))
+    }
+}
