@@ -14,7 +14,7 @@ DEMO_OUT    := demo-out/kodak-taef2-256
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export VAE_PIPELINE_PYTHON := $(abspath $(PY))
 
-.PHONY: setup build models chromium demo test bench fuzz fmt lint clean
+.PHONY: setup build models chromium demo dataset test bench fuzz fmt lint clean
 
 setup: $(ORT_LIB) $(VENV)/.installed models chromium
 
@@ -53,6 +53,27 @@ demo: setup build
 	$(PY) -c "import pyarrow.parquet as pq, glob; \
 	  t = pq.read_table(sorted(glob.glob('$(DEMO_OUT)/*/*.parquet'))); a = t.column('latent').combine_chunks(); \
 	  print(f'pyarrow reads {t.num_rows} rows; latent {a.type}; array {a.to_numpy_ndarray().shape}')"
+
+# A dataset build as make stages (README "Dataset builds with make"): precompute -> verify ->
+# report, each rebuilt only when what it depends on changed.
+DATASET_IMAGES   ?= $(SHARED)/data/kodak
+DATASET_OUT      ?= demo-out/dataset
+DATASET_PIPELINE ?= pipelines/taef2-256-demo.toml
+DATASET_FILES    := $(shell find $(DATASET_IMAGES) -type f 2>/dev/null)
+
+dataset: $(DATASET_OUT)/report/summary.json
+
+$(DATASET_OUT)/shards/_SUCCESS: $(DATASET_FILES) $(DATASET_PIPELINE) | $(BIN)
+	$(BIN) precompute --pipeline $(DATASET_PIPELINE) --input $(DATASET_IMAGES) --out $(DATASET_OUT)/shards --max-failures 0.01
+
+$(DATASET_OUT)/shards/.verified: $(DATASET_OUT)/shards/_SUCCESS
+	$(BIN) verify $(DATASET_OUT)/shards && touch $@
+
+$(DATASET_OUT)/report/summary.json: $(DATASET_OUT)/shards/.verified
+	$(BIN) report --shards $(DATASET_OUT)/shards --input $(DATASET_IMAGES) --model taef2 --out $(DATASET_OUT)/report
+
+$(BIN):
+	cargo build $(CARGO_FLAGS)
 
 # `cargo test` builds the release binary too (one build, one profile) for the Python tests.
 test: setup

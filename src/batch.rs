@@ -28,17 +28,21 @@ pub struct Batch {
     pub width: u32,
     pub height: u32,
     pub rows: Vec<RowMeta>,
-    /// `rows.len()` × 3 × height × width, NCHW, in the model's input range.
+    /// `rows.len()` × 3 × height × width, NCHW, in the model's input range; with `flipped`,
+    /// each image is followed by its mirror image (2 × `rows.len()` images).
     pub pixels: Vec<f32>,
+    pub flipped: bool,
 }
 
 impl Batch {
-    fn with_capacity(width: u32, height: u32, rows: usize) -> Self {
+    fn with_capacity(width: u32, height: u32, rows: usize, flipped: bool) -> Self {
+        let images = if flipped { 2 * rows } else { rows };
         Batch {
             width,
             height,
             rows: Vec::with_capacity(rows),
-            pixels: Vec::with_capacity(rows * image_len(width, height)),
+            pixels: Vec::with_capacity(images * image_len(width, height)),
+            flipped,
         }
     }
 
@@ -59,6 +63,7 @@ fn image_len(width: u32, height: u32) -> usize {
 pub struct Batcher {
     batch_size: usize,
     input_range: [f32; 2],
+    flip: bool,
     open: BTreeMap<(u32, u32), Batch>,
 }
 
@@ -67,23 +72,30 @@ impl Batcher {
         Batcher {
             batch_size,
             input_range,
+            flip: false,
             open: BTreeMap::new(),
         }
+    }
+
+    /// Also batch each image's mirror image (`--flip`).
+    pub fn with_flip(mut self, flip: bool) -> Self {
+        self.flip = flip;
+        self
     }
 
     /// Adds one image; returns the batch it completed, if any.
     pub fn push(&mut self, image: &Prepared, meta: RowMeta) -> Option<Batch> {
         let shape = (image.crop_width, image.crop_height);
-        let batch_size = self.batch_size;
+        let (batch_size, flip, len) = (self.batch_size, self.flip, image_len(shape.0, shape.1));
         let batch = self
             .open
             .entry(shape)
-            .or_insert_with(|| Batch::with_capacity(shape.0, shape.1, batch_size));
-        let start = batch.pixels.len();
-        batch
-            .pixels
-            .resize(start + image_len(shape.0, shape.1), 0.0);
-        image.write_chw(&mut batch.pixels[start..], self.input_range);
+            .or_insert_with(|| Batch::with_capacity(shape.0, shape.1, batch_size, flip));
+        for mirror in [false, true].into_iter().take(if flip { 2 } else { 1 }) {
+            let start = batch.pixels.len();
+            batch.pixels.resize(start + len, 0.0);
+            image.write_chw(&mut batch.pixels[start..], self.input_range, mirror);
+        }
         batch.rows.push(meta);
         if batch.len() == self.batch_size {
             self.open.remove(&shape)

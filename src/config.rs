@@ -8,18 +8,49 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// How an image becomes an encoder-sized square.
+/// How an image becomes the encoder's window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ResizePolicy {
-    /// Scale the shorter side to `size` (antialiased Lanczos3), crop the centre.
+    /// Scale to cover size×size (antialiased Lanczos3), crop the centre.
     CenterCrop,
+    /// Scale to cover size×size, crop at an offset drawn from (seed, key).
+    RandomCrop,
+    /// Resize to exactly size×size, ignoring the aspect ratio.
+    Stretch,
+    /// Scale to fit inside size×size, letterbox with mid-grey; the padding is recorded as
+    /// negative crop offsets.
+    Pad,
+    /// Aspect-ratio buckets: scale to cover the image's bucket, crop per `--crop`.
+    Bucket,
 }
 
 impl ResizePolicy {
     pub fn as_str(self) -> &'static str {
         match self {
             ResizePolicy::CenterCrop => "center-crop",
+            ResizePolicy::RandomCrop => "random-crop",
+            ResizePolicy::Stretch => "stretch",
+            ResizePolicy::Pad => "pad",
+            ResizePolicy::Bucket => "bucket",
+        }
+    }
+}
+
+/// Where the crop window sits in a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CropPlacement {
+    Center,
+    /// An offset drawn from (seed, key): the same on every run.
+    Random,
+}
+
+impl CropPlacement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CropPlacement::Center => "center",
+            CropPlacement::Random => "random",
         }
     }
 }
@@ -119,6 +150,24 @@ pub struct PrecomputeConfig {
     pub max_pixels: u64,
     /// The run exits non-zero when more than this fraction of inputs failed.
     pub max_failures: f64,
+    /// `sdxl` or a file of `WxH` lines; generated from `bucket_res` when absent.
+    pub buckets: Option<String>,
+    /// Area of generated buckets, as a side (0 = `size`).
+    pub bucket_res: u32,
+    pub bucket_step: u32,
+    pub max_aspect: f64,
+    /// Crop placement inside buckets.
+    pub crop: CropPlacement,
+    /// Keep small images in smaller buckets instead of upscaling them.
+    pub no_upscale: bool,
+    /// Also store the latent of the mirrored image (`latent_flip`).
+    pub flip: bool,
+    /// CSV or Parquet with `key, caption`, overriding sidecar captions.
+    pub captions: Option<PathBuf>,
+    /// Encode identical source bytes once; later copies are `duplicate` error lines.
+    pub dedupe: bool,
+    /// At most this many inputs, in key order (0 = all).
+    pub limit: usize,
     /// Discard an output folder of another config instead of refusing it. An action, not a
     /// setting: never read from presets or recorded.
     #[serde(skip)]
@@ -143,6 +192,16 @@ impl Default for PrecomputeConfig {
             min_size: 0,
             max_pixels: crate::decode::DEFAULT_MAX_PIXELS,
             max_failures: 1.0,
+            buckets: None,
+            bucket_res: 0,
+            bucket_step: 64,
+            max_aspect: 4.0,
+            crop: CropPlacement::Center,
+            no_upscale: false,
+            flip: false,
+            captions: None,
+            dedupe: false,
+            limit: 0,
             overwrite: false,
         }
     }
@@ -191,6 +250,26 @@ impl PrecomputeConfig {
         if self.max_pixels == 0 {
             bail!("--max-pixels must be positive");
         }
+        if self.bucket_step == 0 {
+            bail!("--bucket-step must be positive");
+        }
+        if self.max_aspect.is_nan() || self.max_aspect < 1.0 {
+            bail!(
+                "--max-aspect is a ratio of at least 1, got {}",
+                self.max_aspect
+            );
+        }
+        if self.resize != ResizePolicy::Bucket
+            && (self.buckets.is_some()
+                || self.bucket_res > 0
+                || self.no_upscale
+                || self.crop != CropPlacement::Center)
+        {
+            bail!(
+                "--buckets, --bucket-res, --no-upscale and --crop apply to --resize bucket, not --resize {}",
+                self.resize.as_str()
+            );
+        }
         Ok(())
     }
 
@@ -223,6 +302,21 @@ impl PrecomputeConfig {
             self.alpha.as_str(),
             &self.min_size.to_string(),
             &self.max_pixels.to_string(),
+            self.buckets.as_deref().unwrap_or(""),
+            &format!(
+                "{} {} {}",
+                self.bucket_res, self.bucket_step, self.max_aspect
+            ),
+            self.crop.as_str(),
+            &format!(
+                "{} {} {} {}",
+                self.no_upscale, self.flip, self.dedupe, self.limit
+            ),
+            &self
+                .captions
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
         ] {
             h.update(part.as_bytes());
             h.update([0]);

@@ -31,6 +31,9 @@ pub struct EncodedBatch {
     pub latents: Vec<f32>,
     /// Scaled std per element, in `dist` mode.
     pub stds: Option<Vec<f32>>,
+    /// With `--flip`: the mirrored images' latents (and stds in `dist` mode).
+    pub flip_latents: Option<Vec<f32>>,
+    pub flip_stds: Option<Vec<f32>>,
     /// Images dropped from this batch (non-finite latents).
     pub failures: Vec<Failure>,
 }
@@ -210,75 +213,68 @@ impl Encoder {
     /// Encodes `batch` and applies the latent mode and the card's normalization.
     pub fn encode(&mut self, batch: Batch) -> Result<EncodedBatch> {
         let n = batch.len();
+        let images = if batch.flipped { 2 * n } else { n };
         let (shape, raw) = self.run(
             &batch.pixels,
-            n,
+            images,
             batch.height as usize,
             batch.width as usize,
         )?;
-        let channels = self.card.latent_channels;
         if shape[1] != self.card.output_channels() {
             bail!(
                 "{}",
                 channel_mismatch(&self.card, &self.output_name, shape[1])
             );
         }
-        let plane = shape[2] * shape[3];
-        let per_latent = channels * plane;
-        let per_output = shape[1] * plane;
-        let (scale, shift) = (self.card.scaling_factor, self.card.shift_factor);
+        let per_output = shape[1] * shape[2] * shape[3];
+        let per_latent = self.card.latent_channels * shape[2] * shape[3];
         let dist = self.card.output == EncoderOutput::Moments && self.mode == LatentMode::Dist;
+        let with_std = |on: bool| (on && dist).then(|| Vec::with_capacity(n * per_latent));
         let mut out = EncodedBatch {
             width: batch.width,
             height: batch.height,
-            latent_shape: [channels, shape[2], shape[3]],
+            latent_shape: [self.card.latent_channels, shape[2], shape[3]],
             rows: Vec::with_capacity(n),
             latents: Vec::with_capacity(n * per_latent),
-            stds: dist.then(|| Vec::with_capacity(n * per_latent)),
+            stds: with_std(true),
+            flip_latents: batch.flipped.then(|| Vec::with_capacity(n * per_latent)),
+            flip_stds: with_std(batch.flipped),
             failures: Vec::new(),
         };
         for (i, row) in batch.rows.into_iter().enumerate() {
-            let output = &raw[i * per_output..(i + 1) * per_output];
-            let start = out.latents.len();
-            match self.card.output {
-                EncoderOutput::Latent => out
-                    .latents
-                    .extend(output.iter().map(|&z| (z - shift) * scale)),
-                EncoderOutput::Moments => {
-                    let (mean, logvar) = output.split_at(per_latent);
-                    let std = logvar
-                        .iter()
-                        .map(|&lv| (0.5 * lv.clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1)).exp());
-                    match self.mode {
-                        LatentMode::Mean | LatentMode::Dist => out
-                            .latents
-                            .extend(mean.iter().map(|&z| (z - shift) * scale)),
-                        LatentMode::Sample => {
-                            let mut rng = key_rng(self.seed, &row.key);
-                            out.latents
-                                .extend(mean.iter().zip(std.clone()).map(|(&m, s)| {
-                                    let eps: f32 = StandardNormal.sample(&mut rng);
-                                    (m + s * eps - shift) * scale
-                                }))
-                        }
-                    }
-                    if let Some(stds) = out.stds.as_mut() {
-                        stds.extend(std.map(|s| s * scale.abs()));
-                    }
+            let at = if batch.flipped { 2 * i } else { i };
+            let (latent, std) = self.store(&raw[at * per_output..(at + 1) * per_output], &row.key);
+            let flip = batch.flipped.then(|| {
+                self.store(
+                    &raw[(at + 1) * per_output..(at + 2) * per_output],
+                    &format!("{}#flip", row.key),
+                )
+            });
+            let values = [
+                Some(&latent),
+                std.as_ref(),
+                flip.as_ref().map(|f| &f.0),
+                flip.as_ref().and_then(|f| f.1.as_ref()),
+            ];
+            if values
+                .iter()
+                .flatten()
+                .all(|v| v.iter().all(|x| x.is_finite()))
+            {
+                out.latents.extend(latent);
+                out.stds
+                    .iter_mut()
+                    .zip(std)
+                    .for_each(|(all, s)| all.extend(s));
+                if let Some((fl, fs)) = flip {
+                    out.flip_latents.iter_mut().for_each(|all| all.extend(&fl));
+                    out.flip_stds
+                        .iter_mut()
+                        .zip(fs)
+                        .for_each(|(all, s)| all.extend(s));
                 }
-            }
-            let latent_ok = out.latents[start..].iter().all(|v| v.is_finite());
-            let std_ok = out
-                .stds
-                .as_ref()
-                .is_none_or(|s| s[start..].iter().all(|v| v.is_finite()));
-            if latent_ok && std_ok {
                 out.rows.push(row);
             } else {
-                out.latents.truncate(start);
-                if let Some(s) = out.stds.as_mut() {
-                    s.truncate(start);
-                }
                 out.failures.push(Failure::new(
                     row.key,
                     FailureKind::Nonfinite,
@@ -290,6 +286,38 @@ impl Encoder {
             }
         }
         Ok(out)
+    }
+
+    /// One image's encoder output → its stored latent (latent mode and normalization applied)
+    /// and, in `dist` mode, its scaled std. `noise_key` seeds `sample` mode's noise.
+    fn store(&self, output: &[f32], noise_key: &str) -> (Vec<f32>, Option<Vec<f32>>) {
+        let (scale, shift) = (self.card.scaling_factor, self.card.shift_factor);
+        if self.card.output == EncoderOutput::Latent {
+            return (output.iter().map(|&z| (z - shift) * scale).collect(), None);
+        }
+        let (mean, logvar) = output.split_at(output.len() / 2);
+        let std = logvar
+            .iter()
+            .map(|&lv| (0.5 * lv.clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1)).exp());
+        match self.mode {
+            LatentMode::Mean => (mean.iter().map(|&z| (z - shift) * scale).collect(), None),
+            LatentMode::Dist => (
+                mean.iter().map(|&z| (z - shift) * scale).collect(),
+                Some(std.map(|s| s * scale.abs()).collect()),
+            ),
+            LatentMode::Sample => {
+                let mut rng = key_rng(self.seed, noise_key);
+                let sampled = mean
+                    .iter()
+                    .zip(std)
+                    .map(|(&m, s)| {
+                        let eps: f32 = StandardNormal.sample(&mut rng);
+                        (m + s * eps - shift) * scale
+                    })
+                    .collect();
+                (sampled, None)
+            }
+        }
     }
 }
 

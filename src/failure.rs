@@ -20,6 +20,8 @@ pub enum FailureKind {
     Io,
     /// The encoder produced NaN or Inf for this image.
     Nonfinite,
+    /// Same bytes as an earlier input (`--dedupe`).
+    Duplicate,
 }
 
 impl FailureKind {
@@ -32,6 +34,7 @@ impl FailureKind {
             FailureKind::TooSmall => "too_small",
             FailureKind::Io => "io",
             FailureKind::Nonfinite => "nonfinite",
+            FailureKind::Duplicate => "duplicate",
         }
     }
 }

@@ -7,6 +7,8 @@
 //! images (PSNR, SSIM, latent statistics, an HTML page). See ARCHITECTURE.md.
 
 pub mod batch;
+pub mod bucket;
+pub mod captions;
 pub mod config;
 pub mod decode;
 pub mod discover;

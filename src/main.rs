@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use vae_pipeline::config::{AlphaPolicy, LatentMode, PrecomputeConfig, ResizePolicy, StorageDType};
+use vae_pipeline::config::{
+    AlphaPolicy, CropPlacement, LatentMode, PrecomputeConfig, ResizePolicy, StorageDType,
+};
 use vae_pipeline::report::{self, ReportArgs};
 use vae_pipeline::{pipeline, verify};
 
@@ -90,6 +92,36 @@ struct PrecomputeArgs {
     /// Exit non-zero (and write no _SUCCESS) when more than this fraction of inputs failed [default: 1.0].
     #[arg(long)]
     max_failures: Option<f64>,
+    /// Bucket list for --resize bucket: `sdxl` (the SDXL 1024² list) or a file of WxH lines [default: generated].
+    #[arg(long)]
+    buckets: Option<String>,
+    /// Generated buckets: every WxH with sides multiple of --bucket-step and W·H ≤ R² (0 = --size) [default: 0].
+    #[arg(long)]
+    bucket_res: Option<u32>,
+    /// Side step of generated buckets, in pixels [default: 64].
+    #[arg(long)]
+    bucket_step: Option<u32>,
+    /// Largest aspect ratio of generated buckets [default: 4.0].
+    #[arg(long)]
+    max_aspect: Option<f64>,
+    /// Crop placement inside a bucket: center, or random from (seed, key) [default: center].
+    #[arg(long, value_enum)]
+    crop: Option<CropPlacement>,
+    /// Keep small images in smaller buckets instead of upscaling them.
+    #[arg(long)]
+    no_upscale: bool,
+    /// Also encode the horizontally mirrored image into a `latent_flip` column.
+    #[arg(long)]
+    flip: bool,
+    /// CSV or Parquet with columns key, caption; overrides sidecar NAME.txt / NAME.caption.
+    #[arg(long)]
+    captions: Option<PathBuf>,
+    /// Encode identical source files once; later copies are listed as `duplicate` in _errors.jsonl.
+    #[arg(long)]
+    dedupe: bool,
+    /// At most N inputs, in key order (0 = all) [default: 0].
+    #[arg(long)]
+    limit: Option<usize>,
     /// Replace an output folder made with a different config instead of refusing it.
     #[arg(long)]
     overwrite: bool,
@@ -122,8 +154,22 @@ impl PrecomputeArgs {
             alpha,
             min_size,
             max_pixels,
-            max_failures
+            max_failures,
+            bucket_res,
+            bucket_step,
+            max_aspect,
+            crop,
+            limit
         );
+        if self.buckets.is_some() {
+            c.buckets = self.buckets;
+        }
+        if self.captions.is_some() {
+            c.captions = self.captions;
+        }
+        c.no_upscale |= self.no_upscale;
+        c.flip |= self.flip;
+        c.dedupe |= self.dedupe;
         c.overwrite = self.overwrite;
         Ok((c, self.print_config))
     }

@@ -21,7 +21,7 @@ use crate::discover::{self, Source};
 use crate::encode::{EncodedBatch, Encoder};
 use crate::failure::{Failure, FailureKind};
 use crate::model::ModelCard;
-use crate::resize::{prepare, target_dims, Prepared};
+use crate::resize::{prepare, Framing, Prepared};
 use crate::resume::{self, Committed};
 use crate::write::{self, ShardWriter};
 
@@ -43,6 +43,8 @@ pub struct RunSummary {
     pub failures: BTreeMap<String, usize>,
     pub shards: usize,
     pub rows: i64,
+    /// Rows per shard folder (`WxH`): the bucket histogram.
+    pub buckets: BTreeMap<String, i64>,
     pub seconds: f64,
     pub images_per_second: f64,
     pub decode_threads: usize,
@@ -107,6 +109,15 @@ impl RunSummary {
             "encoded {} images{resumed}, {} failed{failures}; {} rows in {} shard(s); {:.1} s, {:.2} images/s",
             self.encoded, self.failed, self.rows, self.shards, self.seconds, self.images_per_second
         );
+        if self.buckets.len() > 1 {
+            let mut counts: Vec<_> = self.buckets.iter().collect();
+            counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let line: Vec<String> = counts
+                .iter()
+                .map(|(shape, n)| format!("{shape} {n}"))
+                .collect();
+            eprintln!("buckets: {}", line.join(", "));
+        }
         eprintln!(
             "busy: decode+resize {:.1} s over {} thread(s), encode {:.1} s ({} ONNX Runtime thread(s)), write {:.1} s; bottleneck: {}",
             self.busy_seconds.decode_resize,
@@ -192,6 +203,14 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
         ("vae_pipeline.config_hash".into(), config_hash.clone()),
         ("vae_pipeline.config".into(), config_toml),
     ];
+    let rows = RowMaker {
+        config,
+        framing: Framing::new(config)?,
+        captions: match &config.captions {
+            Some(path) => crate::captions::load(path)?,
+            None => HashMap::new(),
+        },
+    };
     let mut writer = ShardWriter::new(&config.out, config.shard_rows, config.dtype, metadata)?;
 
     let start = Instant::now();
@@ -202,10 +221,11 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
     let stages = std::thread::scope(|scope| -> Result<_> {
         let producer_tx = write_tx.clone();
         let committed = &committed;
+        let rows = &rows;
         let producer = scope.spawn(move || {
             produce(
                 &input,
-                config,
+                rows,
                 card.input_range,
                 decode_threads,
                 committed,
@@ -277,6 +297,10 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
     }
     let manifest = write::seal(&config.out, &serde_json::to_value(&summary)?)?;
     summary.rows = manifest.iter().map(|e| e.rows).sum();
+    for entry in &manifest {
+        let folder = entry.path.split('/').next().unwrap_or_default().to_string();
+        *summary.buckets.entry(folder).or_default() += entry.rows;
+    }
     Ok(summary)
 }
 
@@ -306,28 +330,37 @@ struct Produced {
 }
 
 /// Discover, decode and resize in order-preserving chunks on a rayon pool, then batch.
+#[allow(clippy::too_many_arguments)]
 fn produce(
     input: &Path,
-    config: &PrecomputeConfig,
+    rows: &RowMaker,
     input_range: [f32; 2],
     threads: usize,
     committed: &Committed,
     batch_tx: Sender<Batch>,
     write_tx: Sender<Message>,
 ) -> Result<Produced> {
+    let config = rows.config;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("decode-{i}"))
         .build()
         .context("cannot start the decode thread pool")?;
     let chunk_len = (config.batch_size * threads).max(32);
-    let mut batcher = Batcher::new(config.batch_size, input_range);
+    let mut batcher = Batcher::new(config.batch_size, input_range).with_flip(config.flip);
+    // --dedupe: the first key (in key order) holding each content hash.
+    let mut first_with: HashMap<[u8; 32], String> = HashMap::new();
     let mut produced = Produced {
         busy: Duration::ZERO,
         current: HashMap::new(),
         skipped: 0,
     };
-    let mut sources = discover::walk(input).peekable();
+    let limit = if config.limit > 0 {
+        config.limit
+    } else {
+        usize::MAX
+    };
+    let mut sources = discover::walk(input).take(limit).peekable();
     while sources.peek().is_some() {
         let chunk: Vec<Result<Source, Failure>> = sources.by_ref().take(chunk_len).collect();
         let prepared: Vec<(PreparedRow, Duration)> = pool.install(|| {
@@ -336,7 +369,7 @@ fn produce(
                 .map(|item| {
                     let t = Instant::now();
                     let row = match item {
-                        Ok(source) => prepare_row(&source, config, committed),
+                        Ok(source) => rows.prepare_row(&source, committed),
                         Err(failure) => PreparedRow::Failed(failure),
                     };
                     (row, t.elapsed())
@@ -345,6 +378,26 @@ fn produce(
         });
         for (row, took) in prepared {
             produced.busy += took;
+            let row = match row {
+                PreparedRow::Ready(_, ref meta) if config.dedupe => {
+                    match first_with.get(&meta.source_sha256) {
+                        Some(first) => PreparedRow::Failed(Failure::new(
+                            meta.key.clone(),
+                            FailureKind::Duplicate,
+                            format!("same bytes as {first}, encoded once (--dedupe)"),
+                        )),
+                        None => {
+                            first_with.insert(meta.source_sha256, meta.key.clone());
+                            row
+                        }
+                    }
+                }
+                PreparedRow::Committed { ref key, sha256 } if config.dedupe => {
+                    first_with.entry(sha256).or_insert_with(|| key.clone());
+                    row
+                }
+                row => row,
+            };
             let sent = match row {
                 PreparedRow::Ready(image, meta) => {
                     if committed.has_key(&meta.key) {
@@ -382,60 +435,81 @@ pub fn decode_and_resize(
     source: &Source,
     config: &PrecomputeConfig,
 ) -> Result<(Prepared, RowMeta), Failure> {
-    decoded_row(source, config, read_source(source)?)
+    let framing = Framing::new(config)
+        .map_err(|e| Failure::new(source.key.clone(), FailureKind::Io, format!("{e:#}")))?;
+    let rows = RowMaker {
+        config,
+        framing,
+        captions: HashMap::new(),
+    };
+    rows.decoded_row(source, read_source(source)?)
 }
 
-/// `decode_and_resize` for `precompute`: sources whose committed row is current (same key,
-/// same bytes) are not decoded.
-fn prepare_row(source: &Source, config: &PrecomputeConfig, committed: &Committed) -> PreparedRow {
-    let read = match read_source(source) {
-        Ok(read) => read,
-        Err(failure) => return PreparedRow::Failed(failure),
-    };
-    if committed.holds(&source.key, &read.sha256) {
-        return PreparedRow::Committed {
-            key: source.key.clone(),
-            sha256: read.sha256,
+/// What turns a source into a prepared row, built once per run.
+struct RowMaker<'a> {
+    config: &'a PrecomputeConfig,
+    framing: Framing,
+    /// `--captions`: overrides sidecar captions.
+    captions: HashMap<String, String>,
+}
+
+impl RowMaker<'_> {
+    /// `decode_and_resize` for `precompute`: sources whose committed row is current (same key,
+    /// same bytes) are not decoded.
+    fn prepare_row(&self, source: &Source, committed: &Committed) -> PreparedRow {
+        let read = match read_source(source) {
+            Ok(read) => read,
+            Err(failure) => return PreparedRow::Failed(failure),
         };
+        if committed.holds(&source.key, &read.sha256) {
+            return PreparedRow::Committed {
+                key: source.key.clone(),
+                sha256: read.sha256,
+            };
+        }
+        match self.decoded_row(source, read) {
+            Ok((image, meta)) => PreparedRow::Ready(image, meta),
+            Err(failure) => PreparedRow::Failed(failure),
+        }
     }
-    match decoded_row(source, config, read) {
-        Ok((image, meta)) => PreparedRow::Ready(image, meta),
-        Err(failure) => PreparedRow::Failed(failure),
-    }
-}
 
-fn decoded_row(
-    source: &Source,
-    config: &PrecomputeConfig,
-    read: SourceBytes,
-) -> Result<(Prepared, RowMeta), Failure> {
-    let decoded = decode_source(source, read, &config.decode_options())?;
-    let (orig_width, orig_height) = decoded.rgb.dimensions();
-    let (tw, th) = target_dims(config.resize, orig_width, orig_height, config.size);
-    if u64::from(tw) * u64::from(th) > config.max_pixels {
-        return Err(Failure::new(
-            source.key.clone(),
-            FailureKind::TooLarge,
-            format!(
-                "{orig_width}x{orig_height} resized to cover {0}x{0} is {tw}x{th}, above --max-pixels {1}",
-                config.size, config.max_pixels
-            ),
-        ));
+    fn decoded_row(
+        &self,
+        source: &Source,
+        read: SourceBytes,
+    ) -> Result<(Prepared, RowMeta), Failure> {
+        let config = self.config;
+        let fail = |kind, message: String| Failure::new(source.key.clone(), kind, message);
+        let decoded = decode_source(source, read, &config.decode_options())?;
+        let (orig_width, orig_height) = decoded.rgb.dimensions();
+        let geometry = self.framing.geometry(&source.key, orig_width, orig_height).ok_or_else(|| {
+            fail(FailureKind::TooSmall, format!("{orig_width}x{orig_height}: no bucket fits without upscaling (--no-upscale)"))
+        })?;
+        let (tw, th) = geometry.resized;
+        if u64::from(tw) * u64::from(th) > config.max_pixels {
+            return Err(fail(
+                FailureKind::TooLarge,
+                format!(
+                    "{orig_width}x{orig_height} resized for a {}x{} window is {tw}x{th}, above --max-pixels {}",
+                    geometry.target.0, geometry.target.1, config.max_pixels
+                ),
+            ));
+        }
+        let image = prepare(decoded.rgb, geometry)
+            .map_err(|e| fail(FailureKind::Corrupt, format!("{e:#}")))?;
+        let meta = RowMeta {
+            key: source.key.clone(),
+            source_sha256: decoded.source_sha256,
+            orig_width: orig_width as i32,
+            orig_height: orig_height as i32,
+            crop_top: image.crop_top,
+            crop_left: image.crop_left,
+            width: image.crop_width as i32,
+            height: image.crop_height as i32,
+            caption: self.captions.get(&source.key).cloned().or(decoded.caption),
+        };
+        Ok((image, meta))
     }
-    let image = prepare(decoded.rgb, config.resize, config.size)
-        .map_err(|e| Failure::new(source.key.clone(), FailureKind::Corrupt, format!("{e:#}")))?;
-    let meta = RowMeta {
-        key: source.key.clone(),
-        source_sha256: decoded.source_sha256,
-        orig_width: orig_width as i32,
-        orig_height: orig_height as i32,
-        crop_top: image.crop_top as i32,
-        crop_left: image.crop_left as i32,
-        width: image.crop_width as i32,
-        height: image.crop_height as i32,
-        caption: decoded.caption,
-    };
-    Ok((image, meta))
 }
 
 /// The writer's loop: runs on the calling thread until every sender is gone.

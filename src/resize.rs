@@ -1,5 +1,7 @@
-//! Resize: takes an upright RGB8 image, hands on the encoder-sized view of it (`Prepared`): the
-//! resized pixels plus the crop window, and normalizes that window into a batch tensor.
+//! Resize: takes an upright RGB8 image, hands on the encoder's view of it (`Prepared`): the
+//! resized pixels plus the window the encoder sees (a crop, or a padded frame), and normalizes
+//! that window (or its mirror image) into a batch tensor. `Framing` decides the window: the
+//! target size (the square, or the image's aspect bucket) and where the image sits in it.
 
 use std::cell::RefCell;
 
@@ -8,17 +10,23 @@ use fast_image_resize::{
     self as fr, images::ImageRef, FilterType, PixelType, ResizeAlg, ResizeOptions,
 };
 use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
 
-use crate::config::ResizePolicy;
+use crate::bucket;
+use crate::config::{CropPlacement, PrecomputeConfig, ResizePolicy};
 
-/// An image ready for batching: `pixels` is `width`×`height` RGB8 (the resized image), and the
-/// encoder sees the `crop_width`×`crop_height` window at (`crop_left`, `crop_top`).
+/// An image ready for batching: `pixels` is `width`×`height` RGB8 (the resized image); the
+/// encoder sees the `crop_width`×`crop_height` window whose top-left corner is at
+/// (`crop_left`, `crop_top`) in resized pixels. Negative offsets are padding (`pad`): window
+/// pixels outside the image take the mid-grey of the input range.
 pub struct Prepared {
     pub pixels: Vec<u8>,
     pub width: u32,
     pub height: u32,
-    pub crop_left: u32,
-    pub crop_top: u32,
+    pub crop_left: i32,
+    pub crop_top: i32,
     pub crop_width: u32,
     pub crop_height: u32,
 }
@@ -28,36 +36,159 @@ thread_local! {
     static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
 }
 
-/// The resized size for `policy`: the shorter side becomes `size`, the longer side keeps the
-/// aspect ratio, rounded to the nearest pixel.
-pub fn target_dims(policy: ResizePolicy, width: u32, height: u32, size: u32) -> (u32, u32) {
-    match policy {
-        ResizePolicy::CenterCrop => {
-            let (short, long) = (width.min(height) as u64, width.max(height) as u64);
-            let scaled_long = ((long * size as u64 + short / 2) / short) as u32;
-            if width <= height {
-                (size, scaled_long.max(size))
-            } else {
-                (scaled_long.max(size), size)
+/// Where an image goes: the resized size and the window's offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub resized: (u32, u32),
+    pub target: (u32, u32),
+    /// Window origin in resized pixels (left, top); negative means padding.
+    pub offset: (i32, i32),
+}
+
+/// How images become the encoder's window, built once per run from the config.
+#[derive(Debug, Clone)]
+pub struct Framing {
+    pub policy: ResizePolicy,
+    pub size: u32,
+    /// The bucket list when `policy` is `bucket`.
+    pub buckets: Vec<(u32, u32)>,
+    pub crop: CropPlacement,
+    pub no_upscale: bool,
+    pub step: u32,
+    pub seed: u64,
+}
+
+impl Framing {
+    pub fn new(config: &PrecomputeConfig) -> Result<Self> {
+        let buckets = match (config.resize, config.buckets.as_deref()) {
+            (ResizePolicy::Bucket, Some("sdxl")) => bucket::SDXL.to_vec(),
+            (ResizePolicy::Bucket, Some(file)) => bucket::from_file(std::path::Path::new(file))?,
+            (ResizePolicy::Bucket, None) => {
+                let res = if config.bucket_res > 0 {
+                    config.bucket_res
+                } else {
+                    config.size
+                };
+                bucket::generate(res, config.bucket_step, config.max_aspect)
             }
+            _ => Vec::new(),
+        };
+        Ok(Framing {
+            policy: config.resize,
+            size: config.size,
+            buckets,
+            crop: config.crop,
+            no_upscale: config.no_upscale,
+            step: config.bucket_step,
+            seed: config.seed,
+        })
+    }
+
+    /// A square center crop of `size`: what `report` and the tests use.
+    pub fn center_crop(size: u32) -> Self {
+        Framing {
+            policy: ResizePolicy::CenterCrop,
+            size,
+            buckets: Vec::new(),
+            crop: CropPlacement::Center,
+            no_upscale: false,
+            step: 64,
+            seed: 0,
         }
+    }
+
+    /// The window for an upright `w`×`h` image with this key; None when no bucket can hold it.
+    pub fn geometry(&self, key: &str, w: u32, h: u32) -> Option<Geometry> {
+        let square = (self.size, self.size);
+        let random = |max: (u32, u32)| {
+            let mut hash = Sha256::new();
+            hash.update(b"crop");
+            hash.update(self.seed.to_le_bytes());
+            hash.update(key.as_bytes());
+            let mut rng = ChaCha8Rng::from_seed(hash.finalize().into());
+            (
+                rng.random_range(0..=max.0) as i32,
+                rng.random_range(0..=max.1) as i32,
+            )
+        };
+        let cover = |target: (u32, u32), placement: CropPlacement| {
+            let resized = cover_dims(w, h, target);
+            let slack = (resized.0 - target.0, resized.1 - target.1);
+            let offset = match placement {
+                CropPlacement::Center => ((slack.0 / 2) as i32, (slack.1 / 2) as i32),
+                CropPlacement::Random => random(slack),
+            };
+            Geometry {
+                resized,
+                target,
+                offset,
+            }
+        };
+        Some(match self.policy {
+            ResizePolicy::CenterCrop => cover(square, CropPlacement::Center),
+            ResizePolicy::RandomCrop => cover(square, CropPlacement::Random),
+            ResizePolicy::Bucket => cover(
+                bucket::assign(&self.buckets, w, h, self.no_upscale, self.step)?,
+                self.crop,
+            ),
+            ResizePolicy::Stretch => Geometry {
+                resized: square,
+                target: square,
+                offset: (0, 0),
+            },
+            ResizePolicy::Pad => {
+                let resized = fit_dims(w, h, square);
+                let offset = (
+                    -(((square.0 - resized.0) / 2) as i32),
+                    -(((square.1 - resized.1) / 2) as i32),
+                );
+                Geometry {
+                    resized,
+                    target: square,
+                    offset,
+                }
+            }
+        })
     }
 }
 
-/// Applies `policy`; antialiased Lanczos3, the filter Pillow's `Image.LANCZOS` uses.
-pub fn prepare(image: RgbImage, policy: ResizePolicy, size: u32) -> Result<Prepared> {
+/// Nearest-pixel rounding, as Python's `int(x + 0.5)`.
+fn round(x: f64) -> u32 {
+    (x + 0.5).floor() as u32
+}
+
+/// The smallest resize that covers `target` keeping the aspect ratio.
+pub fn cover_dims(w: u32, h: u32, target: (u32, u32)) -> (u32, u32) {
+    let scale = (f64::from(target.0) / f64::from(w)).max(f64::from(target.1) / f64::from(h));
+    (
+        round(f64::from(w) * scale).max(target.0),
+        round(f64::from(h) * scale).max(target.1),
+    )
+}
+
+/// The largest resize that fits inside `target` keeping the aspect ratio (at least 1×1).
+pub fn fit_dims(w: u32, h: u32, target: (u32, u32)) -> (u32, u32) {
+    let scale = (f64::from(target.0) / f64::from(w)).min(f64::from(target.1) / f64::from(h));
+    (
+        round(f64::from(w) * scale).clamp(1, target.0),
+        round(f64::from(h) * scale).clamp(1, target.1),
+    )
+}
+
+/// Resizes `image` as `geometry` says; antialiased Lanczos3, the filter of Pillow's `LANCZOS`.
+pub fn prepare(image: RgbImage, geometry: Geometry) -> Result<Prepared> {
     let (w, h) = image.dimensions();
-    let (tw, th) = target_dims(policy, w, h, size);
+    let (tw, th) = geometry.resized;
     let pixels =
         lanczos3(image, tw, th).with_context(|| format!("resizing {w}x{h} to {tw}x{th}"))?;
     Ok(Prepared {
         pixels,
         width: tw,
         height: th,
-        crop_left: (tw - size) / 2,
-        crop_top: (th - size) / 2,
-        crop_width: size,
-        crop_height: size,
+        crop_left: geometry.offset.0,
+        crop_top: geometry.offset.1,
+        crop_width: geometry.target.0,
+        crop_height: geometry.target.1,
     })
 }
 
@@ -87,37 +218,59 @@ fn lanczos3(image: RgbImage, tw: u32, th: u32) -> Result<Vec<u8>> {
 }
 
 impl Prepared {
-    /// The crop window as HWC RGB8 (for tests and reports).
+    /// The window as HWC RGB8 (padding as level 127; for tests and reports).
     pub fn window_rgb(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.crop_width as usize * self.crop_height as usize * 3);
-        for y in 0..self.crop_height as usize {
-            out.extend_from_slice(self.window_row(y));
+        let (w, h) = (self.crop_width as usize, self.crop_height as usize);
+        let mut out = vec![127u8; w * h * 3];
+        for y in 0..h {
+            if let Some((x0, src)) = self.window_row(y) {
+                out[(y * w + x0) * 3..(y * w + x0) * 3 + src.len()].copy_from_slice(src);
+            }
         }
         out
     }
 
-    /// Row `y` of the crop window, RGB8.
-    fn window_row(&self, y: usize) -> &[u8] {
-        let start =
-            ((self.crop_top as usize + y) * self.width as usize + self.crop_left as usize) * 3;
-        &self.pixels[start..start + self.crop_width as usize * 3]
+    /// The image pixels on window row `y`: the first window column they cover and their RGB8
+    /// bytes; None when the row is all padding.
+    fn window_row(&self, y: usize) -> Option<(usize, &[u8])> {
+        let sy = self.crop_top + y as i32;
+        if sy < 0 || sy >= self.height as i32 {
+            return None;
+        }
+        let x0 = (-self.crop_left).max(0) as usize;
+        let sx0 = (self.crop_left + x0 as i32) as usize;
+        let sx1 = (self.crop_left + self.crop_width as i32).min(self.width as i32) as usize;
+        if sx1 <= sx0 {
+            return None;
+        }
+        let start = (sy as usize * self.width as usize + sx0) * 3;
+        Some((x0, &self.pixels[start..start + (sx1 - sx0) * 3]))
     }
 
-    /// Writes the crop window into `dst` (CHW, 3·w·h floats), mapping 0..=255 onto `range`.
-    pub fn write_chw(&self, dst: &mut [f32], range: [f32; 2]) {
+    /// Writes the window into `dst` (CHW, 3·w·h floats), mapping 0..=255 onto `range`; padding
+    /// is the range's midpoint. `mirror` writes it flipped left to right.
+    pub fn write_chw(&self, dst: &mut [f32], range: [f32; 2], mirror: bool) {
         let (w, h) = (self.crop_width as usize, self.crop_height as usize);
         let plane = w * h;
         assert_eq!(dst.len(), 3 * plane, "destination must hold one CHW image");
         let lut = level_table(range);
+        let fill = (range[0] + range[1]) / 2.0;
         let (r, rest) = dst.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
         for y in 0..h {
-            let row = self.window_row(y);
             let at = y * w;
-            for (x, px) in row.chunks_exact(3).enumerate() {
-                r[at + x] = lut[px[0] as usize];
-                g[at + x] = lut[px[1] as usize];
-                b[at + x] = lut[px[2] as usize];
+            let (x0, row) = self.window_row(y).unwrap_or((0, &[]));
+            let covered = x0..x0 + row.len() / 3;
+            for x in (0..w).filter(|x| !covered.contains(x)) {
+                let xi = if mirror { w - 1 - x } else { x };
+                (r[at + xi], g[at + xi], b[at + xi]) = (fill, fill, fill);
+            }
+            for (i, px) in row.chunks_exact(3).enumerate() {
+                let x = x0 + i;
+                let xi = at + if mirror { w - 1 - x } else { x };
+                r[xi] = lut[px[0] as usize];
+                g[xi] = lut[px[1] as usize];
+                b[xi] = lut[px[2] as usize];
             }
         }
     }

@@ -128,7 +128,7 @@ pub fn verify(out: &Path) -> Result<Verdict> {
             Some(_) => {}
             None => columns = Some(names),
         }
-        let tensors: Vec<String> = ["latent", "latent_std"]
+        let tensors: Vec<String> = ["latent", "latent_std", "latent_flip", "latent_flip_std"]
             .into_iter()
             .filter(|c| schema.field_with_name(c).is_ok())
             .map(String::from)

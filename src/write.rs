@@ -100,7 +100,7 @@ pub fn shard_properties(
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_max_row_group_row_count(max_rows)
         .set_key_value_metadata(Some(metadata));
-    for column in ["latent", "latent_std"] {
+    for column in ["latent", "latent_std", "latent_flip", "latent_flip_std"] {
         let path = ColumnPath::from(vec![column.to_string(), "list".into(), "item".into()]);
         props = props
             .set_column_dictionary_enabled(path.clone(), false)
@@ -297,11 +297,11 @@ impl ShardWriter {
         let tmp = tmp_name(&path);
         let file =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let tensor_columns = if schema.field_with_name("latent_std").is_ok() {
-            2
-        } else {
-            1
-        };
+        let tensor_columns = schema
+            .fields()
+            .iter()
+            .filter(|f| f.name().starts_with("latent"))
+            .count();
         let row_bytes =
             latent_shape.iter().product::<usize>() * self.dtype.bytes() * tensor_columns;
         let max_rows = self.shard_rows.min((ROW_GROUP_BYTES / row_bytes).max(1));
@@ -383,9 +383,14 @@ impl ShardWriter {
                 ] {
                     fields.push(Field::new(name, DataType::Int32, false));
                 }
-                fields.push(tensor_field("latent", dtype, batch.latent_shape));
-                if batch.stds.is_some() {
-                    fields.push(tensor_field("latent_std", dtype, batch.latent_shape));
+                let tensors = [
+                    ("latent", true),
+                    ("latent_std", batch.stds.is_some()),
+                    ("latent_flip", batch.flip_latents.is_some()),
+                    ("latent_flip_std", batch.flip_stds.is_some()),
+                ];
+                for (name, _) in tensors.iter().filter(|t| t.1) {
+                    fields.push(tensor_field(name, dtype, batch.latent_shape));
                 }
                 fields.push(Field::new("caption", DataType::Utf8, true));
                 Arc::new(Schema::new(fields))
@@ -415,8 +420,11 @@ impl ShardWriter {
             int(|r| r.height),
             tensor_array(batch.latents, self.dtype, batch.latent_shape),
         ];
-        if let Some(stds) = batch.stds {
-            columns.push(tensor_array(stds, self.dtype, batch.latent_shape));
+        for extra in [batch.stds, batch.flip_latents, batch.flip_stds]
+            .into_iter()
+            .flatten()
+        {
+            columns.push(tensor_array(extra, self.dtype, batch.latent_shape));
         }
         columns.push(Arc::new(StringArray::from(
             rows.iter().map(|r| r.caption.clone()).collect::<Vec<_>>(),

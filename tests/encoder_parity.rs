@@ -5,10 +5,9 @@ mod common;
 use common::*;
 use vae_pipeline::batch::{Batch, RowMeta};
 use vae_pipeline::config::LatentMode;
-use vae_pipeline::config::ResizePolicy;
 use vae_pipeline::decode::{decode_bytes, DecodeOptions};
 use vae_pipeline::encode::Encoder;
-use vae_pipeline::resize::{prepare, Prepared};
+use vae_pipeline::resize::{prepare, Framing, Prepared};
 
 const CASES: [&str; 3] = [
     "gradient_shapes_64x64",
@@ -44,6 +43,7 @@ fn golden_batch(file: &str, cases: &[&str]) -> Batch {
         height: shape[2] as u32,
         rows: cases.iter().map(|c| row(c)).collect(),
         pixels,
+        flipped: false,
     }
 }
 
@@ -217,7 +217,7 @@ fn golden_image_files_decode_like_pillow_and_encode_within_tolerance() {
             ("taef2_latent.npy", "taef2_input.npy")
         };
         let mut pixels = vec![0.0; 3 * (w * h) as usize];
-        image.write_chw(&mut pixels, [0.0, 1.0]);
+        image.write_chw(&mut pixels, [0.0, 1.0], false);
         let (_, want_input) = npy_f32(&format!("models/golden/{case}/{input_file}"));
         assert!(max_abs_diff(&pixels, &want_input) <= 2.0 / 255.0 + 1e-6);
         let out = enc
@@ -226,6 +226,7 @@ fn golden_image_files_decode_like_pillow_and_encode_within_tolerance() {
                 height: h,
                 rows: vec![row(case)],
                 pixels,
+                flipped: false,
             })
             .unwrap();
         let d = max_abs_diff(&out.latents, &golden(case, latent_file));
@@ -239,6 +240,7 @@ fn same_size_center_crop_is_identity() {
     let bytes = std::fs::read(shared("models/golden/inputs/gradient_shapes_64x64.png")).unwrap();
     let rgb = decode_bytes(&bytes, &DecodeOptions::default()).unwrap();
     let raw = rgb.as_raw().clone();
-    let p = prepare(rgb, ResizePolicy::CenterCrop, 64).unwrap();
+    let geometry = Framing::center_crop(64).geometry("g", 64, 64).unwrap();
+    let p = prepare(rgb, geometry).unwrap();
     assert_eq!(p.window_rgb(), raw);
 }

@@ -6,9 +6,8 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use vae_pipeline::config::ResizePolicy;
 use vae_pipeline::decode::{decode_bytes, DecodeOptions};
-use vae_pipeline::resize::prepare;
+use vae_pipeline::resize::{prepare, Framing};
 
 #[test]
 fn center_crop_matches_pillow_lanczos_on_kodak() {
@@ -39,9 +38,11 @@ fn center_crop_matches_pillow_lanczos_on_kodak() {
         assert_eq!(shape, vec![size, size, 3]);
 
         let rgb = decode_bytes(&std::fs::read(&path).unwrap(), &DecodeOptions::default()).unwrap();
-        let ours = prepare(rgb, ResizePolicy::CenterCrop, size as u32)
-            .unwrap()
-            .window_rgb();
+        let (w, h) = rgb.dimensions();
+        let geometry = Framing::center_crop(size as u32)
+            .geometry(image, w, h)
+            .unwrap();
+        let ours = prepare(rgb, geometry).unwrap().window_rgb();
         let diffs: Vec<u8> = ours
             .iter()
             .zip(&pillow)

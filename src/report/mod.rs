@@ -297,7 +297,7 @@ struct Scorer {
 /// for a [0, 1] card).
 fn planar01(image: &Prepared) -> Vec<f32> {
     let mut out = vec![0.0; 3 * image.crop_width as usize * image.crop_height as usize];
-    image.write_chw(&mut out, [0.0, 1.0]);
+    image.write_chw(&mut out, [0.0, 1.0], false);
     out
 }
 
