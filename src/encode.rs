@@ -2,10 +2,9 @@
 //! latents (the card's normalization applied, the latent mode chosen) and a `Failure` for every
 //! image whose latent is not finite.
 
-use anyhow::{anyhow, bail, Context, Result};
-use half::f16;
-use ort::session::{builder::GraphOptimizationLevel, Session};
-use ort::value::{Tensor, TensorElementType, ValueType};
+use anyhow::{bail, Context, Result};
+use ort::session::Session;
+use ort::value::{TensorElementType, ValueType};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -49,11 +48,6 @@ pub struct Encoder {
     seed: u64,
 }
 
-/// Builder errors carry the builder and are not `Send`; keep only the message.
-fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
-    anyhow!("{}", ort::Error::<()>::from(e))
-}
-
 impl Encoder {
     /// Opens the card's encoder with `intra_threads` ONNX Runtime threads and checks that the
     /// ONNX graph agrees with the card (names, element type, channels) before any work.
@@ -63,22 +57,13 @@ impl Encoder {
         mode: LatentMode,
         seed: u64,
     ) -> Result<Self> {
-        let env = runtime::environment()?;
-        let session = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(builder_err)?
-            .with_intra_threads(intra_threads.max(1))
-            .map_err(builder_err)?
-            .with_intra_op_spinning(false)
-            .map_err(builder_err)?
-            .commit_from_file(&card.encoder)
-            .with_context(|| {
-                format!(
-                    "cannot open encoder {} of model card {}",
-                    card.encoder.display(),
-                    card.card_path.display()
-                )
-            })?;
+        let session = runtime::session(&card.encoder, intra_threads).with_context(|| {
+            format!(
+                "cannot open encoder {} of model card {}",
+                card.encoder.display(),
+                card.card_path.display()
+            )
+        })?;
         let at = card.card_path.display();
         let pick = |outlets: &[ort::value::Outlet],
                     wanted: &Option<String>,
@@ -175,39 +160,14 @@ impl Encoder {
         width: usize,
     ) -> Result<([usize; 4], Vec<f32>)> {
         let shape = [n, 3, height, width];
-        let outputs = if self.input_f16 {
-            let half: Vec<f16> = pixels.iter().map(|&v| f16::from_f32(v)).collect();
-            let tensor = Tensor::from_array((shape, half))?;
-            self.session
-                .run(ort::inputs![self.input_name.as_str() => tensor])?
-        } else {
-            let tensor = ort::value::TensorRef::from_array_view((shape, pixels))?;
-            self.session
-                .run(ort::inputs![self.input_name.as_str() => tensor])?
-        };
-        let value = &outputs[self.output_name.as_str()];
-        let (dims, values) = match value.try_extract_tensor::<f32>() {
-            Ok((s, v)) => (s.to_vec(), v.to_vec()),
-            Err(_) => {
-                let (s, v) = value.try_extract_tensor::<f16>().with_context(|| {
-                    format!(
-                        "encoder output {:?} is neither float32 nor float16",
-                        self.output_name
-                    )
-                })?;
-                (s.to_vec(), v.iter().map(|x| x.to_f32()).collect())
-            }
-        };
-        if dims.len() != 4 || dims[0] as usize != n {
-            bail!(
-                "encoder output {:?} has shape {dims:?}; expected [{n}, C, h, w]",
-                self.output_name
-            );
-        }
-        Ok((
-            [n, dims[1] as usize, dims[2] as usize, dims[3] as usize],
-            values,
-        ))
+        runtime::run_nchw(
+            &mut self.session,
+            &self.input_name,
+            &self.output_name,
+            self.input_f16,
+            pixels,
+            shape,
+        )
     }
 
     /// Encodes `batch` and applies the latent mode and the card's normalization.

@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use half::f16;
 use ort::environment::Environment;
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::Tensor;
 
 /// The library file name the Makefile installs (from the `onnxruntime` PyPI wheel).
 pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
@@ -104,4 +107,58 @@ fn python_onnxruntime() -> Option<PathBuf> {
         .collect();
     libs.sort();
     libs.pop()
+}
+
+/// Builder errors carry the builder and are not `Send`; keep only the message.
+fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
+    anyhow!("{}", ort::Error::<()>::from(e))
+}
+
+/// A session for one model file, as every stage opens one: all graph optimizations, and
+/// `intra_threads` intra-op threads that do not spin while the CPU stages run.
+pub fn session(path: &Path, intra_threads: usize) -> Result<Session> {
+    Ok(Session::builder(environment()?)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(builder_err)?
+        .with_intra_threads(intra_threads.max(1))
+        .map_err(builder_err)?
+        .with_intra_op_spinning(false)
+        .map_err(builder_err)?
+        .commit_from_file(path)?)
+}
+
+/// Runs `session` on one NCHW tensor (`data` as f32, converted when the model takes f16) and
+/// returns its 4-D output `output` as f32, whatever float type the model produces.
+pub fn run_nchw(
+    session: &mut Session,
+    input: &str,
+    output: &str,
+    input_f16: bool,
+    data: &[f32],
+    shape: [usize; 4],
+) -> Result<([usize; 4], Vec<f32>)> {
+    let outputs = if input_f16 {
+        let half: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+        session.run(ort::inputs![input => Tensor::from_array((shape, half))?])?
+    } else {
+        session
+            .run(ort::inputs![input => ort::value::TensorRef::from_array_view((shape, data))?])?
+    };
+    let value = &outputs[output];
+    let (dims, values) = match value.try_extract_tensor::<f32>() {
+        Ok((s, v)) => (s.to_vec(), v.to_vec()),
+        Err(_) => {
+            let (s, v) = value.try_extract_tensor::<f16>().with_context(|| {
+                format!("model output {output:?} is neither float32 nor float16")
+            })?;
+            (s.to_vec(), v.iter().map(|x| x.to_f32()).collect())
+        }
+    };
+    if dims.len() != 4 || dims[0] as usize != shape[0] {
+        bail!(
+            "model output {output:?} has shape {dims:?}; expected [{}, C, H, W]",
+            shape[0]
+        );
+    }
+    Ok((std::array::from_fn(|i| dims[i] as usize), values))
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 
-use super::reconstruct::open_session;
+use crate::runtime;
 
 pub struct Lpips {
     session: Session,
@@ -25,7 +25,7 @@ impl Lpips {
             bail!("--lpips {at} does not exist; pass an LPIPS ONNX export (see README)");
         }
         let session =
-            open_session(path, threads).with_context(|| format!("cannot open --lpips {at}"))?;
+            runtime::session(path, threads).with_context(|| format!("cannot open --lpips {at}"))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
         if inputs.len() != 2 {
             bail!("--lpips {at} has inputs {inputs:?}; expected two images (original, reconstruction)");

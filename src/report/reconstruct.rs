@@ -2,30 +2,11 @@
 //! (`z`, the card's normalization undone), hands on reconstructions as planar `f32` in [0, 1].
 
 use anyhow::{anyhow, bail, Context, Result};
-use half::f16;
-use ort::session::{builder::GraphOptimizationLevel, Session};
-use ort::value::{Tensor, TensorElementType, ValueType};
+use ort::session::Session;
+use ort::value::{TensorElementType, ValueType};
 
 use crate::model::ModelCard;
 use crate::runtime;
-
-/// Builder errors carry the builder and are not `Send`; keep only the message.
-pub(super) fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
-    anyhow!("{}", ort::Error::<()>::from(e))
-}
-
-/// A session with the settings `encode.rs` uses: all graph optimizations, `threads` intra-op
-/// threads that do not spin while the CPU stages run.
-pub(super) fn open_session(path: &std::path::Path, threads: usize) -> Result<Session> {
-    Ok(Session::builder(runtime::environment()?)?
-        .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(builder_err)?
-        .with_intra_threads(threads.max(1))
-        .map_err(builder_err)?
-        .with_intra_op_spinning(false)
-        .map_err(builder_err)?
-        .commit_from_file(path)?)
-}
 
 /// `z = stored / scaling_factor + shift_factor`: undoes `(z − shift) · scale`.
 pub fn raw_latents(stored: &[f32], scaling_factor: f32, shift_factor: f32) -> Vec<f32> {
@@ -73,7 +54,7 @@ impl Decoder {
     pub fn open(card: &ModelCard, threads: usize) -> Result<Self> {
         let at = card.card_path.display();
         let path = decoder_path(card)?;
-        let session = open_session(path, threads).with_context(|| {
+        let session = runtime::session(path, threads).with_context(|| {
             format!("cannot open decoder {} of model card {at}", path.display())
         })?;
         let only = |names: Vec<&str>, what: &str| -> Result<String> {
@@ -155,35 +136,13 @@ impl Decoder {
     }
 
     fn run(&mut self, z: &[f32], shape: [usize; 4]) -> Result<([usize; 4], Vec<f32>)> {
-        let outputs = if self.input_f16 {
-            let half: Vec<f16> = z.iter().map(|&v| f16::from_f32(v)).collect();
-            let tensor = Tensor::from_array((shape, half))?;
-            self.session
-                .run(ort::inputs![self.input_name.as_str() => tensor])?
-        } else {
-            let tensor = ort::value::TensorRef::from_array_view((shape, z))?;
-            self.session
-                .run(ort::inputs![self.input_name.as_str() => tensor])?
-        };
-        let value = &outputs[self.output_name.as_str()];
-        let (dims, values) = match value.try_extract_tensor::<f32>() {
-            Ok((s, v)) => (s.to_vec(), v.to_vec()),
-            Err(_) => {
-                let (s, v) = value.try_extract_tensor::<f16>().with_context(|| {
-                    format!(
-                        "decoder output {:?} is neither float32 nor float16",
-                        self.output_name
-                    )
-                })?;
-                (s.to_vec(), v.iter().map(|x| x.to_f32()).collect())
-            }
-        };
-        if dims.len() != 4 {
-            bail!(
-                "decoder output {:?} has shape {dims:?}; expected [N, 3, H, W]",
-                self.output_name
-            );
-        }
-        Ok((std::array::from_fn(|i| dims[i] as usize), values))
+        runtime::run_nchw(
+            &mut self.session,
+            &self.input_name,
+            &self.output_name,
+            self.input_f16,
+            z,
+            shape,
+        )
     }
 }
