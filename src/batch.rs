@@ -21,6 +21,8 @@ pub struct RowMeta {
     pub width: i32,
     pub height: i32,
     pub caption: Option<String>,
+    /// Values of the run's JSON sidecar columns, in `SidecarSchema` order.
+    pub extra: Vec<Option<crate::sidecar::Scalar>>,
 }
 
 /// Images of one shape, ready for the encoder.

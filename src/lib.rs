@@ -20,5 +20,6 @@ pub mod report;
 pub mod resize;
 pub mod resume;
 pub mod runtime;
+pub mod sidecar;
 pub mod verify;
 pub mod write;

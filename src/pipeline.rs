@@ -23,6 +23,7 @@ use crate::failure::{Failure, FailureKind};
 use crate::model::ModelCard;
 use crate::resize::{prepare, Framing, Prepared};
 use crate::resume::{self, Committed};
+use crate::sidecar::SidecarSchema;
 use crate::write::{self, ShardWriter};
 
 /// Batches waiting for the encoder: one being filled while one waits is enough to overlap.
@@ -161,6 +162,23 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
         card.shift_factor,
         encoder_sha256
     );
+    // JSON sidecars decide columns, so their schema is inferred first and is part of the config.
+    let limit = if config.limit > 0 {
+        config.limit
+    } else {
+        usize::MAX
+    };
+    let images: Vec<std::path::PathBuf> = discover::walk(&input)
+        .take(limit)
+        .flatten()
+        .map(|s| s.path)
+        .collect();
+    let (sidecars, unreadable) = SidecarSchema::infer(images.iter().map(|p| p.as_path()));
+    drop(images);
+    if unreadable > 0 {
+        eprintln!("warning: {unreadable} .json sidecar(s) are not JSON objects and were ignored");
+    }
+    let identity = format!("{identity}|{}", sidecars.describe());
     let mut effective = config.clone();
     effective.input = input.clone();
     let config_hash = effective.output_hash(&identity);
@@ -210,8 +228,20 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
             Some(path) => crate::captions::load(path)?,
             None => HashMap::new(),
         },
+        sidecars: sidecars.clone(),
     };
-    let mut writer = ShardWriter::new(&config.out, config.shard_rows, config.dtype, metadata)?;
+    let extra_columns = sidecars
+        .fields
+        .iter()
+        .map(|(c, _, t)| (c.clone(), t.data_type()))
+        .collect();
+    let mut writer = ShardWriter::new(
+        &config.out,
+        config.shard_rows,
+        config.dtype,
+        metadata,
+        extra_columns,
+    )?;
 
     let start = Instant::now();
     let (batch_tx, batch_rx) = bounded::<Batch>(ENCODE_QUEUE);
@@ -441,6 +471,7 @@ pub fn decode_and_resize(
         config,
         framing,
         captions: HashMap::new(),
+        sidecars: SidecarSchema::default(),
     };
     rows.decoded_row(source, read_source(source)?)
 }
@@ -451,6 +482,8 @@ struct RowMaker<'a> {
     framing: Framing,
     /// `--captions`: overrides sidecar captions.
     captions: HashMap<String, String>,
+    /// The run's JSON sidecar columns.
+    sidecars: SidecarSchema,
 }
 
 impl RowMaker<'_> {
@@ -507,6 +540,7 @@ impl RowMaker<'_> {
             width: image.crop_width as i32,
             height: image.crop_height as i32,
             caption: self.captions.get(&source.key).cloned().or(decoded.caption),
+            extra: self.sidecars.values(&source.path),
         };
         Ok((image, meta))
     }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use arrow_array::{
-    ArrayRef, FixedSizeBinaryArray, FixedSizeListArray, Float16Array, Float32Array, Int32Array,
-    RecordBatch, StringArray, UInt16Array,
+    ArrayRef, BooleanArray, FixedSizeBinaryArray, FixedSizeListArray, Float16Array, Float32Array,
+    Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, UInt16Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -199,6 +199,8 @@ pub struct ShardWriter {
     open: HashMap<(u32, u32), OpenShard>,
     next_part: HashMap<(u32, u32), usize>,
     schemas: HashMap<(u32, u32), SchemaRef>,
+    /// JSON sidecar columns (nullable), after `caption`.
+    extra_columns: Vec<(String, DataType)>,
     errors: BufWriter<File>,
     totals: WriteTotals,
 }
@@ -210,6 +212,7 @@ impl ShardWriter {
         shard_rows: usize,
         dtype: StorageDType,
         metadata: Vec<(String, String)>,
+        extra_columns: Vec<(String, DataType)>,
     ) -> Result<Self> {
         let errors_path = out.join(ERRORS);
         let errors = File::create(&errors_path)
@@ -225,6 +228,7 @@ impl ShardWriter {
             open: HashMap::new(),
             next_part: HashMap::new(),
             schemas: HashMap::new(),
+            extra_columns,
             errors: BufWriter::new(errors),
             totals: WriteTotals::default(),
         })
@@ -366,6 +370,7 @@ impl ShardWriter {
     fn schema(&mut self, batch: &EncodedBatch) -> SchemaRef {
         let shape = (batch.width, batch.height);
         let dtype = self.dtype;
+        let extra = self.extra_columns.clone();
         self.schemas
             .entry(shape)
             .or_insert_with(|| {
@@ -393,6 +398,9 @@ impl ShardWriter {
                     fields.push(tensor_field(name, dtype, batch.latent_shape));
                 }
                 fields.push(Field::new("caption", DataType::Utf8, true));
+                for (name, data_type) in &extra {
+                    fields.push(Field::new(name, data_type.clone(), true));
+                }
                 Arc::new(Schema::new(fields))
             })
             .clone()
@@ -429,7 +437,51 @@ impl ShardWriter {
         columns.push(Arc::new(StringArray::from(
             rows.iter().map(|r| r.caption.clone()).collect::<Vec<_>>(),
         )));
+        for (i, (_, data_type)) in self.extra_columns.iter().enumerate() {
+            columns.push(sidecar_array(rows, i, data_type));
+        }
         Ok(RecordBatch::try_new(schema, columns)?)
+    }
+}
+
+/// Column `i` of the rows' JSON sidecar values; values of another type are null (the schema
+/// was inferred to hold them all, so this only happens for fields a sidecar lacks).
+fn sidecar_array(rows: &[crate::batch::RowMeta], i: usize, data_type: &DataType) -> ArrayRef {
+    use crate::sidecar::Scalar;
+    let value = |r: &crate::batch::RowMeta| r.extra.get(i).cloned().flatten();
+    match data_type {
+        DataType::Boolean => Arc::new(BooleanArray::from(
+            rows.iter()
+                .map(|r| match value(r) {
+                    Some(Scalar::Bool(b)) => Some(b),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        )),
+        DataType::Int64 => Arc::new(Int64Array::from(
+            rows.iter()
+                .map(|r| match value(r) {
+                    Some(Scalar::Int(v)) => Some(v),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        )),
+        DataType::Float64 => Arc::new(Float64Array::from(
+            rows.iter()
+                .map(|r| match value(r) {
+                    Some(Scalar::Float(v)) => Some(v),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        )),
+        _ => Arc::new(StringArray::from(
+            rows.iter()
+                .map(|r| match value(r) {
+                    Some(Scalar::Text(v)) => Some(v),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        )),
     }
 }
 

@@ -26,6 +26,7 @@ fn row(key: &str) -> RowMeta {
         width: 0,
         height: 0,
         caption: None,
+        extra: Vec::new(),
     }
 }
 

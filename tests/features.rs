@@ -242,3 +242,107 @@ fn every_preset_loads_and_print_config_round_trips() {
         );
     }
 }
+
+/// Scalar fields of `NAME.json` sidecars become typed, nullable columns with one schema for the
+/// whole run: int and float widen to float, arrays are skipped, reserved names get `json_`.
+#[test]
+fn json_sidecar_fields_become_columns() {
+    use arrow_array::{BooleanArray, Float64Array};
+    let dir = scratch("features-json");
+    let input = dir.join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    for (src, dst) in [
+        ("kodim01", "a.png"),
+        ("kodim02", "b.png"),
+        ("kodim03", "c.png"),
+    ] {
+        std::fs::copy(shared(&format!("data/kodak/{src}.png")), input.join(dst)).unwrap();
+    }
+    std::fs::write(
+        input.join("a.json"),
+        r#"{"score": 5, "aesthetic": 6.5, "nsfw": false, "source": "web"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        input.join("b.json"),
+        r#"{"score": 7.5, "tags": ["x"], "caption": "from json", "source": 3}"#,
+    )
+    .unwrap();
+    let card = card_file(&dir, "taef2");
+    let out = dir.join("out");
+    run(&[
+        "--input",
+        s(&input),
+        "--out",
+        s(&out),
+        "--model",
+        s(&card),
+        "--size",
+        "32",
+    ]);
+    let file = File::open(out.join("32x32/part-00000.parquet")).unwrap();
+    let batch = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let names: Vec<String> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(
+        &names[names.len() - 5..],
+        ["aesthetic", "json_caption", "nsfw", "score", "source"],
+        "{names:?}"
+    );
+    let f64s = |c: &str| {
+        batch
+            .column_by_name(c)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(f64s("score"), [Some(5.0), Some(7.5), None]);
+    assert_eq!(f64s("aesthetic"), [Some(6.5), None, None]);
+    let nsfw = batch
+        .column_by_name("nsfw")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<BooleanArray>()
+        .unwrap()
+        .iter()
+        .collect::<Vec<_>>();
+    assert_eq!(nsfw, [Some(false), None, None]);
+    let text = |c: &str| {
+        batch
+            .column_by_name(c)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .iter()
+            .map(|v| v.map(String::from))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        text("source"),
+        [Some("web".to_string()), Some("3".to_string()), None],
+        "mixed types become text"
+    );
+    assert_eq!(
+        text("json_caption"),
+        [None, Some("from json".to_string()), None]
+    );
+    assert_eq!(
+        text("caption"),
+        [None, None, None],
+        "the caption column stays the sidecar .txt's"
+    );
+}
