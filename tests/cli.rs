@@ -7,10 +7,6 @@ use std::path::Path;
 
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Runs `precompute` and asserts it failed before writing any shard, with `expect` in stderr.
 fn fails_before_work(args: &[&str], out: &Path, expect: &str) {
     let result = vae_pipeline(&[&["precompute"], args].concat());

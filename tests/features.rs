@@ -11,10 +11,6 @@ use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray};
 use common::*;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// key → (column → f32 values or caption), for every shard of `out`.
 fn columns(out: &Path, tensor: &str) -> BTreeMap<String, (Option<Vec<f32>>, Option<String>)> {
     let mut rows = BTreeMap::new();

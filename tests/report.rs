@@ -314,10 +314,6 @@ fn run_ok(args: &[&str]) {
     assert!(out.status.success(), "{args:?} failed:\n{}", stderr(&out));
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// `metrics.parquet` as model → key → (psnr, ssim, latent_mean, latent_std), plus its columns.
 type Metrics = BTreeMap<String, BTreeMap<String, [f64; 4]>>;
 

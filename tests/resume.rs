@@ -8,10 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn copy_kodak(input: &Path, names: &[&str]) {
     std::fs::create_dir_all(input).unwrap();
     for n in names {

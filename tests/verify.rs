@@ -13,10 +13,6 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn verify(out: &Path) -> (bool, String, String) {
     let r = vae_pipeline(&["verify", s(out)]);
     (

@@ -9,6 +9,11 @@ use std::process::{Command, Output};
 use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray};
 use vae_pipeline::model::ModelCard;
 
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test path")
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
