@@ -3,66 +3,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::Path;
 
-use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray};
+use arrow_array::{Array, StringArray};
 use common::*;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
-/// key → (column → f32 values or caption), for every shard of `out`.
-fn columns(out: &Path, tensor: &str) -> BTreeMap<String, (Option<Vec<f32>>, Option<String>)> {
-    let mut rows = BTreeMap::new();
-    for dir in std::fs::read_dir(out)
-        .unwrap()
-        .flatten()
-        .filter(|d| d.path().is_dir())
-    {
-        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
-            let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(f.path()).unwrap())
-                .unwrap()
-                .build()
-                .unwrap();
-            for batch in reader {
-                let batch = batch.unwrap();
-                let keys = batch
-                    .column_by_name("key")
-                    .unwrap()
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .unwrap()
-                    .clone();
-                let captions = batch
-                    .column_by_name("caption")
-                    .unwrap()
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .unwrap()
-                    .clone();
-                let values = batch.column_by_name(tensor).map(|c| {
-                    c.as_any()
-                        .downcast_ref::<FixedSizeListArray>()
-                        .unwrap()
-                        .clone()
-                });
-                for i in 0..batch.num_rows() {
-                    let v = values.as_ref().map(|l| {
-                        l.value(i)
-                            .as_any()
-                            .downcast_ref::<Float32Array>()
-                            .unwrap()
-                            .values()
-                            .to_vec()
-                    });
-                    let caption = captions.is_valid(i).then(|| captions.value(i).to_string());
-                    rows.insert(keys.value(i).to_string(), (v, caption));
-                }
-            }
-        }
-    }
-    rows
-}
 
 fn run(args: &[&str]) {
     let r = vae_pipeline(&[&["precompute"], args].concat());
@@ -98,8 +43,8 @@ fn flip_latent_equals_the_latent_of_a_mirrored_file() {
         "f32",
         "--flip",
     ]);
-    let flips = columns(&out, "latent_flip");
-    let plain = columns(&out, "latent");
+    let flips = read_rows(&out, "latent_flip");
+    let plain = read_rows(&out, "latent");
     for name in ["kodim01", "kodim04"] {
         let flipped = flips[&format!("{name}.png")].0.as_ref().unwrap();
         let mirrored_file = plain[&format!("{name}_mirrored.png")].0.as_ref().unwrap();
@@ -151,7 +96,7 @@ fn captions_file_overrides_sidecars_and_dedupe_and_limit_hold() {
         s(&csv),
         "--dedupe",
     ]);
-    let rows = columns(&out, "latent");
+    let rows = read_rows(&out, "latent");
     assert_eq!(
         rows.keys().collect::<Vec<_>>(),
         vec!["a.png", "b.png", "sub/c.png"],
@@ -187,7 +132,7 @@ fn captions_file_overrides_sidecars_and_dedupe_and_limit_hold() {
         "2",
     ]);
     assert_eq!(
-        columns(&limited, "latent").keys().collect::<Vec<_>>(),
+        read_rows(&limited, "latent").keys().collect::<Vec<_>>(),
         vec!["a.png", "b.png"],
         "first two keys in order"
     );

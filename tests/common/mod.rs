@@ -103,8 +103,12 @@ pub fn python() -> PathBuf {
     p
 }
 
-/// Every f32 latent in a shard set, by key (shards written with `--dtype f32`).
-pub fn read_latents(out: &Path) -> BTreeMap<String, Vec<f32>> {
+/// A row of a shard set: the f32 values of one tensor column (None when the shard lacks it)
+/// and the caption.
+pub type Row = (Option<Vec<f32>>, Option<String>);
+
+/// Every row of a shard set (written with `--dtype f32`) by key; a key seen twice fails.
+pub fn read_rows(out: &Path, tensor: &str) -> BTreeMap<String, Row> {
     let mut rows = BTreeMap::new();
     for entry in walk_parquet(out) {
         let file = std::fs::File::open(&entry).unwrap();
@@ -114,30 +118,31 @@ pub fn read_latents(out: &Path) -> BTreeMap<String, Vec<f32>> {
             .unwrap();
         for batch in reader {
             let batch = batch.unwrap();
-            let keys = batch
-                .column_by_name("key")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .clone();
-            let latents = batch
-                .column_by_name("latent")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<FixedSizeListArray>()
-                .unwrap()
-                .clone();
-            for i in 0..batch.num_rows() {
-                let v = latents.value(i);
-                let v = v
+            let strings = |name: &str| {
+                let column = batch.column_by_name(name).unwrap();
+                column
                     .as_any()
-                    .downcast_ref::<Float32Array>()
-                    .expect("f32 latents")
-                    .values()
-                    .to_vec();
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let (keys, captions) = (strings("key"), strings("caption"));
+            let values = batch.column_by_name(tensor).map(|c| {
+                c.as_any()
+                    .downcast_ref::<FixedSizeListArray>()
+                    .unwrap()
+                    .clone()
+            });
+            for i in 0..batch.num_rows() {
+                let v = values.as_ref().map(|l| {
+                    let item = l.value(i);
+                    let floats = item.as_any().downcast_ref::<Float32Array>();
+                    floats.expect("f32 latents").values().to_vec()
+                });
+                let caption = captions.is_valid(i).then(|| captions.value(i).to_string());
+                let key = keys.value(i).to_string();
                 assert!(
-                    rows.insert(keys.value(i).to_string(), v).is_none(),
+                    rows.insert(key, (v, caption)).is_none(),
                     "duplicate key {}",
                     keys.value(i)
                 );
@@ -145,6 +150,14 @@ pub fn read_latents(out: &Path) -> BTreeMap<String, Vec<f32>> {
         }
     }
     rows
+}
+
+/// Every f32 latent in a shard set, by key.
+pub fn read_latents(out: &Path) -> BTreeMap<String, Vec<f32>> {
+    read_rows(out, "latent")
+        .into_iter()
+        .map(|(k, (v, _))| (k, v.expect("a latent column")))
+        .collect()
 }
 
 fn walk_parquet(out: &Path) -> Vec<PathBuf> {
