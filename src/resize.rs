@@ -261,7 +261,9 @@ impl Prepared {
             let at = y * w;
             let (x0, row) = self.window_row(y).unwrap_or((0, &[]));
             let covered = x0..x0 + row.len() / 3;
-            for x in (0..w).filter(|x| !covered.contains(x)) {
+            // Only `pad` leaves window pixels uncovered; crops skip this loop.
+            let padded = (0..w).filter(|x| !covered.contains(x));
+            for x in padded.take(w - covered.len()) {
                 let xi = if mirror { w - 1 - x } else { x };
                 (r[at + xi], g[at + xi], b[at + xi]) = (fill, fill, fill);
             }
