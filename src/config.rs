@@ -126,7 +126,7 @@ impl StorageDType {
 }
 
 /// Everything a `precompute` run needs. Fields that change the rows or latents are hashed into
-/// `config_hash`; batch size, shard size, threads and the failure threshold are left out.
+/// `config_hash`; batch size, shard size, threads, device and the failure threshold are left out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrecomputeConfig {
@@ -168,6 +168,11 @@ pub struct PrecomputeConfig {
     pub dedupe: bool,
     /// At most this many inputs, in key order (0 = all).
     pub limit: usize,
+    /// JPEGs decode at a reduced DCT scale while keeping this many times the resize target
+    /// (Pillow's `reducing_gap`); 0 always decodes at full size.
+    pub reducing_gap: f32,
+    /// Where the encoder runs: `cpu`, or `cuda`, `cuda:N`, `cuda:0,1,…` (one session per GPU).
+    pub device: String,
     /// Discard an output folder of another config instead of refusing it. An action, not a
     /// setting: never read from presets or recorded.
     #[serde(skip)]
@@ -182,7 +187,7 @@ impl Default for PrecomputeConfig {
             model: "taef2".into(),
             size: 256,
             resize: ResizePolicy::CenterCrop,
-            batch_size: 16,
+            batch_size: 4,
             latent_mode: LatentMode::Mean,
             dtype: StorageDType::F16,
             seed: 0,
@@ -202,6 +207,8 @@ impl Default for PrecomputeConfig {
             captions: None,
             dedupe: false,
             limit: 0,
+            reducing_gap: crate::decode::DEFAULT_REDUCING_GAP,
+            device: "cpu".into(),
             overwrite: false,
         }
     }
@@ -214,6 +221,7 @@ impl PrecomputeConfig {
             max_pixels: self.max_pixels,
             min_size: self.min_size,
             alpha: self.alpha,
+            reducing_gap: self.reducing_gap,
         }
     }
 
@@ -250,6 +258,13 @@ impl PrecomputeConfig {
         if self.max_pixels == 0 {
             bail!("--max-pixels must be positive");
         }
+        if !(self.reducing_gap == 0.0 || self.reducing_gap >= 1.0) {
+            bail!(
+                "--reducing-gap is 0 (always decode JPEGs at full size) or at least 1, got {}",
+                self.reducing_gap
+            );
+        }
+        crate::runtime::Device::parse(&self.device)?;
         if self.bucket_step == 0 {
             bail!("--bucket-step must be positive");
         }
@@ -309,8 +324,8 @@ impl PrecomputeConfig {
             ),
             self.crop.as_str(),
             &format!(
-                "{} {} {} {}",
-                self.no_upscale, self.flip, self.dedupe, self.limit
+                "{} {} {} {} {}",
+                self.no_upscale, self.flip, self.dedupe, self.limit, self.reducing_gap
             ),
             &self
                 .captions

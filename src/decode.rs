@@ -1,15 +1,18 @@
 //! Decode: reads one source file, hands on an upright 8-bit RGB image plus what the row records
 //! about the source (hash, caption). The format comes from the content, not the extension.
 
-use std::io::Cursor;
+use std::cell::RefCell;
+use std::io::{Cursor, Read};
 use std::path::Path;
 
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 use sha2::{Digest, Sha256};
 
 use crate::config::AlphaPolicy;
 use crate::discover::Source;
 use crate::failure::{Failure, FailureKind};
+use crate::pool;
 
 /// Pillow's `DecompressionBombError` threshold (2 × its warning limit of 89,478,485 px).
 pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
@@ -22,6 +25,10 @@ pub struct DecodeOptions {
     /// Refuse (`too_small`) images whose shorter side is below this; 0 accepts all.
     pub min_size: u32,
     pub alpha: AlphaPolicy,
+    /// JPEGs decode at a reduced DCT scale (1/8 … 7/8) when the result still holds at least
+    /// this many times the size the resize stage asks for (Pillow's `reducing_gap`); 0 never
+    /// reduces.
+    pub reducing_gap: f32,
 }
 
 impl Default for DecodeOptions {
@@ -30,9 +37,17 @@ impl Default for DecodeOptions {
             max_pixels: DEFAULT_MAX_PIXELS,
             min_size: 0,
             alpha: AlphaPolicy::White,
+            reducing_gap: DEFAULT_REDUCING_GAP,
         }
     }
 }
+
+/// See `DecodeOptions::reducing_gap` and README "JPEG draft decoding" for the measurement.
+pub const DEFAULT_REDUCING_GAP: f32 = 3.0;
+
+/// The size the next stage will resize an upright `width`×`height` image to; lets a JPEG
+/// decode at a reduced scale. None: the image is needed at full size.
+pub type SizeHint<'a> = &'a dyn Fn(u32, u32) -> Option<(u32, u32)>;
 
 /// A source file's bytes and their sha256: enough to tell whether a committed row is current.
 pub struct SourceBytes {
@@ -42,14 +57,32 @@ pub struct SourceBytes {
 
 /// A source image, upright and in 8-bit RGB.
 pub struct Decoded {
+    /// The pixels, possibly reduced in scale (see `SizeHint`).
     pub rgb: RgbImage,
+    /// The upright size of the source, whatever scale it was decoded at.
+    pub width: u32,
+    pub height: u32,
     pub source_sha256: [u8; 32],
     pub caption: Option<String>,
 }
 
-/// Reads `source` whole and hashes it; unreadable and zero-byte files are failures.
+impl Drop for SourceBytes {
+    fn drop(&mut self) {
+        pool::BYTES.give(std::mem::take(&mut self.bytes));
+    }
+}
+
+/// Reads `source` whole (into a pooled buffer) and hashes it; unreadable and zero-byte files
+/// are failures.
 pub fn read_source(source: &Source) -> Result<SourceBytes, Failure> {
-    let bytes = std::fs::read(&source.path).map_err(|e| {
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut file = std::fs::File::open(&source.path)?;
+        let len = file.metadata().map_or(0, |m| m.len() as usize);
+        let mut bytes = pool::BYTES.take(len + 1);
+        file.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    let bytes = read().map_err(|e| {
         Failure::new(
             source.key.clone(),
             FailureKind::Io,
@@ -72,27 +105,41 @@ pub fn decode_source(
     source: &Source,
     read: SourceBytes,
     options: &DecodeOptions,
+    hint: Option<SizeHint>,
 ) -> Result<Decoded, Failure> {
-    let rgb = decode_bytes(&read.bytes, options)
+    let (rgb, (width, height)) = decode_bytes_toward(&read.bytes, options, hint)
         .map_err(|(kind, msg)| Failure::new(source.key.clone(), kind, msg))?;
     Ok(Decoded {
         rgb,
+        width,
+        height,
         source_sha256: read.sha256,
         caption: read_caption(&source.path),
     })
 }
 
-/// Reads and decodes `source`.
+/// Reads and decodes `source` at full size.
 pub fn decode(source: &Source, options: &DecodeOptions) -> Result<Decoded, Failure> {
-    decode_source(source, read_source(source)?, options)
+    decode_source(source, read_source(source)?, options, None)
 }
 
-/// Decodes image bytes to upright RGB8: EXIF orientation applied, gray replicated, alpha
-/// flattened per `options.alpha`. The header's size is checked before any pixel buffer exists.
+/// Decodes image bytes to upright RGB8 at full size: EXIF orientation applied, gray
+/// replicated, alpha flattened per `options.alpha`. The header's size is checked before any
+/// pixel buffer exists.
 pub fn decode_bytes(
     bytes: &[u8],
     options: &DecodeOptions,
 ) -> Result<RgbImage, (FailureKind, String)> {
+    decode_bytes_toward(bytes, options, None).map(|(rgb, _)| rgb)
+}
+
+/// `decode_bytes`, but a JPEG may come out reduced toward what `hint` asks for. Also hands
+/// on the upright full size.
+pub fn decode_bytes_toward(
+    bytes: &[u8],
+    options: &DecodeOptions,
+    hint: Option<SizeHint>,
+) -> Result<(RgbImage, (u32, u32)), (FailureKind, String)> {
     if let Some(format) = undecoded_format(bytes) {
         return Err((
             FailureKind::Unsupported,
@@ -102,7 +149,8 @@ pub fn decode_bytes(
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| (FailureKind::Io, e.to_string()))?;
-    match reader.format() {
+    let format = reader.format();
+    match format {
         None => {
             return Err((
                 FailureKind::Corrupt,
@@ -142,9 +190,83 @@ pub fn decode_bytes(
         ));
     }
     let orientation = decoder.orientation().map_err(classify)?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(classify)?;
+    let turned = matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    let upright = if turned { (h, w) } else { (w, h) };
+    // JPEGs go through libjpeg-turbo, Pillow's decoder (same IDCT and upsampling, so the same
+    // pixels), which can also scale in the DCT domain. What it refuses (CMYK, or a warning
+    // such as extraneous bytes) falls back to the `image` crate.
+    let scaled = (format == Some(ImageFormat::Jpeg))
+        .then(|| {
+            let needed = hint.and_then(|hint| hint(upright.0, upright.1));
+            let needed = needed.map(|(nw, nh)| if turned { (nh, nw) } else { (nw, nh) });
+            decode_jpeg_scaled(bytes, needed, options.reducing_gap)
+        })
+        .flatten();
+    let mut image = match scaled {
+        Some(rgb) => DynamicImage::ImageRgb8(rgb),
+        None => DynamicImage::from_decoder(decoder).map_err(classify)?,
+    };
     image.apply_orientation(orientation);
-    flatten(image, options.alpha)
+    Ok((flatten(image, options.alpha)?, upright))
+}
+
+thread_local! {
+    /// One libjpeg-turbo handle per decode thread, reused from image to image.
+    static TURBO: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+}
+
+/// Decodes a YCbCr or gray JPEG with libjpeg-turbo at the smallest scale M/8 that keeps at
+/// least `gap` × `needed` pixels on both axes (stored orientation); full size without
+/// `needed`. None when libjpeg-turbo cannot or will not decode it.
+fn decode_jpeg_scaled(bytes: &[u8], needed: Option<(u32, u32)>, gap: f32) -> Option<RgbImage> {
+    TURBO.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = turbojpeg::Decompressor::new().ok();
+        }
+        let turbo = cell.as_mut()?;
+        let header = turbo.read_header(bytes).ok()?;
+        if !matches!(
+            header.colorspace,
+            turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::Gray | turbojpeg::Colorspace::RGB
+        ) {
+            return None;
+        }
+        let factor = match needed {
+            Some((nw, nh)) if gap > 0.0 && !header.is_lossless => {
+                let enough = |eighths: usize| {
+                    let s = turbojpeg::ScalingFactor::new(eighths, 8);
+                    s.scale(header.width) as f32 >= gap * nw as f32
+                        && s.scale(header.height) as f32 >= gap * nh as f32
+                };
+                let eighths = (1..=8).find(|&e| enough(e)).unwrap_or(8);
+                turbojpeg::ScalingFactor::new(eighths, 8)
+            }
+            _ => turbojpeg::ScalingFactor::ONE,
+        };
+        turbo.set_scaling_factor(factor).ok()?;
+        let out = header.scaled(factor);
+        let mut pixels = pool::BYTES.take(3 * out.width * out.height);
+        pixels.resize(3 * out.width * out.height, 0);
+        let mut image = turbojpeg::Image {
+            pixels,
+            width: out.width,
+            pitch: 3 * out.width,
+            height: out.height,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        if turbo.decompress(bytes, image.as_deref_mut()).is_err() {
+            pool::BYTES.give(image.pixels);
+            return None;
+        }
+        RgbImage::from_raw(out.width as u32, out.height as u32, image.pixels)
+    })
 }
 
 /// The JPEG decoder fills missing scan data with gray instead of failing, so completeness is
