@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::pool;
 use crate::resize::Prepared;
 
 /// What the shard records about one source image besides its latent.
@@ -43,7 +44,7 @@ impl Batch {
             width,
             height,
             rows: Vec::with_capacity(rows),
-            pixels: Vec::with_capacity(images * image_len(width, height)),
+            pixels: pool::FLOATS.take(images * image_len(width, height)),
             flipped,
         }
     }
@@ -54,6 +55,12 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        pool::FLOATS.give(std::mem::take(&mut self.pixels));
     }
 }
 

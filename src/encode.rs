@@ -57,13 +57,25 @@ impl Encoder {
         mode: LatentMode,
         seed: u64,
     ) -> Result<Self> {
-        let session = runtime::session(&card.encoder, intra_threads).with_context(|| {
-            format!(
-                "cannot open encoder {} of model card {}",
-                card.encoder.display(),
-                card.card_path.display()
-            )
-        })?;
+        Self::open_on(card, None, intra_threads, mode, seed)
+    }
+
+    /// `open` on the CPU (`gpu` None) or on one CUDA GPU.
+    pub fn open_on(
+        card: &ModelCard,
+        gpu: Option<i32>,
+        intra_threads: usize,
+        mode: LatentMode,
+        seed: u64,
+    ) -> Result<Self> {
+        let session =
+            runtime::session_on(&card.encoder, intra_threads, gpu).with_context(|| {
+                format!(
+                    "cannot open encoder {} of model card {}",
+                    card.encoder.display(),
+                    card.card_path.display()
+                )
+            })?;
         let at = card.card_path.display();
         let pick = |outlets: &[ort::value::Outlet],
                     wanted: &Option<String>,
@@ -171,7 +183,7 @@ impl Encoder {
     }
 
     /// Encodes `batch` and applies the latent mode and the card's normalization.
-    pub fn encode(&mut self, batch: Batch) -> Result<EncodedBatch> {
+    pub fn encode(&mut self, mut batch: Batch) -> Result<EncodedBatch> {
         let n = batch.len();
         let images = if batch.flipped { 2 * n } else { n };
         let (shape, raw) = self.run(
@@ -201,7 +213,7 @@ impl Encoder {
             flip_stds: with_std(batch.flipped),
             failures: Vec::new(),
         };
-        for (i, row) in batch.rows.into_iter().enumerate() {
+        for (i, row) in std::mem::take(&mut batch.rows).into_iter().enumerate() {
             let at = if batch.flipped { 2 * i } else { i };
             let (latent, std) = self.store(&raw[at * per_output..(at + 1) * per_output], &row.key);
             let flip = batch.flipped.then(|| {

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::bucket;
 use crate::config::{CropPlacement, PrecomputeConfig, ResizePolicy};
+use crate::pool;
 
 /// An image ready for batching: `pixels` is `width`×`height` RGB8 (the resized image); the
 /// encoder sees the `crop_width`×`crop_height` window whose top-left corner is at
@@ -31,9 +32,16 @@ pub struct Prepared {
     pub crop_height: u32,
 }
 
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        pool::BYTES.give(std::mem::take(&mut self.pixels));
+    }
+}
+
 thread_local! {
-    /// One resizer per decode thread: its internal buffers are reused from image to image.
-    static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
+    /// One resizer per decode thread, and the buffer between its two passes: both reused from
+    /// image to image.
+    static RESIZER: RefCell<(fr::Resizer, Vec<u8>)> = RefCell::new((fr::Resizer::new(), Vec::new()));
 }
 
 /// Where an image goes: the resized size and the window's offset in it.
@@ -176,6 +184,8 @@ pub fn fit_dims(w: u32, h: u32, target: (u32, u32)) -> (u32, u32) {
 }
 
 /// Resizes `image` as `geometry` says; antialiased Lanczos3, the filter of Pillow's `LANCZOS`.
+/// `image` may be a reduced-scale decode of the source: `geometry` is in source terms, only
+/// `resized` matters here.
 pub fn prepare(image: RgbImage, geometry: Geometry) -> Result<Prepared> {
     let (w, h) = image.dimensions();
     let (tw, th) = geometry.resized;
@@ -195,26 +205,33 @@ pub fn prepare(image: RgbImage, geometry: Geometry) -> Result<Prepared> {
 /// Resizes in Pillow's order, horizontal pass then vertical, each rounded to 8 bits.
 /// fast_image_resize runs the vertical pass first for u8 images; with Lanczos' negative lobes
 /// the intermediate clamping then moves edge pixels by up to 12 levels away from Pillow.
+/// The source and result buffers come from and go back to `pool::BYTES`.
 fn lanczos3(image: RgbImage, tw: u32, th: u32) -> Result<Vec<u8>> {
     let (w, h) = image.dimensions();
     if (tw, th) == (w, h) {
         return Ok(image.into_raw());
     }
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
-    let src = ImageRef::new(w, h, image.as_raw(), PixelType::U8x3)?;
-    let mut out = fr::images::Image::new(tw, th, PixelType::U8x3);
-    RESIZER.with(|r| -> Result<()> {
-        let mut r = r.borrow_mut();
+    let source = image.into_raw();
+    let len = 3 * tw as usize * th as usize;
+    let mut buffer = pool::BYTES.take(len);
+    buffer.resize(len, 0);
+    let resized = RESIZER.with(|cell| -> Result<Vec<u8>> {
+        let (resizer, between) = &mut *cell.borrow_mut();
+        let src = ImageRef::new(w, h, &source, PixelType::U8x3)?;
+        let mut out = fr::images::Image::from_vec_u8(tw, th, buffer, PixelType::U8x3)?;
         if tw == w || th == h {
-            r.resize(&src, &mut out, &options)?;
+            resizer.resize(&src, &mut out, &options)?;
         } else {
-            let mut wide = fr::images::Image::new(tw, h, PixelType::U8x3);
-            r.resize(&src, &mut wide, &options)?;
-            r.resize(&wide, &mut out, &options)?;
+            between.resize(3 * tw as usize * h as usize, 0);
+            let mut wide = fr::images::Image::from_slice_u8(tw, h, between, PixelType::U8x3)?;
+            resizer.resize(&src, &mut wide, &options)?;
+            resizer.resize(&wide, &mut out, &options)?;
         }
-        Ok(())
-    })?;
-    Ok(out.into_vec())
+        Ok(out.into_vec())
+    });
+    pool::BYTES.give(source);
+    resized
 }
 
 impl Prepared {
