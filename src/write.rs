@@ -126,7 +126,10 @@ pub fn tmp_name(path: &Path) -> PathBuf {
 
 /// Marks a run complete: `_manifest.jsonl` lists every shard in `out` with its row count (read
 /// from the Parquet footers), then `_SUCCESS` is written last with the run summary.
-pub fn seal(out: &Path, summary: &serde_json::Value) -> Result<Vec<ManifestEntry>> {
+pub fn seal(
+    out: &Path,
+    summary: impl FnOnce(&[ManifestEntry]) -> Result<serde_json::Value>,
+) -> Result<Vec<ManifestEntry>> {
     let mut entries = Vec::new();
     let mut lines = Vec::new();
     for shard in shard_files(out)? {
@@ -144,9 +147,10 @@ pub fn seal(out: &Path, summary: &serde_json::Value) -> Result<Vec<ManifestEntry
         entries.push(entry);
     }
     write_atomic(&out.join(MANIFEST), &lines)?;
+    let summary = summary(&entries)?;
     write_atomic(
         &out.join(SUCCESS),
-        serde_json::to_string_pretty(summary)?.as_bytes(),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(entries)
 }
