@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use vae_pipeline::config::{
     AlphaPolicy, CropPlacement, LatentMode, PrecomputeConfig, ResizePolicy, StorageDType,
 };
+use vae_pipeline::model::ModelCard;
 use vae_pipeline::report::{self, ReportArgs};
-use vae_pipeline::{pipeline, verify};
+use vae_pipeline::runtime::Device;
+use vae_pipeline::{pipeline, throughput, verify};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +41,30 @@ enum Command {
         /// The --out folder of a precompute run.
         shards: PathBuf,
     },
+    /// Encoder-only throughput on synthetic batches (no files, decoding or writing): the ceiling
+    /// for `precompute`. Prints one JSON line.
+    BenchEncoder(BenchEncoderArgs),
+}
+
+#[derive(Args)]
+struct BenchEncoderArgs {
+    /// Model card: a name in models/ or a card TOML path.
+    #[arg(long, default_value = "taef2")]
+    model: String,
+    /// Side of the square images.
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Images to encode (after one warm-up batch per session).
+    #[arg(long, default_value_t = 64)]
+    images: usize,
+    /// ONNX Runtime intra-op threads per session; 0 = all cores.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// cpu, cuda, cuda:N or cuda:0,1,…
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// Flags override the preset (--pipeline), which overrides the defaults shown here.
@@ -62,7 +88,7 @@ struct PrecomputeArgs {
     /// How images become size×size [default: center-crop].
     #[arg(long, value_enum)]
     resize: Option<ResizePolicy>,
-    /// Images per encoder call [default: 16].
+    /// Images per encoder call; on CPUs larger batches only cost memory, GPUs want 32 or more [default: 4].
     #[arg(long)]
     batch_size: Option<usize>,
     /// For moments encoders (AutoencoderKL): store the mean, a seeded sample, or mean and std [default: mean].
@@ -122,6 +148,12 @@ struct PrecomputeArgs {
     /// At most N inputs, in key order (0 = all) [default: 0].
     #[arg(long)]
     limit: Option<usize>,
+    /// JPEGs decode at a reduced DCT scale (libjpeg-turbo) while still holding this many times the resize target, as Pillow's `reducing_gap`; 0 = always full size [default: 3.0].
+    #[arg(long)]
+    reducing_gap: Option<f32>,
+    /// Where the encoder runs: cpu, cuda, cuda:N, or cuda:0,1,… for one session per GPU fed from one queue [default: cpu].
+    #[arg(long)]
+    device: Option<String>,
     /// Replace an output folder made with a different config instead of refusing it.
     #[arg(long)]
     overwrite: bool,
@@ -159,7 +191,9 @@ impl PrecomputeArgs {
             bucket_step,
             max_aspect,
             crop,
-            limit
+            limit,
+            reducing_gap,
+            device
         );
         if self.buckets.is_some() {
             c.buckets = self.buckets;
@@ -197,6 +231,25 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Inspect { shards } => verify::inspect(&shards),
+        Command::BenchEncoder(a) => {
+            let card = ModelCard::resolve(&a.model)?;
+            let device = Device::parse(&a.device)?;
+            let threads = match (a.threads, &device) {
+                (0, Device::Cpu) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                (0, Device::Cuda(_)) => 1,
+                (n, _) => n,
+            };
+            let t = throughput::encoder_throughput(
+                &card,
+                &device,
+                threads,
+                a.size,
+                a.batch_size,
+                a.images,
+            )?;
+            println!("{}", serde_json::to_string(&t)?);
+            Ok(())
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! `PrecomputeConfig`, hands on a `RunSummary`. A rerun resumes: committed rows whose source is
 //! unchanged are skipped, stale ones pruned.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use crate::failure::{Failure, FailureKind};
 use crate::model::ModelCard;
 use crate::resize::{prepare, Framing, Prepared};
 use crate::resume::{self, Committed};
+use crate::runtime::Device;
 use crate::sidecar::SidecarSchema;
 use crate::write::{self, ShardWriter};
 
@@ -131,11 +132,16 @@ impl RunSummary {
     }
 }
 
-/// How the thread budget is split. The encoder gets every thread (it is the bottleneck for any
-/// real VAE on CPU), the decode pool too; ONNX Runtime does not spin while waiting, so the pool
-/// takes the cores whenever the encoder waits for a batch.
-pub fn thread_split(budget: usize) -> (usize, usize) {
-    (budget.max(1), budget.max(1))
+/// How the thread budget is split between the decode pool and each ONNX Runtime session. On
+/// the CPU both get every thread (the encoder is the bottleneck for any real VAE; ONNX Runtime
+/// does not spin while waiting, so the pool takes the cores whenever the encoder waits for a
+/// batch, and README "Scaling" shows the measurements behind this). On GPUs the sessions need
+/// one thread each for the few CPU-side nodes and decoding gets the cores.
+pub fn thread_split(budget: usize, device: &Device) -> (usize, usize) {
+    match device {
+        Device::Cpu => (budget.max(1), budget.max(1)),
+        Device::Cuda(_) => (budget.max(1), 1),
+    }
 }
 
 /// Runs `precompute`: everything that can be checked is checked before the first image.
@@ -148,8 +154,13 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
     }
     let card = ModelCard::resolve(&config.model)?;
     card.check_size(config.size)?;
-    let (decode_threads, encode_threads) = thread_split(config.thread_budget());
-    let mut encoder = Encoder::open(&card, encode_threads, config.latent_mode, config.seed)?;
+    let device = Device::parse(&config.device)?;
+    let (decode_threads, encode_threads) = thread_split(config.thread_budget(), &device);
+    let encoders = device
+        .placements()
+        .into_iter()
+        .map(|gpu| Encoder::open_on(&card, gpu, encode_threads, config.latent_mode, config.seed))
+        .collect::<Result<Vec<_>>>()?;
 
     let encoder_sha256 = card.encoder_sha256()?;
     let identity = format!(
@@ -244,8 +255,9 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
     )?;
 
     let start = Instant::now();
-    let (batch_tx, batch_rx) = bounded::<Batch>(ENCODE_QUEUE);
-    let (write_tx, write_rx) = bounded::<Message>(WRITE_QUEUE);
+    let sessions = encoders.len();
+    let (batch_tx, batch_rx) = bounded::<(u64, Batch)>(ENCODE_QUEUE * sessions);
+    let (write_tx, write_rx) = bounded::<Message>(WRITE_QUEUE * sessions);
     let progress = Progress::new();
 
     let stages = std::thread::scope(|scope| -> Result<_> {
@@ -263,26 +275,39 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
                 producer_tx,
             )
         });
-        let encoding = scope.spawn(move || -> Result<Duration> {
-            let mut busy = Duration::ZERO;
-            for batch in batch_rx {
-                let t = Instant::now();
-                let encoded = encoder.encode(batch)?;
-                busy += t.elapsed();
-                if write_tx.send(Message::Encoded(encoded)).is_err() {
-                    break;
-                }
-            }
-            Ok(busy)
-        });
+        // One thread per session, all taking batches from one queue; the writer puts their
+        // results back in batch order.
+        let encoding: Vec<_> = encoders
+            .into_iter()
+            .map(|mut encoder| {
+                let (batch_rx, write_tx) = (batch_rx.clone(), write_tx.clone());
+                scope.spawn(move || -> Result<Duration> {
+                    let mut busy = Duration::ZERO;
+                    for (seq, batch) in batch_rx {
+                        let t = Instant::now();
+                        let encoded = encoder.encode(batch)?;
+                        busy += t.elapsed();
+                        if write_tx.send(Message::Encoded(seq, encoded)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(busy)
+                })
+            })
+            .collect();
+        drop((batch_rx, write_tx));
         let write_busy = consume(&mut writer, write_rx, &progress);
-        let encode_busy = encoding.join().expect("encoder thread panicked");
+        let encode_busy = encoding
+            .into_iter()
+            .map(|e| e.join().expect("encoder thread panicked"))
+            .collect::<Result<Vec<Duration>>>();
         let produced = producer.join().expect("decode thread panicked");
         // The first failure in flow order is the cause; later ones are its echo.
-        Ok((produced?, encode_busy?, write_busy?))
+        let encode_busy = encode_busy?.into_iter().max().unwrap_or_default();
+        Ok((produced?, encode_busy, write_busy?))
     });
     progress.finish();
-    let (produced, encode_busy, write_busy) = match stages {
+    let (produced, encode_busy, write_busy): (Produced, Duration, Duration) = match stages {
         Ok(done) => done,
         Err(e) => {
             writer.abort();
@@ -325,12 +350,14 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
             config.out.join(write::ERRORS).display()
         );
     }
-    let manifest = write::seal(&config.out, &serde_json::to_value(&summary)?)?;
-    summary.rows = manifest.iter().map(|e| e.rows).sum();
-    for entry in &manifest {
-        let folder = entry.path.split('/').next().unwrap_or_default().to_string();
-        *summary.buckets.entry(folder).or_default() += entry.rows;
-    }
+    write::seal(&config.out, |manifest| {
+        summary.rows = manifest.iter().map(|e| e.rows).sum();
+        for entry in manifest {
+            let folder = entry.path.split('/').next().unwrap_or_default().to_string();
+            *summary.buckets.entry(folder).or_default() += entry.rows;
+        }
+        Ok(serde_json::to_value(&summary)?)
+    })?;
     Ok(summary)
 }
 
@@ -346,7 +373,8 @@ enum PreparedRow {
 }
 
 enum Message {
-    Encoded(EncodedBatch),
+    /// A batch's latents and its place in batch order.
+    Encoded(u64, EncodedBatch),
     Failed(Failure),
 }
 
@@ -359,7 +387,9 @@ struct Produced {
     skipped: usize,
 }
 
-/// Discover, decode and resize in order-preserving chunks on a rayon pool, then batch.
+/// Discover, decode and resize in order-preserving chunks on a rayon pool, then batch. Two
+/// chunks are in flight: the pool decodes the next while this thread batches the last, so
+/// neither waits for the other.
 #[allow(clippy::too_many_arguments)]
 fn produce(
     input: &Path,
@@ -367,7 +397,7 @@ fn produce(
     input_range: [f32; 2],
     threads: usize,
     committed: &Committed,
-    batch_tx: Sender<Batch>,
+    batch_tx: Sender<(u64, Batch)>,
     write_tx: Sender<Message>,
 ) -> Result<Produced> {
     let config = rows.config;
@@ -377,87 +407,146 @@ fn produce(
         .build()
         .context("cannot start the decode thread pool")?;
     let chunk_len = (config.batch_size * threads).max(32);
-    let mut batcher = Batcher::new(config.batch_size, input_range).with_flip(config.flip);
-    // --dedupe: the first key (in key order) holding each content hash.
-    let mut first_with: HashMap<[u8; 32], String> = HashMap::new();
-    let mut produced = Produced {
-        busy: Duration::ZERO,
-        current: HashMap::new(),
-        skipped: 0,
-    };
     let limit = if config.limit > 0 {
         config.limit
     } else {
         usize::MAX
     };
     let mut sources = discover::walk(input).take(limit).peekable();
-    while sources.peek().is_some() {
-        let chunk: Vec<Result<Source, Failure>> = sources.by_ref().take(chunk_len).collect();
-        let prepared: Vec<(PreparedRow, Duration)> = pool.install(|| {
-            chunk
-                .into_par_iter()
-                .map(|item| {
-                    let t = Instant::now();
-                    let row = match item {
-                        Ok(source) => rows.prepare_row(&source, committed),
-                        Err(failure) => PreparedRow::Failed(failure),
-                    };
-                    (row, t.elapsed())
-                })
-                .collect()
-        });
+    let mut batching = Batching {
+        config,
+        batcher: Batcher::new(config.batch_size, input_range).with_flip(config.flip),
+        next_seq: 0,
+        first_with: HashMap::new(),
+        committed,
+        produced: Produced {
+            busy: Duration::ZERO,
+            current: HashMap::new(),
+            skipped: 0,
+        },
+        batch_tx: &batch_tx,
+        write_tx: &write_tx,
+    };
+    pool.in_place_scope(|scope| {
+        let mut in_flight = VecDeque::new();
+        let submit = |chunk: Vec<Result<Source, Failure>>| {
+            let (tx, rx) = bounded(1);
+            scope.spawn(move |_| {
+                let prepared: Vec<(PreparedRow, Duration)> = chunk
+                    .into_par_iter()
+                    .map(|item| {
+                        let t = Instant::now();
+                        let row = match item {
+                            Ok(source) => rows.prepare_row(&source, committed),
+                            Err(failure) => PreparedRow::Failed(failure),
+                        };
+                        (row, t.elapsed())
+                    })
+                    .collect();
+                let _ = tx.send(prepared);
+            });
+            rx
+        };
+        loop {
+            while in_flight.len() < 2 && sources.peek().is_some() {
+                in_flight.push_back(submit(sources.by_ref().take(chunk_len).collect()));
+            }
+            let Some(next) = in_flight.pop_front() else {
+                break;
+            };
+            let prepared = next.recv().expect("decode chunk finished");
+            if !batching.push_all(prepared) {
+                // The encoder or writer stopped: its error is the run's; drain and return.
+                for rx in in_flight.drain(..) {
+                    let _ = rx.recv();
+                }
+                return;
+            }
+        }
+        batching.flush();
+    });
+    Ok(batching.produced)
+}
+
+/// The producer's in-order half: dedupe, committed bookkeeping, batching and numbering.
+struct Batching<'a> {
+    config: &'a PrecomputeConfig,
+    batcher: Batcher,
+    next_seq: u64,
+    /// --dedupe: the first key (in key order) holding each content hash.
+    first_with: HashMap<[u8; 32], String>,
+    committed: &'a Committed,
+    produced: Produced,
+    batch_tx: &'a Sender<(u64, Batch)>,
+    write_tx: &'a Sender<Message>,
+}
+
+impl Batching<'_> {
+    /// Takes one chunk's rows in order; false when a downstream stage has gone.
+    fn push_all(&mut self, prepared: Vec<(PreparedRow, Duration)>) -> bool {
         for (row, took) in prepared {
-            produced.busy += took;
+            self.produced.busy += took;
             let row = match row {
-                PreparedRow::Ready(_, ref meta) if config.dedupe => {
-                    match first_with.get(&meta.source_sha256) {
+                PreparedRow::Ready(_, ref meta) if self.config.dedupe => {
+                    match self.first_with.get(&meta.source_sha256) {
                         Some(first) => PreparedRow::Failed(Failure::new(
                             meta.key.clone(),
                             FailureKind::Duplicate,
                             format!("same bytes as {first}, encoded once (--dedupe)"),
                         )),
                         None => {
-                            first_with.insert(meta.source_sha256, meta.key.clone());
+                            self.first_with.insert(meta.source_sha256, meta.key.clone());
                             row
                         }
                     }
                 }
-                PreparedRow::Committed { ref key, sha256 } if config.dedupe => {
-                    first_with.entry(sha256).or_insert_with(|| key.clone());
+                PreparedRow::Committed { ref key, sha256 } if self.config.dedupe => {
+                    self.first_with.entry(sha256).or_insert_with(|| key.clone());
                     row
                 }
                 row => row,
             };
             let sent = match row {
                 PreparedRow::Ready(image, meta) => {
-                    if committed.has_key(&meta.key) {
-                        produced
+                    if self.committed.has_key(&meta.key) {
+                        self.produced
                             .current
                             .insert(meta.key.clone(), meta.source_sha256);
                     }
-                    match batcher.push(&image, meta) {
-                        Some(batch) => batch_tx.send(batch).is_ok(),
+                    match self.batcher.push(&image, meta) {
+                        Some(batch) => self.send(batch),
                         None => true,
                     }
                 }
                 PreparedRow::Committed { key, sha256 } => {
-                    produced.current.insert(key, sha256);
-                    produced.skipped += 1;
+                    self.produced.current.insert(key, sha256);
+                    self.produced.skipped += 1;
                     true
                 }
-                PreparedRow::Failed(failure) => write_tx.send(Message::Failed(failure)).is_ok(),
+                PreparedRow::Failed(failure) => {
+                    self.write_tx.send(Message::Failed(failure)).is_ok()
+                }
             };
             if !sent {
-                return Ok(produced);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn send(&mut self, batch: Batch) -> bool {
+        self.next_seq += 1;
+        self.batch_tx.send((self.next_seq - 1, batch)).is_ok()
+    }
+
+    /// The partial batches left at the end.
+    fn flush(&mut self) {
+        for batch in self.batcher.flush() {
+            if !self.send(batch) {
+                break;
             }
         }
     }
-    for batch in batcher.flush() {
-        if batch_tx.send(batch).is_err() {
-            break;
-        }
-    }
-    Ok(produced)
 }
 
 /// The decode+resize stage for one source: what `precompute` and `report` both run per image.
@@ -513,8 +602,9 @@ impl RowMaker<'_> {
     ) -> Result<(Prepared, RowMeta), Failure> {
         let config = self.config;
         let fail = |kind, message: String| Failure::new(source.key.clone(), kind, message);
-        let decoded = decode_source(source, read, &config.decode_options())?;
-        let (orig_width, orig_height) = decoded.rgb.dimensions();
+        let hint = |w, h| self.framing.geometry(&source.key, w, h).map(|g| g.resized);
+        let decoded = decode_source(source, read, &config.decode_options(), Some(&hint))?;
+        let (orig_width, orig_height) = (decoded.width, decoded.height);
         let geometry = self.framing.geometry(&source.key, orig_width, orig_height).ok_or_else(|| {
             fail(FailureKind::TooSmall, format!("{orig_width}x{orig_height}: no bucket fits without upscaling (--no-upscale)"))
         })?;
@@ -553,10 +643,19 @@ fn consume(
     progress: &Progress,
 ) -> Result<Duration> {
     let mut busy = Duration::ZERO;
+    // Batches from several sessions can arrive out of order; they are written in order.
+    let mut waiting: BTreeMap<u64, EncodedBatch> = BTreeMap::new();
+    let mut next = 0u64;
     for message in rx {
         let t = Instant::now();
         match message {
-            Message::Encoded(batch) => writer.write(batch)?,
+            Message::Encoded(seq, batch) => {
+                waiting.insert(seq, batch);
+                while let Some(batch) = waiting.remove(&next) {
+                    writer.write(batch)?;
+                    next += 1;
+                }
+            }
             Message::Failed(failure) => writer.record_failure(&failure)?,
         }
         busy += t.elapsed();

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail, Context, Result};
 use half::f16;
 use ort::environment::Environment;
+use ort::ep;
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::Tensor;
 
@@ -114,17 +115,103 @@ fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::
     anyhow!("{}", ort::Error::<()>::from(e))
 }
 
+/// Where sessions run: `--device cpu`, `cuda`, `cuda:N` or `cuda:0,1,…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// One session per listed GPU, all fed from one queue.
+    Cuda(Vec<i32>),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(ids) => {
+                let ids: Vec<String> = ids.iter().map(i32::to_string).collect();
+                write!(f, "cuda:{}", ids.join(","))
+            }
+        }
+    }
+}
+
+impl Device {
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = || {
+            anyhow!("--device {spec:?}: expected cpu, cuda, cuda:N or cuda:N,M,… (GPU ordinals)")
+        };
+        match spec.trim() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(vec![0])),
+            other => {
+                let ids = other.strip_prefix("cuda:").ok_or_else(bad)?;
+                let ids: Vec<i32> = ids
+                    .split(',')
+                    .map(|id| id.trim().parse::<u16>().map(i32::from))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| bad())?;
+                let mut unique = ids.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                if unique.len() != ids.len() {
+                    bail!("--device {spec:?} names a GPU twice");
+                }
+                Ok(Device::Cuda(ids))
+            }
+        }
+    }
+
+    /// One entry per session to open: None for the CPU, else the GPU ordinal.
+    pub fn placements(&self) -> Vec<Option<i32>> {
+        match self {
+            Device::Cpu => vec![None],
+            Device::Cuda(ids) => ids.iter().copied().map(Some).collect(),
+        }
+    }
+}
+
 /// A session for one model file, as every stage opens one: all graph optimizations, and
 /// `intra_threads` intra-op threads that do not spin while the CPU stages run.
 pub fn session(path: &Path, intra_threads: usize) -> Result<Session> {
-    Ok(Session::builder(environment()?)?
+    session_on(path, intra_threads, None)
+}
+
+/// `session` on the CPU (`gpu` None) or on one CUDA GPU. CUDA registration errors out
+/// instead of quietly running on the CPU; the error says what is missing.
+pub fn session_on(path: &Path, intra_threads: usize, gpu: Option<i32>) -> Result<Session> {
+    let mut builder = Session::builder(environment()?)?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(builder_err)?
         .with_intra_threads(intra_threads.max(1))
         .map_err(builder_err)?
         .with_intra_op_spinning(false)
-        .map_err(builder_err)?
-        .commit_from_file(path)?)
+        .map_err(builder_err)?;
+    if let Some(id) = gpu {
+        let cuda = ep::CUDA::default()
+            .with_device_id(id)
+            .with_conv_algorithm_search(ep::cuda::ConvAlgorithmSearch::Heuristic)
+            .with_prefer_nhwc(true)
+            .with_arena_extend_strategy(ep::ArenaExtendStrategy::SameAsRequested)
+            .build()
+            .error_on_failure();
+        builder = builder
+            .with_execution_providers([cuda])
+            .map_err(|e| cuda_unavailable(id, &e.to_string()))?;
+    }
+    Ok(builder.commit_from_file(path)?)
+}
+
+fn cuda_unavailable(id: i32, cause: &str) -> anyhow::Error {
+    let lib = locate().map_or_else(|_| "?".into(), |p| p.display().to_string());
+    anyhow!(
+        "--device cuda:{id}: ONNX Runtime could not use its CUDA execution provider: {cause}\n\
+         The library in use is {lib}. CUDA needs the GPU build of ONNX Runtime 1.31 \
+         (`pip download --no-deps onnxruntime-gpu==1.31.1`, unzip onnxruntime/capi/lib*.so* into one \
+         folder, set ORT_DYLIB_PATH to its libonnxruntime.so.1.31.1) with \
+         libonnxruntime_providers_cuda.so beside it, CUDA 13 and cuDNN 9 on LD_LIBRARY_PATH \
+         (pip: nvidia-cuda-runtime, nvidia-cublas, nvidia-cudnn-cu13), and a visible GPU \
+         (nvidia-smi). Or run with --device cpu."
+    )
 }
 
 /// Runs `session` on one NCHW tensor (`data` as f32, converted when the model takes f16) and
@@ -161,4 +248,21 @@ pub fn run_nchw(
         );
     }
     Ok((std::array::from_fn(|i| dims[i] as usize), values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse_to_one_session_per_gpu() {
+        assert_eq!(Device::parse("cpu").unwrap().placements(), vec![None]);
+        assert_eq!(Device::parse("cuda").unwrap(), Device::Cuda(vec![0]));
+        let two = Device::parse("cuda:1, 3").unwrap();
+        assert_eq!(two.placements(), vec![Some(1), Some(3)]);
+        assert_eq!(two.to_string(), "cuda:1,3");
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:0,0"] {
+            assert!(Device::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

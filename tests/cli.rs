@@ -183,6 +183,53 @@ fn bad_input_model_and_flags_fail_before_work() {
         "field `input_name` = \"pixels\"",
     );
 
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&taef2),
+            "--device",
+            "gpu",
+        ],
+        "--device \"gpu\": expected cpu, cuda, cuda:N or cuda:N,M,…",
+    );
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&taef2),
+            "--reducing-gap",
+            "0.5",
+        ],
+        "--reducing-gap is 0 (always decode JPEGs at full size) or at least 1",
+    );
+    // The CPU build of ONNX Runtime has no CUDA provider: an error that says what to install,
+    // never a silent run on the CPU.
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&taef2),
+            "--device",
+            "cuda:0",
+        ],
+        "--device cuda:0: ONNX Runtime could not use its CUDA execution provider",
+    );
+    run(
+        &[
+            "--input",
+            s(&input),
+            "--model",
+            s(&taef2),
+            "--device",
+            "cuda",
+        ],
+        "onnxruntime-gpu==1.31.1",
+    );
+
     let not_a_card = dir.join("bad.toml");
     std::fs::write(&not_a_card, "name = \"x\"\nencoder = 3\n").unwrap();
     run(
@@ -240,7 +287,14 @@ fn output_folders_of_other_runs_are_refused_and_finished_runs_resume() {
     ];
     let first = vae_pipeline(&base);
     assert!(first.status.success(), "{}", stderr(&first));
-    assert!(out.join("_SUCCESS").exists());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("_SUCCESS")).unwrap()).unwrap();
+    assert_eq!(summary["encoded"], 2);
+    assert_eq!(
+        summary["rows"], 2,
+        "_SUCCESS counts the committed rows: {summary}"
+    );
+    assert_eq!(summary["buckets"]["64x64"], 2, "{summary}");
 
     let again = vae_pipeline(&base);
     let err = stderr(&again);
@@ -433,7 +487,7 @@ fn non_finite_latents_become_error_rows() {
 #[test]
 fn preset_then_flags_make_the_effective_config() {
     let dir = scratch("cli-preset");
-    let preset = repo().join("pipelines/taef2-256-demo.toml");
+    let preset = repo().join("pipelines/sd15-512.toml");
     let r = vae_pipeline(&[
         "precompute",
         "--pipeline",
@@ -446,12 +500,13 @@ fn preset_then_flags_make_the_effective_config() {
     ]);
     assert!(r.status.success(), "{}", stderr(&r));
     let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&r.stdout)).unwrap();
-    assert_eq!(printed["model"].as_str(), Some("taef2"), "from the preset");
+    assert_eq!(printed["model"].as_str(), Some("sd15"), "from the preset");
     assert_eq!(
         printed["batch_size"].as_integer(),
-        Some(16),
+        Some(8),
         "from the preset"
     );
+    assert_eq!(printed["device"].as_str(), Some("cpu"), "the default");
     assert_eq!(
         printed["size"].as_integer(),
         Some(128),
@@ -478,4 +533,30 @@ fn preset_then_flags_make_the_effective_config() {
         "{}",
         stderr(&bad)
     );
+}
+
+/// `bench-encoder` runs the real encode stage on synthetic batches and reports one JSON line.
+#[test]
+fn bench_encoder_reports_encoder_only_throughput() {
+    let dir = scratch("cli-bench-encoder");
+    let avgpool = card_file(&dir, "avgpool8");
+    let r = vae_pipeline(&[
+        "bench-encoder",
+        "--model",
+        s(&avgpool),
+        "--size",
+        "64",
+        "--batch-size",
+        "3",
+        "--images",
+        "7",
+        "--threads",
+        "1",
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let line: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(line["images"], 7);
+    assert_eq!(line["batch_size"], 3);
+    assert_eq!(line["device"], "cpu");
+    assert!(line["images_per_second"].as_f64().unwrap() > 0.0, "{line}");
 }

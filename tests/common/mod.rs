@@ -53,6 +53,10 @@ pub fn card_file(dir: &Path, model: &str) -> PathBuf {
             "name = \"tiny-kl\"\nencoder = \"{}\"\ninput_range = [-1.0, 1.0]\noutput = \"moments\"\nlatent_channels = 4\nspatial_factor = 2\nscaling_factor = 0.18215\n",
             m("tiny_kl_encoder.onnx")
         ),
+        "avgpool8" => format!(
+            "name = \"avgpool8\"\nencoder = \"{}\"\ninput_range = [0.0, 1.0]\noutput = \"latent\"\nlatent_channels = 4\nspatial_factor = 8\nscaling_factor = 1.0\n",
+            m("avgpool8_encoder.onnx")
+        ),
         other => panic!("no test card for {other}"),
     };
     let path = dir.join(format!("{model}.toml"));
