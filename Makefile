@@ -14,9 +14,14 @@ DEMO_OUT    := demo-out/kodak-taef2-256
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export VAE_PIPELINE_PYTHON := $(abspath $(PY))
 
-.PHONY: setup build models chromium demo dataset test bench fuzz fmt lint clean
+.PHONY: setup build models build-tools chromium demo dataset test bench gpu-check-prepare fuzz fmt lint clean
 
-setup: $(ORT_LIB) $(VENV)/.installed models chromium
+setup: build-tools $(ORT_LIB) $(VENV)/.installed models chromium
+
+# libjpeg-turbo is built from source by the turbojpeg crate: it needs cmake and nasm (Debian).
+build-tools:
+	@command -v cmake >/dev/null && command -v nasm >/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends cmake nasm; }
 
 $(ORT_LIB):
 	mkdir -p .ort
@@ -80,8 +85,17 @@ test: setup
 	cargo test $(CARGO_FLAGS)
 	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
 
+# Ours vs the Python peer (benches/reference_pipeline.py) on generated JPEGs, peak RSS at 200 vs
+# 2000 images, the threads x batch-size table, then the per-stage criterion benchmarks.
 bench: setup build
-	benches/end_to_end.sh
+	benches/compare.sh
+	benches/compare.sh --rss
+	benches/scaling.sh
+	cargo bench --locked --bench stages
+
+# The GPU device check (benches/gpu/device_check.sh) needs .ortgpu/ filled first.
+gpu-check-prepare: build
+	benches/gpu/prepare.sh
 
 # Fuzz the decode stage (bytes in -> image or typed refusal) with libFuzzer: `cargo install
 # cargo-fuzz` once; RUSTC_BOOTSTRAP lets the stable toolchain build the sanitizer flags.
