@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use vae_pipeline::config::{
     AlphaPolicy, CropPlacement, LatentMode, PrecomputeConfig, ResizePolicy, StorageDType,
 };
+use vae_pipeline::export::{self, ExportArgs};
 use vae_pipeline::report::{self, ReportArgs};
 use vae_pipeline::{pipeline, verify};
 
@@ -39,6 +40,9 @@ enum Command {
         /// The --out folder of a precompute run.
         shards: PathBuf,
     },
+    /// Convert a VAE checkpoint (diffusers folder or single .safetensors) into encoder/decoder
+    /// ONNX files and a model card; --inspect drafts a card for an ONNX file made elsewhere.
+    Export(ExportArgs),
 }
 
 /// Flags override the preset (--pipeline), which overrides the defaults shown here.
@@ -197,6 +201,12 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Inspect { shards } => verify::inspect(&shards),
+        Command::Export(args) => {
+            if let Some(summary) = export::run(&args)? {
+                summary.print();
+            }
+            Ok(())
+        }
     }
 }
 
