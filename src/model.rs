@@ -124,8 +124,8 @@ impl ModelCard {
         if !self.encoder.is_file() {
             bail!(
                 "model card {at}: field `encoder` names {}, which does not exist.\n\
-                 Run `make models` to copy the shared test models into models/onnx/, or see the \
-                 README section \"Getting ONNX files for real VAEs\" to export this model",
+                 Run `make models` to copy the shared test models into models/onnx/, or make it from \
+                 the VAE's checkpoint with `vae-pipeline export` (README: \"Use your own VAE\")",
                 self.encoder.display()
             );
         }
