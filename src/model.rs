@@ -142,21 +142,27 @@ impl ModelCard {
 
     /// A `--size` the encoder can take, or an error naming the card and field.
     pub fn check_size(&self, size: u32) -> Result<()> {
-        // Patchified latents need an even latent size.
-        let patch = self
-            .batch_norm
-            .as_ref()
-            .map_or(1, |bn| bn.patch_size as u32);
-        let factor = self.spatial_factor * patch;
-        if !size.is_multiple_of(factor) {
+        if !size.is_multiple_of(self.spatial_factor) {
             bail!(
-                "--size {size} is not a multiple of {factor} (`spatial_factor` = {}{}) in model card {}: use {} or {}",
+                "--size {size} is not a multiple of `spatial_factor` = {} in model card {}: use {} or {}",
                 self.spatial_factor,
-                if patch > 1 { format!(" × batch_norm.patch_size = {patch}") } else { String::new() },
                 self.card_path.display(),
-                size / factor * factor,
-                (size / factor + 1) * factor
+                size / self.spatial_factor * self.spatial_factor,
+                (size / self.spatial_factor + 1) * self.spatial_factor
             );
+        }
+        if let Some(bn) = &self.batch_norm {
+            // Patchified latents need whole patches.
+            let factor = self.spatial_factor * bn.patch_size as u32;
+            if !size.is_multiple_of(factor) {
+                bail!(
+                    "--size {size} is not a multiple of {factor} (`spatial_factor` × `batch_norm.patch_size`) \
+                     in model card {}: use {} or {}",
+                    self.card_path.display(),
+                    size / factor * factor,
+                    (size / factor + 1) * factor
+                );
+            }
         }
         Ok(())
     }
