@@ -134,16 +134,6 @@ impl Weights {
         })
     }
 
-    /// Whether the checkpoint holds `name` (diffusers naming).
-    pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
-    /// Shape of `name`, if present.
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|t| t.shape.as_slice())
-    }
-
     /// Takes tensor `name` (diffusers naming), which must have `shape`.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let Some(tensor) = self.tensors.remove(name) else {
@@ -233,7 +223,7 @@ fn to_f32(name: &str, view: &safetensors::tensor::TensorView, path: &Path) -> Re
 
 /// Which naming `keys` use: original latent-diffusion names have `encoder.down.N` /
 /// `encoder.mid.` / `decoder.up.N`; diffusers names have `down_blocks` / `mid_block`.
-pub fn detect<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Result<Naming> {
+fn detect<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Result<Naming> {
     let any = |pat: &[&str]| keys.clone().any(|k| pat.iter().any(|p| k.contains(p)));
     let original = any(&[
         "encoder.down.",

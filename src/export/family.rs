@@ -174,7 +174,7 @@ impl VaeConfig {
     }
 
     /// The architecture the graph builder implements, or what is not supported.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         if !matches!(
             self.class_name.as_str(),
             "AutoencoderKL" | "AutoencoderKLFlux2"
