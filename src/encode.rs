@@ -200,12 +200,33 @@ impl Encoder {
         }
         let per_output = shape[1] * shape[2] * shape[3];
         let per_latent = self.card.latent_channels * shape[2] * shape[3];
+        let latent_shape = match &self.card.batch_norm {
+            Some(bn) => {
+                let p = bn.patch_size;
+                if shape[2] % p != 0 || shape[3] % p != 0 {
+                    bail!(
+                        "model card {}: {}x{} latents cannot be patchified {p}x{p}; use image sides \
+                         that are multiples of {}",
+                        self.card.card_path.display(),
+                        shape[3],
+                        shape[2],
+                        self.card.spatial_factor as usize * p
+                    );
+                }
+                [
+                    self.card.latent_channels * p * p,
+                    shape[2] / p,
+                    shape[3] / p,
+                ]
+            }
+            None => [self.card.latent_channels, shape[2], shape[3]],
+        };
         let dist = self.card.output == EncoderOutput::Moments && self.mode == LatentMode::Dist;
         let with_std = |on: bool| (on && dist).then(|| Vec::with_capacity(n * per_latent));
         let mut out = EncodedBatch {
             width: batch.width,
             height: batch.height,
-            latent_shape: [self.card.latent_channels, shape[2], shape[3]],
+            latent_shape,
             rows: Vec::with_capacity(n),
             latents: Vec::with_capacity(n * per_latent),
             stds: with_std(true),
@@ -215,11 +236,18 @@ impl Encoder {
         };
         for (i, row) in std::mem::take(&mut batch.rows).into_iter().enumerate() {
             let at = if batch.flipped { 2 * i } else { i };
-            let (latent, std) = self.store(&raw[at * per_output..(at + 1) * per_output], &row.key);
+            let hw = (shape[2], shape[3]);
+            let (latent, std) = self.patchify(
+                self.store(&raw[at * per_output..(at + 1) * per_output], &row.key),
+                hw,
+            );
             let flip = batch.flipped.then(|| {
-                self.store(
-                    &raw[(at + 1) * per_output..(at + 2) * per_output],
-                    &format!("{}#flip", row.key),
+                self.patchify(
+                    self.store(
+                        &raw[(at + 1) * per_output..(at + 2) * per_output],
+                        &format!("{}#flip", row.key),
+                    ),
+                    hw,
                 )
             });
             let values = [
@@ -290,6 +318,48 @@ impl Encoder {
                 (sampled, None)
             }
         }
+    }
+}
+
+impl Encoder {
+    /// FLUX.2's normalization (card `[batch_norm]`), after `store`: 2×2 patchify of one
+    /// [C, h, w] latent (and its std), then (z − mean) / sqrt(var + eps) per patchified channel;
+    /// a std only scales, by the same 1 / sqrt(var + eps). No-op for other cards.
+    fn patchify(
+        &self,
+        (latent, std): (Vec<f32>, Option<Vec<f32>>),
+        (h, w): (usize, usize),
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let Some(bn) = &self.card.batch_norm else {
+            return (latent, std);
+        };
+        let p = bn.patch_size;
+        let (ph, pw) = (h / p, w / p);
+        let inv_std: Vec<f32> = bn
+            .running_var
+            .iter()
+            .map(|v| 1.0 / (v + bn.eps).sqrt())
+            .collect();
+        let rearrange = |values: &[f32], center: bool| {
+            let mut out = vec![0.0; values.len()];
+            for c in 0..values.len() / (h * w) {
+                for dy in 0..p {
+                    for dx in 0..p {
+                        let k = (c * p + dy) * p + dx;
+                        let mean = if center { bn.running_mean[k] } else { 0.0 };
+                        for i in 0..ph {
+                            let src = c * h * w + (i * p + dy) * w + dx;
+                            let dst = (k * ph + i) * pw;
+                            for j in 0..pw {
+                                out[dst + j] = (values[src + j * p] - mean) * inv_std[k];
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        };
+        (rearrange(&latent, true), std.map(|s| rearrange(&s, false)))
     }
 }
 

@@ -4,7 +4,8 @@
 //! [`batch`] → [`encode`] → [`write`], wired by [`pipeline`]. [`config`] holds the run's
 //! settings, [`model`] the VAE's card, [`runtime`] the ONNX Runtime library, [`failure`] the
 //! kinds of input that cannot be used. [`report`] measures how well a VAE reconstructs the
-//! images (PSNR, SSIM, latent statistics, an HTML page). See ARCHITECTURE.md.
+//! images (PSNR, SSIM, latent statistics, an HTML page). [`export`] turns VAE checkpoints into
+//! the ONNX files and cards the rest reads. See ARCHITECTURE.md.
 
 pub mod batch;
 pub mod bucket;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod decode;
 pub mod discover;
 pub mod encode;
+pub mod export;
 pub mod failure;
 pub mod model;
 pub mod pipeline;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use vae_pipeline::config::{
     AlphaPolicy, CropPlacement, LatentMode, PrecomputeConfig, ResizePolicy, StorageDType,
 };
+use vae_pipeline::export::{self, ExportArgs};
 use vae_pipeline::model::ModelCard;
 use vae_pipeline::report::{self, ReportArgs};
 use vae_pipeline::runtime::Device;
@@ -44,6 +45,9 @@ enum Command {
     /// Encoder-only throughput on synthetic batches (no files, decoding or writing): the ceiling
     /// for `precompute`. Prints one JSON line.
     BenchEncoder(BenchEncoderArgs),
+    /// Convert a VAE checkpoint (diffusers folder or single .safetensors) into encoder/decoder
+    /// ONNX files and a model card; --inspect drafts a card for an ONNX file made elsewhere.
+    Export(ExportArgs),
 }
 
 #[derive(Args)]
@@ -248,6 +252,12 @@ fn run() -> Result<()> {
                 a.images,
             )?;
             println!("{}", serde_json::to_string(&t)?);
+            Ok(())
+        }
+        Command::Export(args) => {
+            if let Some(summary) = export::run(&args)? {
+                summary.print();
+            }
             Ok(())
         }
     }

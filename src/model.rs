@@ -40,12 +40,30 @@ pub struct ModelCard {
     pub input_name: Option<String>,
     #[serde(default)]
     pub output_name: Option<String>,
+    /// FLUX.2's normalization, which replaces scale and shift: see `BatchNorm`.
+    #[serde(default)]
+    pub batch_norm: Option<BatchNorm>,
     /// Free text for users: where the weights come from, how to export them.
     #[serde(default)]
     pub source: Option<String>,
     /// The card file this was read from.
     #[serde(skip)]
     pub card_path: PathBuf,
+}
+
+/// FLUX.2 (`AutoencoderKLFlux2`) normalizes latents with its batch-norm running statistics
+/// instead of a scale and shift: 2×2 patchify, then per channel (z − mean) / sqrt(var + eps).
+/// Patchify puts pixel (2i+dy, 2j+dx) of latent channel c at channel 4c + 2dy + dx, pixel (i, j),
+/// as diffusers' `Flux2Pipeline._patchify_latents`; stored latents are therefore
+/// [4·latent_channels, h/2, w/2], and `running_mean`/`running_var` (4·latent_channels values
+/// each, from the checkpoint's `bn.running_mean`/`bn.running_var`) are in that channel order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchNorm {
+    pub patch_size: usize,
+    pub eps: f32,
+    pub running_mean: Vec<f32>,
+    pub running_var: Vec<f32>,
 }
 
 impl ModelCard {
@@ -86,11 +104,28 @@ impl ModelCard {
         if !self.shift_factor.is_finite() {
             bail!("model card {at}: field `shift_factor` must be a number");
         }
+        if let Some(bn) = &self.batch_norm {
+            let channels = self.latent_channels * bn.patch_size * bn.patch_size;
+            if bn.patch_size == 0
+                || bn.running_mean.len() != channels
+                || bn.running_var.len() != channels
+            {
+                bail!(
+                    "model card {at}: `[batch_norm]` needs patch_size > 0 and {channels} values in \
+                     running_mean and running_var (latent_channels × patch_size²), got {} and {}",
+                    bn.running_mean.len(),
+                    bn.running_var.len()
+                );
+            }
+            if !bn.running_var.iter().all(|&v| v + bn.eps > 0.0) {
+                bail!("model card {at}: `[batch_norm]` running_var + eps must be positive");
+            }
+        }
         if !self.encoder.is_file() {
             bail!(
                 "model card {at}: field `encoder` names {}, which does not exist.\n\
-                 Run `make models` to copy the shared test models into models/onnx/, or see the \
-                 README section \"Getting ONNX files for real VAEs\" to export this model",
+                 Run `make models` to copy the shared test models into models/onnx/, or make it from \
+                 the VAE's checkpoint with `vae-pipeline export` (README: \"Use your own VAE\")",
                 self.encoder.display()
             );
         }
@@ -116,6 +151,19 @@ impl ModelCard {
                 (size / self.spatial_factor + 1) * self.spatial_factor
             );
         }
+        if let Some(bn) = &self.batch_norm {
+            // Patchified latents need whole patches.
+            let factor = self.spatial_factor * bn.patch_size as u32;
+            if !size.is_multiple_of(factor) {
+                bail!(
+                    "--size {size} is not a multiple of {factor} (`spatial_factor` × `batch_norm.patch_size`) \
+                     in model card {}: use {} or {}",
+                    self.card_path.display(),
+                    size / factor * factor,
+                    (size / factor + 1) * factor
+                );
+            }
+        }
         Ok(())
     }
 
@@ -128,7 +176,14 @@ impl ModelCard {
 
     /// Human-readable normalization, as recorded in shard metadata.
     pub fn normalization(&self) -> String {
-        format!("(z - {}) * {}", self.shift_factor, self.scaling_factor)
+        match &self.batch_norm {
+            Some(bn) => format!(
+                "{p}x{p} patchify, then (z - bn_mean) / sqrt(bn_var + {}) per channel",
+                bn.eps,
+                p = bn.patch_size
+            ),
+            None => format!("(z - {}) * {}", self.shift_factor, self.scaling_factor),
+        }
     }
 }
 

@@ -100,6 +100,13 @@ impl ReportArgs {
             Some(dir) => self.plan_shards(dir)?,
             None => self.plan_images()?,
         };
+        if let Some(card) = cards.iter().find(|c| c.batch_norm.is_some()) {
+            bail!(
+                "model card {}: the report cannot yet undo FLUX.2's patchify and batch-norm \
+                 normalization (`[batch_norm]`)",
+                card.card_path.display()
+            );
+        }
         let threads = if self.threads > 0 {
             self.threads
         } else {

@@ -22,15 +22,15 @@ pub fn decoder_path(card: &ModelCard) -> Result<&std::path::Path> {
     let path = card.decoder.as_ref().ok_or_else(|| {
         anyhow!(
             "model card {at} has no `decoder`: the report decodes the latents with it. Add \
-             `decoder = \"path/to/decoder.onnx\"` to the card (see the README section \
-             \"Getting ONNX files for real VAEs\")"
+             `decoder = \"path/to/decoder.onnx\"` to the card (`vae-pipeline export` writes both; \
+             README: \"Use your own VAE\")"
         )
     })?;
     if !path.is_file() {
         bail!(
             "model card {at}: field `decoder` names {}, which does not exist. Run `make models` \
-             for the shared test models, or export the decoder (README, \"Getting ONNX files for \
-             real VAEs\")",
+             for the shared test models, or export the decoder with `vae-pipeline export` (README: \
+             \"Use your own VAE\")",
             path.display()
         );
     }

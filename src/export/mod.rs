@@ -1,0 +1,261 @@
+//! `export`: a VAE checkpoint (safetensors, diffusers or original naming) → encoder and decoder
+//! ONNX graphs built here, op for op, plus the model card that goes with them; no PyTorch.
+//! `--inspect` drafts a card for an ONNX encoder someone else exported.
+//!
+//! [`checkpoint`] reads and renames tensors, [`family`] holds configs and normalizations,
+//! [`vae`] builds the graphs on [`graph`], [`card`] writes and drafts cards. [`onnx_pb`] is the
+//! ONNX protobuf schema as Rust types.
+
+pub mod card;
+pub mod checkpoint;
+pub mod family;
+pub mod graph;
+#[allow(clippy::all, missing_docs)]
+pub mod onnx_pb;
+pub mod vae;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use checkpoint::Weights;
+use family::{Family, VaeConfig};
+use graph::ExportDType;
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors, or a pipeline
+    /// folder with vae/), or a single .safetensors file in diffusers or original naming.
+    #[arg(long, required_unless_present = "inspect")]
+    pub checkpoint: Option<PathBuf>,
+    /// The VAE's diffusers config.json, for a single-file checkpoint (or use --family).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Folder for encoder.onnx, decoder.onnx and card.toml (created if missing).
+    #[arg(long, required_unless_present = "inspect")]
+    pub out: Option<PathBuf>,
+    /// Weights and I/O of the ONNX files.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ExportDType,
+    /// The VAE family: its config defaults (single files) and latent normalization.
+    #[arg(long, value_enum)]
+    pub family: Option<Family>,
+    /// Name in the model card [default: the --family, else the --out folder's name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print a draft model card for an ONNX encoder exported elsewhere (Optimum, ONNX Runtime's
+    /// Stable Diffusion tools) instead of exporting.
+    #[arg(long, value_name = "FILE.onnx", conflicts_with_all = ["checkpoint", "out", "config", "family"])]
+    pub inspect: Option<PathBuf>,
+}
+
+/// What an export wrote.
+pub struct ExportSummary {
+    pub checkpoint: PathBuf,
+    pub naming: checkpoint::Naming,
+    pub family: Option<Family>,
+    pub encoder: PathBuf,
+    pub decoder: PathBuf,
+    pub card: PathBuf,
+    pub encoder_parameters: usize,
+    pub decoder_parameters: usize,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+impl ExportSummary {
+    pub fn print(&self) {
+        for w in &self.warnings {
+            eprintln!("warning: {w}");
+        }
+        println!(
+            "exported {} ({}{}) in {:.1} s\n  encoder {} ({} parameters)\n  decoder {} ({} parameters)\n  card    {}  (use: --model {})",
+            self.checkpoint.display(),
+            self.naming,
+            self.family
+                .map(|f| format!(", family {}", f.name()))
+                .unwrap_or_default(),
+            self.seconds,
+            self.encoder.display(),
+            self.encoder_parameters,
+            self.decoder.display(),
+            self.decoder_parameters,
+            self.card.display(),
+            self.card.display(),
+        );
+    }
+}
+
+/// Runs `export` (or `--inspect`, which prints a draft card).
+pub fn run(args: &ExportArgs) -> Result<Option<ExportSummary>> {
+    if let Some(onnx) = &args.inspect {
+        print!("{}", card::draft(onnx)?);
+        return Ok(None);
+    }
+    let (Some(source), Some(out)) = (&args.checkpoint, &args.out) else {
+        bail!("export needs --checkpoint and --out (or --inspect FILE.onnx)");
+    };
+    export(source, out, args).map(Some)
+}
+
+fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary> {
+    let start = Instant::now();
+    let (weights_path, folder_config) = locate(source)?;
+    let config = match (
+        args.config.as_deref().or(folder_config.as_deref()),
+        args.family,
+    ) {
+        (Some(path), _) => VaeConfig::load(path)?,
+        (None, Some(family)) => family.defaults(),
+        (None, None) => bail!(
+            "{} is a single file and carries no config: pass --config (the VAE's diffusers \
+             config.json) or --family ({})",
+            source.display(),
+            family_names()
+        ),
+    };
+    let family = args.family.or_else(|| Family::guess(&config));
+    if let Some(f) = args.family {
+        if (f == Family::Flux2) != config.is_flux2() {
+            bail!(
+                "--family {} does not match the config's _class_name {}",
+                f.name(),
+                config.class_name
+            );
+        }
+    }
+    let mut warnings = Vec::new();
+    if args.dtype == ExportDType::F16 && config.force_upcast {
+        warnings.push(if family == Some(Family::Sdxl) {
+            "SDXL's original VAE overflows in fp16 (its activations pass 65504, latents turn NaN): \
+             export madebyollin/sdxl-vae-fp16-fix instead, or keep --dtype f32. Images that \
+             still overflow are reported as `nonfinite` in _errors.jsonl."
+                .to_string()
+        } else {
+            "the config sets force_upcast (diffusers runs this VAE in fp32): fp16 latents may \
+             lose precision or overflow; overflowing images are reported as `nonfinite` in \
+             _errors.jsonl."
+                .to_string()
+        });
+    }
+
+    let mut weights = Weights::load(&weights_path, config.block_out_channels.len())?;
+    let encoder = vae::encoder(&config, &mut weights, args.dtype)?;
+    let decoder = vae::decoder(&config, &mut weights, args.dtype)?;
+    let batch_norm = if config.is_flux2() {
+        let channels = config.latent_channels * 4;
+        let mean = weights.take("bn.running_mean", &[channels])?;
+        let var = weights.take("bn.running_var", &[channels])?;
+        weights.skip("bn.num_batches_tracked");
+        Some((mean, var))
+    } else {
+        None
+    };
+    let naming = weights.naming;
+    weights.finish()?;
+
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create --out {}", out.display()))?;
+    let encoder_path = out.join("encoder.onnx");
+    let decoder_path = out.join("decoder.onnx");
+    write_atomic(&encoder_path, &graph::encode(&encoder))?;
+    write_atomic(&decoder_path, &graph::encode(&decoder))?;
+    let name = args.name.clone().unwrap_or_else(|| match args.family {
+        Some(f) => f.name().to_string(),
+        None => out
+            .file_name()
+            .map_or("vae".into(), |n| n.to_string_lossy().into_owned()),
+    });
+    let card_path = out.join("card.toml");
+    let text = card::exported(&card::Exported {
+        name: &name,
+        config: &config,
+        family,
+        dtype: args.dtype,
+        source: &weights_path,
+        naming,
+        batch_norm: batch_norm
+            .as_ref()
+            .map(|(m, v)| (m.as_slice(), v.as_slice())),
+    });
+    write_atomic(&card_path, text.as_bytes())?;
+    Ok(ExportSummary {
+        checkpoint: weights_path,
+        naming,
+        family,
+        encoder: encoder_path,
+        decoder: decoder_path,
+        card: card_path,
+        encoder_parameters: vae::parameters(&encoder),
+        decoder_parameters: vae::parameters(&decoder),
+        seconds: start.elapsed().as_secs_f64(),
+        warnings,
+    })
+}
+
+fn family_names() -> String {
+    use clap::ValueEnum;
+    Family::value_variants()
+        .iter()
+        .filter_map(|f| f.to_possible_value())
+        .map(|v| v.get_name().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The weights file and, for a diffusers folder, its config.json.
+fn locate(source: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    if source.is_file() {
+        return Ok((source.to_path_buf(), None));
+    }
+    if !source.is_dir() {
+        bail!("--checkpoint {} does not exist", source.display());
+    }
+    // A whole diffusers pipeline folder: its VAE is in vae/.
+    let dir = if !source.join("config.json").is_file() && source.join("vae").is_dir() {
+        source.join("vae")
+    } else {
+        source.to_path_buf()
+    };
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        bail!(
+            "{} has no config.json: pass a diffusers VAE folder, or a .safetensors file with --config or --family",
+            dir.display()
+        );
+    }
+    for name in [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ] {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok((candidate, Some(config)));
+        }
+    }
+    for name in [
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ] {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            // Refused with the reason.
+            return Ok((candidate, Some(config)));
+        }
+    }
+    bail!(
+        "{} has no diffusion_pytorch_model.safetensors",
+        dir.display()
+    )
+}
+
+/// Writes `bytes` to a temporary name beside `path`, then renames it: a killed export never
+/// leaves a truncated model behind.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}

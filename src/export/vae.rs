@@ -1,0 +1,353 @@
+//! The AutoencoderKL architecture as ONNX graphs, op for op as diffusers' `Encoder` and
+//! `Decoder` (vae.py) compute it. Takes a `VaeConfig` and `Weights`, hands on the encoder
+//! (`image` → `moments`, `quant_conv` included) and the decoder (`latent` → `image`,
+//! `post_quant_conv` included).
+
+use anyhow::Result;
+
+use super::checkpoint::Weights;
+use super::family::VaeConfig;
+use super::graph::{float, int, ints, string, Dim, ExportDType, Graph};
+use super::onnx_pb::ModelProto;
+
+/// diffusers builds every VAE GroupNorm (resnets, attention, conv_norm_out) with eps 1e-6.
+const NORM_EPS: f32 = 1e-6;
+
+/// Image dims: dynamic batch, height and width, as the pipeline feeds any bucket size.
+fn image_dims(channels: usize) -> [Dim; 4] {
+    [
+        Dim::Named("batch"),
+        Dim::Fixed(channels),
+        Dim::Named("height"),
+        Dim::Named("width"),
+    ]
+}
+
+fn latent_dims(channels: usize) -> [Dim; 4] {
+    [
+        Dim::Named("batch"),
+        Dim::Fixed(channels),
+        Dim::Named("latent_height"),
+        Dim::Named("latent_width"),
+    ]
+}
+
+/// Builds one graph from the checkpoint's weights.
+struct Builder<'a> {
+    g: Graph,
+    w: &'a mut Weights,
+    groups: usize,
+}
+
+impl Builder<'_> {
+    fn conv(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        (cin, cout): (usize, usize),
+        kernel: usize,
+        stride: i64,
+        pads: [i64; 4],
+    ) -> Result<String> {
+        let w = self.param(
+            &format!("{prefix}.weight"),
+            &[cout, cin, kernel, kernel],
+            None,
+        )?;
+        let b = self.param(&format!("{prefix}.bias"), &[cout], None)?;
+        Ok(self.g.node(
+            "Conv",
+            &[x, &w, &b],
+            vec![
+                ints("kernel_shape", &[kernel as i64, kernel as i64]),
+                ints("strides", &[stride, stride]),
+                ints("pads", &pads),
+            ],
+        ))
+    }
+
+    /// 3×3, stride 1, padding 1: every conv of the VAE but the downsamplers and 1×1s.
+    fn conv3(&mut self, prefix: &str, x: &str, cin: usize, cout: usize) -> Result<String> {
+        self.conv(prefix, x, (cin, cout), 3, 1, [1, 1, 1, 1])
+    }
+
+    /// Takes a checkpoint tensor of `shape` and stores it with `stored_shape` (same values).
+    fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        stored_shape: Option<&[usize]>,
+    ) -> Result<String> {
+        let values = self.w.take(name, shape)?;
+        Ok(self.g.weight(name, stored_shape.unwrap_or(shape), &values))
+    }
+
+    /// `torch.nn.GroupNorm(groups, c, eps=1e-6)`, as PyTorch's own ONNX export writes it:
+    /// Reshape to [N, groups, -1], InstanceNormalization, Reshape back, per-channel affine. In
+    /// fp16 graphs the statistics are computed in f32: the sum of squares of a VAE activation
+    /// overflows fp16 long before the activation does.
+    fn group_norm(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
+        let f16 = self.g.dtype() == ExportDType::F16;
+        let shape = self.g.node("Shape", &[x], vec![]);
+        let input = if f16 {
+            self.g.cast(x, ExportDType::F32)
+        } else {
+            x.to_string()
+        };
+        let grouped_shape = self.g.ints(&[0, self.groups as i64, -1]);
+        let grouped = self.g.node("Reshape", &[&input, &grouped_shape], vec![]);
+        let ones = self
+            .g
+            .floats(&[self.groups], &vec![1.0; self.groups], ExportDType::F32);
+        let zeros = self
+            .g
+            .floats(&[self.groups], &vec![0.0; self.groups], ExportDType::F32);
+        let normed = self.g.node(
+            "InstanceNormalization",
+            &[&grouped, &ones, &zeros],
+            vec![float("epsilon", NORM_EPS)],
+        );
+        let mut y = self.g.node("Reshape", &[&normed, &shape], vec![]);
+        if f16 {
+            y = self.g.cast(&y, ExportDType::F16);
+        }
+        let gamma = self.param(&format!("{prefix}.weight"), &[c], Some(&[c, 1, 1]))?;
+        let beta = self.param(&format!("{prefix}.bias"), &[c], Some(&[c, 1, 1]))?;
+        let scaled = self.g.node("Mul", &[&y, &gamma], vec![]);
+        Ok(self.g.node("Add", &[&scaled, &beta], vec![]))
+    }
+
+    /// SiLU = x · sigmoid(x) (opset 17 has no SiLU op).
+    fn silu(&mut self, x: &str) -> String {
+        let s = self.g.node("Sigmoid", &[x], vec![]);
+        self.g.node("Mul", &[x, &s], vec![])
+    }
+
+    /// `ResnetBlock2D` without time embedding: norm1 → SiLU → conv1 → norm2 → SiLU → conv2,
+    /// plus the input (through a 1×1 `conv_shortcut` when the channels change).
+    fn resnet(&mut self, prefix: &str, x: &str, cin: usize, cout: usize) -> Result<String> {
+        let h = self.group_norm(&format!("{prefix}.norm1"), x, cin)?;
+        let h = self.silu(&h);
+        let h = self.conv3(&format!("{prefix}.conv1"), &h, cin, cout)?;
+        let h = self.group_norm(&format!("{prefix}.norm2"), &h, cout)?;
+        let h = self.silu(&h);
+        let h = self.conv3(&format!("{prefix}.conv2"), &h, cout, cout)?;
+        let shortcut = if cin == cout {
+            x.to_string()
+        } else {
+            self.conv(
+                &format!("{prefix}.conv_shortcut"),
+                x,
+                (cin, cout),
+                1,
+                1,
+                [0; 4],
+            )?
+        };
+        Ok(self.g.node("Add", &[&shortcut, &h], vec![]))
+    }
+
+    /// A linear layer on [N, L, C_in]: the weight [C_out, C_in] is stored transposed for MatMul,
+    /// times `scale`.
+    fn linear(&mut self, prefix: &str, x: &str, c: usize, scale: f32) -> Result<String> {
+        let name = format!("{prefix}.weight");
+        let w = self.w.take(&name, &[c, c])?;
+        let mut t = vec![0.0; c * c];
+        for o in 0..c {
+            for i in 0..c {
+                t[i * c + o] = w[o * c + i] * scale;
+            }
+        }
+        let wt = self.g.weight(&name, &[c, c], &t);
+        let bias_name = format!("{prefix}.bias");
+        let b: Vec<f32> = self
+            .w
+            .take(&bias_name, &[c])?
+            .iter()
+            .map(|v| v * scale)
+            .collect();
+        let b = self.g.weight(&bias_name, &[c], &b);
+        let y = self.g.node("MatMul", &[x, &wt], vec![]);
+        Ok(self.g.node("Add", &[&y, &b], vec![]))
+    }
+
+    /// The mid block's single-head self-attention over all H·W positions (diffusers'
+    /// `Attention` with `residual_connection`, `upcast_softmax`): the 1/√C scale is folded
+    /// into `to_q`, and in fp16 graphs the softmax runs in f32.
+    fn attention(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
+        let f16 = self.g.dtype() == ExportDType::F16;
+        let h = self.group_norm(&format!("{prefix}.group_norm"), x, c)?;
+        let shape = self.g.node("Shape", &[x], vec![]);
+        let flat_shape = self.g.ints(&[0, 0, -1]);
+        let flat = self.g.node("Reshape", &[&h, &flat_shape], vec![]);
+        let tokens = self
+            .g
+            .node("Transpose", &[&flat], vec![ints("perm", &[0, 2, 1])]);
+        let scale = 1.0 / (c as f32).sqrt();
+        let q = self.linear(&format!("{prefix}.to_q"), &tokens, c, scale)?;
+        let k = self.linear(&format!("{prefix}.to_k"), &tokens, c, 1.0)?;
+        let v = self.linear(&format!("{prefix}.to_v"), &tokens, c, 1.0)?;
+        let kt = self
+            .g
+            .node("Transpose", &[&k], vec![ints("perm", &[0, 2, 1])]);
+        let mut scores = self.g.node("MatMul", &[&q, &kt], vec![]);
+        if f16 {
+            scores = self.g.cast(&scores, ExportDType::F32);
+        }
+        let mut probs = self.g.node("Softmax", &[&scores], vec![int("axis", -1)]);
+        if f16 {
+            probs = self.g.cast(&probs, ExportDType::F16);
+        }
+        let mixed = self.g.node("MatMul", &[&probs, &v], vec![]);
+        let out = self.linear(&format!("{prefix}.to_out.0"), &mixed, c, 1.0)?;
+        let out = self
+            .g
+            .node("Transpose", &[&out], vec![ints("perm", &[0, 2, 1])]);
+        let out = self.g.node("Reshape", &[&out, &shape], vec![]);
+        Ok(self.g.node("Add", &[&out, x], vec![]))
+    }
+
+    /// `UNetMidBlock2D`: resnet, attention (unless `mid_block_add_attention` is off), resnet.
+    fn mid_block(&mut self, prefix: &str, x: &str, c: usize, attention: bool) -> Result<String> {
+        let mut h = self.resnet(&format!("{prefix}.resnets.0"), x, c, c)?;
+        if attention {
+            h = self.attention(&format!("{prefix}.attentions.0"), &h, c)?;
+        }
+        self.resnet(&format!("{prefix}.resnets.1"), &h, c, c)
+    }
+
+    /// `conv_norm_out` → SiLU → `conv_out`.
+    fn head(&mut self, prefix: &str, x: &str, cin: usize, cout: usize) -> Result<String> {
+        let h = self.group_norm(&format!("{prefix}.conv_norm_out"), x, cin)?;
+        let h = self.silu(&h);
+        self.conv3(&format!("{prefix}.conv_out"), &h, cin, cout)
+    }
+}
+
+/// The encoder graph: `image` [N, 3, H, W] in [-1, 1] → `moments` [N, 2·latent, H/f, W/f].
+pub fn encoder(config: &VaeConfig, w: &mut Weights, dtype: ExportDType) -> Result<ModelProto> {
+    let mut b = Builder {
+        g: Graph::new(dtype),
+        w,
+        groups: config.norm_num_groups,
+    };
+    let channels = &config.block_out_channels;
+    let last = channels.len() - 1;
+    let mut h = b.conv3("encoder.conv_in", "image", config.in_channels, channels[0])?;
+    let mut cin = channels[0];
+    for (i, &cout) in channels.iter().enumerate() {
+        for j in 0..config.layers_per_block {
+            let from = if j == 0 { cin } else { cout };
+            h = b.resnet(
+                &format!("encoder.down_blocks.{i}.resnets.{j}"),
+                &h,
+                from,
+                cout,
+            )?;
+        }
+        if i != last {
+            // `Downsample2D(padding=0)`: pad right and bottom by one, then a stride-2 conv;
+            // the pad is the conv's own (zero) padding [top, left, bottom, right].
+            h = b.conv(
+                &format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
+                &h,
+                (cout, cout),
+                3,
+                2,
+                [0, 0, 1, 1],
+            )?;
+        }
+        cin = cout;
+    }
+    h = b.mid_block(
+        "encoder.mid_block",
+        &h,
+        channels[last],
+        config.mid_block_add_attention,
+    )?;
+    let moments = 2 * config.latent_channels;
+    h = b.head("encoder", &h, channels[last], moments)?;
+    if config.use_quant_conv {
+        h = b.conv("quant_conv", &h, (moments, moments), 1, 1, [0; 4])?;
+    }
+    Ok(b.g.finish(
+        "vae_encoder",
+        ("image", &image_dims(config.in_channels)),
+        ("moments", &latent_dims(moments)),
+        &h,
+    ))
+}
+
+/// The decoder graph: unscaled `latent` [N, latent, h, w] → `image` [N, 3, h·f, w·f], about
+/// [-1, 1], not clamped.
+pub fn decoder(config: &VaeConfig, w: &mut Weights, dtype: ExportDType) -> Result<ModelProto> {
+    let mut b = Builder {
+        g: Graph::new(dtype),
+        w,
+        groups: config.norm_num_groups,
+    };
+    let latent = config.latent_channels;
+    let reversed: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
+    let last = reversed.len() - 1;
+    let mut h = "latent".to_string();
+    if config.use_post_quant_conv {
+        h = b.conv("post_quant_conv", &h, (latent, latent), 1, 1, [0; 4])?;
+    }
+    h = b.conv3("decoder.conv_in", &h, latent, reversed[0])?;
+    h = b.mid_block(
+        "decoder.mid_block",
+        &h,
+        reversed[0],
+        config.mid_block_add_attention,
+    )?;
+    let mut cin = reversed[0];
+    for (i, &cout) in reversed.iter().enumerate() {
+        for j in 0..=config.layers_per_block {
+            let from = if j == 0 { cin } else { cout };
+            h = b.resnet(
+                &format!("decoder.up_blocks.{i}.resnets.{j}"),
+                &h,
+                from,
+                cout,
+            )?;
+        }
+        if i != last {
+            // `Upsample2D`: nearest-neighbour 2× (F.interpolate's "nearest" is ONNX's
+            // asymmetric + floor), then a 3×3 conv.
+            let scales = b.g.floats(&[4], &[1.0, 1.0, 2.0, 2.0], ExportDType::F32);
+            let up = b.g.node(
+                "Resize",
+                &[&h, "", &scales],
+                vec![
+                    string("mode", "nearest"),
+                    string("coordinate_transformation_mode", "asymmetric"),
+                    string("nearest_mode", "floor"),
+                ],
+            );
+            h = b.conv3(
+                &format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
+                &up,
+                cout,
+                cout,
+            )?;
+        }
+        cin = cout;
+    }
+    h = b.head("decoder", &h, reversed[last], config.out_channels)?;
+    Ok(b.g.finish(
+        "vae_decoder",
+        ("latent", &latent_dims(latent)),
+        ("image", &image_dims(config.out_channels)),
+        &h,
+    ))
+}
+
+/// Parameters in a graph: the sum of its initializers' sizes.
+pub fn parameters(model: &ModelProto) -> usize {
+    model.graph.as_ref().map_or(0, |g| {
+        g.initializer
+            .iter()
+            .map(|t| t.dims.iter().product::<i64>() as usize)
+            .sum()
+    })
+}
