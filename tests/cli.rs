@@ -183,52 +183,27 @@ fn bad_input_model_and_flags_fail_before_work() {
         "field `input_name` = \"pixels\"",
     );
 
-    run(
-        &[
-            "--input",
-            s(&input),
-            "--model",
-            s(&taef2),
-            "--device",
-            "gpu",
-        ],
+    let taef2_with = |extra: &[&str], expect: &str| {
+        run(
+            &[&["--input", s(&input), "--model", s(&taef2)], extra].concat(),
+            expect,
+        )
+    };
+    taef2_with(
+        &["--device", "gpu"],
         "--device \"gpu\": expected cpu, cuda, cuda:N or cuda:N,M,…",
     );
-    run(
-        &[
-            "--input",
-            s(&input),
-            "--model",
-            s(&taef2),
-            "--reducing-gap",
-            "0.5",
-        ],
+    taef2_with(
+        &["--reducing-gap", "0.5"],
         "--reducing-gap is 0 (always decode JPEGs at full size) or at least 1",
     );
     // The CPU build of ONNX Runtime has no CUDA provider: an error that says what to install,
     // never a silent run on the CPU.
-    run(
-        &[
-            "--input",
-            s(&input),
-            "--model",
-            s(&taef2),
-            "--device",
-            "cuda:0",
-        ],
+    taef2_with(
+        &["--device", "cuda:0"],
         "--device cuda:0: ONNX Runtime could not use its CUDA execution provider",
     );
-    run(
-        &[
-            "--input",
-            s(&input),
-            "--model",
-            s(&taef2),
-            "--device",
-            "cuda",
-        ],
-        "onnxruntime-gpu==1.31.1",
-    );
+    taef2_with(&["--device", "cuda"], "onnxruntime-gpu==1.31.1");
 
     let not_a_card = dir.join("bad.toml");
     std::fs::write(&not_a_card, "name = \"x\"\nencoder = 3\n").unwrap();

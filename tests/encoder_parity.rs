@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use vae_pipeline::batch::{Batch, RowMeta};
+use vae_pipeline::batch::Batch;
 use vae_pipeline::config::LatentMode;
 use vae_pipeline::decode::{decode_bytes, DecodeOptions};
 use vae_pipeline::encode::Encoder;
@@ -14,21 +14,6 @@ const CASES: [&str; 3] = [
     "grayscale_64x64",
     "nonsquare_96x64_q95",
 ];
-
-fn row(key: &str) -> RowMeta {
-    RowMeta {
-        key: key.into(),
-        source_sha256: [0; 32],
-        orig_width: 0,
-        orig_height: 0,
-        crop_top: 0,
-        crop_left: 0,
-        width: 0,
-        height: 0,
-        caption: None,
-        extra: Vec::new(),
-    }
-}
 
 /// A batch of the golden input tensors (each `(1, 3, h, w)`), keyed by case name.
 fn golden_batch(file: &str, cases: &[&str]) -> Batch {

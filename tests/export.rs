@@ -12,7 +12,7 @@ use std::time::Instant;
 use common::*;
 use prost::Message;
 use safetensors::{serialize_to_file, Dtype, SafeTensors, View};
-use vae_pipeline::batch::{Batch, RowMeta};
+use vae_pipeline::batch::Batch;
 use vae_pipeline::config::LatentMode;
 use vae_pipeline::encode::Encoder;
 use vae_pipeline::export::onnx_pb::ModelProto;
@@ -196,21 +196,6 @@ fn tiny_kl_f16_is_within_fp16_tolerance() {
         dec <= 0.1 && dec_mean <= 0.01,
         "decoder image max |diff| {dec}, mean {dec_mean}"
     );
-}
-
-fn row(key: &str) -> RowMeta {
-    RowMeta {
-        key: key.into(),
-        source_sha256: [0; 32],
-        orig_width: 0,
-        orig_height: 0,
-        crop_top: 0,
-        crop_left: 0,
-        width: 0,
-        height: 0,
-        caption: None,
-        extra: Vec::new(),
-    }
 }
 
 /// A tensor to write into a safetensors file.

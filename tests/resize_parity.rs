@@ -9,10 +9,28 @@ use common::*;
 use vae_pipeline::decode::{decode_bytes, decode_bytes_toward, DecodeOptions};
 use vae_pipeline::resize::{prepare, Framing};
 
+/// Pillow's center crop of `image` to `size`² (HWC RGB8), via `tests/python/pillow_center_crop.py`.
+fn pillow_center_crop(image: &std::path::Path, size: u32, npy: &std::path::Path) -> Vec<u8> {
+    let out = Command::new(python())
+        .arg(repo().join("tests/python/pillow_center_crop.py"))
+        .arg(image)
+        .arg(size.to_string())
+        .arg(npy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Pillow reference failed: {}",
+        stderr(&out)
+    );
+    let (shape, pillow) = npy_u8(npy);
+    assert_eq!(shape, vec![size as usize, size as usize, 3]);
+    pillow
+}
+
 #[test]
 fn center_crop_matches_pillow_lanczos_on_kodak() {
     let dir = scratch("resize-parity");
-    let script = repo().join("tests/python/pillow_center_crop.py");
     for (image, size) in [
         ("kodim01", 256),
         ("kodim04", 256),
@@ -21,21 +39,8 @@ fn center_crop_matches_pillow_lanczos_on_kodak() {
         ("kodim19", 96),
     ] {
         let path = shared(&format!("data/kodak/{image}.png"));
-        let reference = dir.join(format!("{image}-{size}.npy"));
-        let out = Command::new(python())
-            .arg(&script)
-            .arg(&path)
-            .arg(size.to_string())
-            .arg(&reference)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "Pillow reference failed: {}",
-            stderr(&out)
-        );
-        let (shape, pillow) = npy_u8(&reference);
-        assert_eq!(shape, vec![size, size, 3]);
+        let pillow =
+            pillow_center_crop(&path, size as u32, &dir.join(format!("{image}-{size}.npy")));
 
         let rgb = decode_bytes(&std::fs::read(&path).unwrap(), &DecodeOptions::default()).unwrap();
         let (w, h) = rgb.dimensions();
@@ -81,7 +86,6 @@ fn level_stats(ours: &[u8], reference: &[u8]) -> (f64, f64, u8, f64) {
 #[test]
 fn jpeg_full_and_reduced_decodes_match_pillow_full_decode() {
     let dir = scratch("jpeg-draft-parity");
-    let script = repo().join("tests/python/pillow_center_crop.py");
     // Kodak as q90 4:2:0 JPEGs, at 768×512 and upscaled 2× (a camera-sized source).
     let made = Command::new(python())
         .arg("-c")
@@ -109,16 +113,7 @@ fn jpeg_full_and_reduced_decodes_match_pillow_full_decode() {
         let path = dir.join(format!("{name}.jpg"));
         let bytes = std::fs::read(&path).unwrap();
         for size in [256u32, 128, 64] {
-            let reference = dir.join(format!("{name}-{size}.npy"));
-            let out = Command::new(python())
-                .arg(&script)
-                .arg(&path)
-                .arg(size.to_string())
-                .arg(&reference)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", stderr(&out));
-            let (_, pillow) = npy_u8(&reference);
+            let pillow = pillow_center_crop(&path, size, &dir.join(format!("{name}-{size}.npy")));
             let framing = Framing::center_crop(size);
             let hint = |w, h| framing.geometry(name, w, h).map(|g| g.resized);
             for gap in [0.0f32, 3.0] {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray};
+use vae_pipeline::batch::RowMeta;
 use vae_pipeline::model::ModelCard;
 
 /// A path as a command-line argument.
@@ -189,4 +190,20 @@ pub fn kodak_subset(dir: &Path, n: usize) -> PathBuf {
             .unwrap();
     }
     input
+}
+
+/// Row metadata for a hand-built batch: only the key matters.
+pub fn row(key: &str) -> RowMeta {
+    RowMeta {
+        key: key.into(),
+        source_sha256: [0; 32],
+        orig_width: 0,
+        orig_height: 0,
+        crop_top: 0,
+        crop_left: 0,
+        width: 0,
+        height: 0,
+        caption: None,
+        extra: Vec::new(),
+    }
 }
