@@ -18,7 +18,8 @@ use crate::bucket;
 use crate::config::{CropPlacement, PrecomputeConfig, ResizePolicy};
 use crate::pool;
 
-/// An image ready for batching: `pixels` is `width`×`height` RGB8 (the resized image); the
+/// An image ready for batching: `pixels` is `width`×`height` RGB8 (the resized image, or only
+/// the window when it lies inside it); the
 /// encoder sees the `crop_width`×`crop_height` window whose top-left corner is at
 /// (`crop_left`, `crop_top`) in resized pixels. Negative offsets are padding (`pad`): window
 /// pixels outside the image take the mid-grey of the input range.
@@ -185,53 +186,102 @@ pub fn fit_dims(w: u32, h: u32, target: (u32, u32)) -> (u32, u32) {
 
 /// Resizes `image` as `geometry` says; antialiased Lanczos3, the filter of Pillow's `LANCZOS`.
 /// `image` may be a reduced-scale decode of the source: `geometry` is in source terms, only
-/// `resized` matters here.
+/// `resized` matters here. When the window lies inside the resized image (every crop policy),
+/// only the window is computed, as Pillow's `resize(box=…)` does: the same pixels for about a
+/// third less work on a 3:2 photo.
 pub fn prepare(image: RgbImage, geometry: Geometry) -> Result<Prepared> {
     let (w, h) = image.dimensions();
     let (tw, th) = geometry.resized;
-    let pixels =
-        lanczos3(image, tw, th).with_context(|| format!("resizing {w}x{h} to {tw}x{th}"))?;
+    let (ox, oy) = geometry.offset;
+    let (cw, ch) = geometry.target;
+    let inside = ox >= 0 && oy >= 0 && ox as u32 + cw <= tw && oy as u32 + ch <= th;
+    let keep = if inside {
+        Region {
+            left: ox as u32,
+            top: oy as u32,
+            width: cw,
+            height: ch,
+        }
+    } else {
+        Region {
+            left: 0,
+            top: 0,
+            width: tw,
+            height: th,
+        }
+    };
+    let pixels = lanczos3(image, (tw, th), keep)
+        .with_context(|| format!("resizing {w}x{h} to {tw}x{th}"))?;
     Ok(Prepared {
         pixels,
-        width: tw,
-        height: th,
-        crop_left: geometry.offset.0,
-        crop_top: geometry.offset.1,
-        crop_width: geometry.target.0,
-        crop_height: geometry.target.1,
+        width: keep.width,
+        height: keep.height,
+        crop_left: ox - keep.left as i32,
+        crop_top: oy - keep.top as i32,
+        crop_width: cw,
+        crop_height: ch,
     })
 }
 
-/// Resizes in Pillow's order, horizontal pass then vertical, each rounded to 8 bits.
-/// fast_image_resize runs the vertical pass first for u8 images; with Lanczos' negative lobes
-/// the intermediate clamping then moves edge pixels by up to 12 levels away from Pillow.
-/// The source and result buffers come from and go back to `pool::BYTES`.
-fn lanczos3(image: RgbImage, tw: u32, th: u32) -> Result<Vec<u8>> {
+/// The part of the resized image that is computed, in resized pixels.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    left: u32,
+    top: u32,
+    width: u32,
+    height: u32,
+}
+
+/// Resizes to `resized` and keeps `keep`, in Pillow's order: horizontal pass, then vertical,
+/// each rounded to 8 bits. fast_image_resize runs the vertical pass first for u8 images; with
+/// Lanczos' negative lobes the intermediate clamping then moves edge pixels by up to 12 levels
+/// away from Pillow. Its crop box works like Pillow's `box`: output centres shift, the filter is
+/// still clipped at the image's own edges. Buffers come from and go back to `pool::BYTES`.
+fn lanczos3(image: RgbImage, resized: (u32, u32), keep: Region) -> Result<Vec<u8>> {
     let (w, h) = image.dimensions();
-    if (tw, th) == (w, h) {
+    let (tw, th) = resized;
+    let whole = (keep.left, keep.top, keep.width, keep.height) == (0, 0, tw, th);
+    if (tw, th) == (w, h) && whole {
         return Ok(image.into_raw());
     }
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    // The kept region in source pixels.
+    let (sx, sy) = (f64::from(w) / f64::from(tw), f64::from(h) / f64::from(th));
+    let x0 = f64::from(keep.left) * sx;
+    let y0 = f64::from(keep.top) * sy;
+    let bw = (f64::from(keep.width) * sx).min(f64::from(w) - x0);
+    let bh = (f64::from(keep.height) * sy).min(f64::from(h) - y0);
     let source = image.into_raw();
-    let len = 3 * tw as usize * th as usize;
+    let len = 3 * keep.width as usize * keep.height as usize;
     let mut buffer = pool::BYTES.take(len);
     buffer.resize(len, 0);
-    let resized = RESIZER.with(|cell| -> Result<Vec<u8>> {
+    let result = RESIZER.with(|cell| -> Result<Vec<u8>> {
         let (resizer, between) = &mut *cell.borrow_mut();
         let src = ImageRef::new(w, h, &source, PixelType::U8x3)?;
-        let mut out = fr::images::Image::from_vec_u8(tw, th, buffer, PixelType::U8x3)?;
+        let mut out =
+            fr::images::Image::from_vec_u8(keep.width, keep.height, buffer, PixelType::U8x3)?;
         if tw == w || th == h {
-            resizer.resize(&src, &mut out, &options)?;
+            resizer.resize(&src, &mut out, &options.crop(x0, y0, bw, bh))?;
         } else {
-            between.resize(3 * tw as usize * h as usize, 0);
-            let mut wide = fr::images::Image::from_slice_u8(tw, h, between, PixelType::U8x3)?;
-            resizer.resize(&src, &mut wide, &options)?;
-            resizer.resize(&wide, &mut out, &options)?;
+            // Only the source rows the vertical filter reaches: its radius is 3 input pixels
+            // per output pixel, plus one for rounding. The image's edges clip as before.
+            let radius = 3.0 * sy.max(1.0) + 1.0;
+            let r0 = (y0 - radius).floor().max(0.0) as u32;
+            let r1 = ((y0 + bh + radius).ceil() as u32).min(h);
+            let rows = r1 - r0;
+            between.resize(3 * keep.width as usize * rows as usize, 0);
+            let mut wide =
+                fr::images::Image::from_slice_u8(keep.width, rows, between, PixelType::U8x3)?;
+            let horizontal = options.crop(x0, f64::from(r0), bw, f64::from(rows));
+            resizer.resize(&src, &mut wide, &horizontal)?;
+            let width = f64::from(keep.width);
+            let vertical = options.crop(0.0, y0 - f64::from(r0), width, bh);
+            resizer.resize(&wide, &mut out, &vertical)?;
         }
         Ok(out.into_vec())
     });
     pool::BYTES.give(source);
-    resized
+    result
 }
 
 impl Prepared {
