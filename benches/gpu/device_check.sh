@@ -27,9 +27,6 @@ BIN=/tmp/vae-pipeline
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 nproc
 
-step "CPU library refuses --device cuda clearly (the failure path users see)"
-ORT_DYLIB_PATH=/nonexistent $BIN bench-encoder --model taef2 --device cuda --images 4 2>&1 | head -3
-
 step "encoder only (bench-encoder), batch 32"
 for model in taef2 taef2-fp16; do
   for size in 256 512; do
