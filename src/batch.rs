@@ -32,7 +32,8 @@ pub struct Batch {
     pub height: u32,
     pub rows: Vec<RowMeta>,
     /// `rows.len()` × 3 × height × width, NCHW, in the model's input range; with `flipped`,
-    /// each image is followed by its mirror image (2 × `rows.len()` images).
+    /// each image is followed by its mirror image (2 × `rows.len()` images). Sized for a full
+    /// batch while it fills (reused, not zeroed); a flushed partial batch is cut to its rows.
     pub pixels: Vec<f32>,
     pub flipped: bool,
 }
@@ -44,7 +45,7 @@ impl Batch {
             width,
             height,
             rows: Vec::with_capacity(rows),
-            pixels: pool::FLOATS.take(images * image_len(width, height)),
+            pixels: pool::FLOATS.take_len(images * image_len(width, height)),
             flipped,
         }
     }
@@ -100,10 +101,14 @@ impl Batcher {
             .open
             .entry(shape)
             .or_insert_with(|| Batch::with_capacity(shape.0, shape.1, batch_size, flip));
-        for mirror in [false, true].into_iter().take(if flip { 2 } else { 1 }) {
-            let start = batch.pixels.len();
-            batch.pixels.resize(start + len, 0.0);
-            image.write_chw(&mut batch.pixels[start..], self.input_range, mirror);
+        let copies = if flip { 2 } else { 1 };
+        for mirror in [false, true].into_iter().take(copies) {
+            let start = (batch.rows.len() * copies + usize::from(mirror)) * len;
+            image.write_chw(
+                &mut batch.pixels[start..start + len],
+                self.input_range,
+                mirror,
+            );
         }
         batch.rows.push(meta);
         if batch.len() == self.batch_size {
@@ -113,11 +118,17 @@ impl Batcher {
         }
     }
 
-    /// The partial batches left at the end of the input, in shape order.
+    /// The partial batches left at the end of the input, in shape order, cut to their rows.
     pub fn flush(&mut self) -> Vec<Batch> {
+        let copies = if self.flip { 2 } else { 1 };
         std::mem::take(&mut self.open)
             .into_values()
             .filter(|b| !b.is_empty())
+            .map(|mut b| {
+                let filled = b.rows.len() * copies * image_len(b.width, b.height);
+                b.pixels.truncate(filled);
+                b
+            })
             .collect()
     }
 }

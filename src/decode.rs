@@ -252,8 +252,7 @@ fn decode_jpeg_scaled(bytes: &[u8], needed: Option<(u32, u32)>, gap: f32) -> Opt
         };
         turbo.set_scaling_factor(factor).ok()?;
         let out = header.scaled(factor);
-        let mut pixels = pool::BYTES.take(3 * out.width * out.height);
-        pixels.resize(3 * out.width * out.height, 0);
+        let pixels = pool::BYTES.take_len(3 * out.width * out.height);
         let mut image = turbojpeg::Image {
             pixels,
             width: out.width,

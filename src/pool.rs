@@ -24,15 +24,30 @@ impl<T> BufferPool<T> {
     /// An empty buffer that can hold `capacity` elements: a returned one when one is big
     /// enough (the largest otherwise grows once), else a new one.
     pub fn take(&self, capacity: usize) -> Vec<T> {
-        let reused = {
-            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let fit = free.iter().position(|b| b.capacity() >= capacity);
-            fit.map(|i| free.swap_remove(i)).or_else(|| free.pop())
-        };
-        let mut buffer = reused.unwrap_or_default();
+        let mut buffer = self.pick(capacity);
         buffer.clear();
         buffer.reserve(capacity);
         buffer
+    }
+
+    /// A buffer of exactly `len` elements for a caller that overwrites all of them: a reused
+    /// buffer keeps its stale contents (only growth is filled), so no time goes to zeroing.
+    pub fn take_len(&self, len: usize) -> Vec<T>
+    where
+        T: Clone + Default,
+    {
+        let mut buffer = self.pick(len);
+        buffer.resize(len, T::default());
+        buffer
+    }
+
+    /// A free buffer that holds `capacity` (the largest otherwise), or a new empty one.
+    fn pick(&self, capacity: usize) -> Vec<T> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let fit = free.iter().position(|b| b.capacity() >= capacity);
+        fit.map(|i| free.swap_remove(i))
+            .or_else(|| free.pop())
+            .unwrap_or_default()
     }
 
     /// Hands a buffer back for reuse.
@@ -63,9 +78,17 @@ mod tests {
         a.extend_from_slice(&[7; 1000]);
         let ptr = a.as_ptr();
         pool.give(a);
-        let b = pool.take(500);
+        let mut b = pool.take(500);
         assert_eq!(b.as_ptr(), ptr, "the returned buffer is handed out again");
         assert!(b.is_empty() && b.capacity() >= 1000);
+        b.extend_from_slice(&[7; 800]);
+        pool.give(b);
+        let c = pool.take_len(600);
+        assert_eq!(
+            (c.len(), c[599]),
+            (600, 7),
+            "take_len keeps stale contents, no zeroing"
+        );
         for _ in 0..5 {
             pool.give(vec![0u8; 10]);
         }

@@ -253,8 +253,7 @@ fn lanczos3(image: RgbImage, resized: (u32, u32), keep: Region) -> Result<Vec<u8
     let bh = (f64::from(keep.height) * sy).min(f64::from(h) - y0);
     let source = image.into_raw();
     let len = 3 * keep.width as usize * keep.height as usize;
-    let mut buffer = pool::BYTES.take(len);
-    buffer.resize(len, 0);
+    let buffer = pool::BYTES.take_len(len);
     let result = RESIZER.with(|cell| -> Result<Vec<u8>> {
         let (resizer, between) = &mut *cell.borrow_mut();
         let src = ImageRef::new(w, h, &source, PixelType::U8x3)?;
