@@ -330,24 +330,7 @@ fn latents(dir: &Path, name: &str, extra: &[&str]) -> std::collections::BTreeMap
     let input = dir.join("input");
     let out = dir.join(name);
     let taef2 = dir.join("taef2.toml");
-    let args = [
-        &[
-            "precompute",
-            "--input",
-            s(&input),
-            "--out",
-            s(&out),
-            "--model",
-            s(&taef2),
-            "--size",
-            "64",
-            "--dtype",
-            "f32",
-        ],
-        extra,
-    ]
-    .concat();
-    let r = vae_pipeline(&args);
+    let r = precompute_f32(&input, &out, &taef2, "64", extra);
     assert!(r.status.success(), "{}", stderr(&r));
     let rows = read_latents(&out);
     assert_eq!(rows.len(), 9, "every image encoded once");
@@ -429,19 +412,7 @@ fn non_finite_latents_become_error_rows() {
     )
     .unwrap();
     let out = dir.join("out");
-    let r = vae_pipeline(&[
-        "precompute",
-        "--input",
-        s(&input),
-        "--out",
-        s(&out),
-        "--model",
-        s(&card),
-        "--size",
-        "64",
-        "--dtype",
-        "f32",
-    ]);
+    let r = precompute_f32(&input, &out, &card, "64", &[]);
     assert!(r.status.success(), "{}", stderr(&r));
     assert!(
         stderr(&r).contains("1 failed (nonfinite 1"),

@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs::File;
+use std::path::Path;
 
 use arrow_array::{Array, StringArray};
 use common::*;
@@ -11,6 +12,12 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 fn run(args: &[&str]) {
     let r = vae_pipeline(&[&["precompute"], args].concat());
+    assert!(r.status.success(), "{}", stderr(&r));
+}
+
+/// `precompute_f32`, which must succeed.
+fn run_f32(input: &Path, out: &Path, card: &Path, size: &str, extra: &[&str]) {
+    let r = precompute_f32(input, out, card, size, extra);
     assert!(r.status.success(), "{}", stderr(&r));
 }
 
@@ -30,19 +37,7 @@ fn flip_latent_equals_the_latent_of_a_mirrored_file() {
     }
     let card = card_file(&dir, "taef2");
     let out = dir.join("out");
-    run(&[
-        "--input",
-        s(&input),
-        "--out",
-        s(&out),
-        "--model",
-        s(&card),
-        "--size",
-        "64",
-        "--dtype",
-        "f32",
-        "--flip",
-    ]);
+    run_f32(&input, &out, &card, "64", &["--flip"]);
     let flips = read_rows(&out, "latent_flip");
     let plain = read_rows(&out, "latent");
     for name in ["kodim01", "kodim04"] {
@@ -81,21 +76,13 @@ fn captions_file_overrides_sidecars_and_dedupe_and_limit_hold() {
     let card = card_file(&dir, "taef2");
 
     let out = dir.join("out");
-    run(&[
-        "--input",
-        s(&input),
-        "--out",
-        s(&out),
-        "--model",
-        s(&card),
-        "--size",
+    run_f32(
+        &input,
+        &out,
+        &card,
         "32",
-        "--dtype",
-        "f32",
-        "--captions",
-        s(&csv),
-        "--dedupe",
-    ]);
+        &["--captions", s(&csv), "--dedupe"],
+    );
     let rows = read_rows(&out, "latent");
     assert_eq!(
         rows.keys().collect::<Vec<_>>(),
@@ -117,20 +104,7 @@ fn captions_file_overrides_sidecars_and_dedupe_and_limit_hold() {
     assert!(line["message"].as_str().unwrap().contains("a.png"));
 
     let limited = dir.join("limited");
-    run(&[
-        "--input",
-        s(&input),
-        "--out",
-        s(&limited),
-        "--model",
-        s(&card),
-        "--size",
-        "32",
-        "--dtype",
-        "f32",
-        "--limit",
-        "2",
-    ]);
+    run_f32(&input, &limited, &card, "32", &["--limit", "2"]);
     assert_eq!(
         read_rows(&limited, "latent").keys().collect::<Vec<_>>(),
         vec!["a.png", "b.png"],

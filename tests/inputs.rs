@@ -119,24 +119,7 @@ fn precompute_over_every_fixture_records_each_input_once() {
     let card = card_file(&dir, "taef2");
     let run = |name: &str, extra: &[&str]| {
         let out = dir.join(name);
-        let args = [
-            &[
-                "precompute",
-                "--input",
-                input.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--model",
-                card.to_str().unwrap(),
-                "--size",
-                "32",
-                "--dtype",
-                "f32",
-            ],
-            extra,
-        ]
-        .concat();
-        (vae_pipeline(&args), out)
+        (precompute_f32(&input, &out, &card, "32", extra), out)
     };
     let (r, out) = run("default", &[]);
     assert!(r.status.success(), "{}", stderr(&r));

@@ -380,23 +380,14 @@ fn shards_mode_reproduces_input_mode_and_flags_changed_sources() {
     let input = kodak_copies(&dir, 6);
     let card = report_card(&dir, "tiny-kl");
     let shards = dir.join("shards");
-    run_ok(&[
-        "precompute",
-        "--input",
-        s(&input),
-        "--out",
-        s(&shards),
-        "--model",
-        s(&card),
-        "--size",
+    let r = precompute_f32(
+        &input,
+        &shards,
+        &card,
         "64",
-        "--dtype",
-        "f32",
-        "--latent-mode",
-        "mean",
-        "--threads",
-        "2",
-    ]);
+        &["--latent-mode", "mean", "--threads", "2"],
+    );
+    assert!(r.status.success(), "precompute failed:\n{}", stderr(&r));
     let (from_images, from_shards) = (dir.join("from-images"), dir.join("from-shards"));
     let common = ["--model", s(&card), "--threads", "2", "--batch-size", "4"];
     run_ok(

@@ -20,21 +20,7 @@ fn copy_kodak(input: &Path, names: &[&str]) {
 }
 
 fn precompute(input: &Path, out: &Path, card: &Path) -> std::process::Output {
-    vae_pipeline(&[
-        "precompute",
-        "--input",
-        s(input),
-        "--out",
-        s(out),
-        "--model",
-        s(card),
-        "--size",
-        "64",
-        "--dtype",
-        "f32",
-        "--shard-rows",
-        "2",
-    ])
+    precompute_f32(input, out, card, "64", &["--shard-rows", "2"])
 }
 
 #[test]

@@ -30,21 +30,7 @@ fn shard_set(dir: &Path, name: &str) -> std::path::PathBuf {
     }
     let out = dir.join(name);
     let card = card_file(dir, "taef2");
-    let r = vae_pipeline(&[
-        "precompute",
-        "--input",
-        s(&input),
-        "--out",
-        s(&out),
-        "--model",
-        s(&card),
-        "--size",
-        "64",
-        "--dtype",
-        "f32",
-        "--shard-rows",
-        "2",
-    ]);
+    let r = precompute_f32(&input, &out, &card, "64", &["--shard-rows", "2"]);
     assert!(r.status.success(), "{}", stderr(&r));
     out
 }

@@ -192,6 +192,25 @@ pub fn kodak_subset(dir: &Path, n: usize) -> PathBuf {
     input
 }
 
+/// `precompute` of `input` into `out` with `card` at `size`² and f32 storage (the tests' usual
+/// run), then `extra` flags.
+pub fn precompute_f32(input: &Path, out: &Path, card: &Path, size: &str, extra: &[&str]) -> Output {
+    let base = [
+        "precompute",
+        "--input",
+        s(input),
+        "--out",
+        s(out),
+        "--model",
+        s(card),
+        "--size",
+        size,
+        "--dtype",
+        "f32",
+    ];
+    vae_pipeline(&[&base[..], extra].concat())
+}
+
 /// Row metadata for a hand-built batch: only the key matters.
 pub fn row(key: &str) -> RowMeta {
     RowMeta {
