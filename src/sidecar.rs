@@ -8,24 +8,6 @@ use std::path::Path;
 use arrow_schema::DataType;
 use serde_json::Value;
 
-/// Column names the shard format owns; a sidecar field with one of these names is stored as
-/// `json_<name>`.
-const RESERVED: &[&str] = &[
-    "key",
-    "source_sha256",
-    "orig_width",
-    "orig_height",
-    "crop_top",
-    "crop_left",
-    "width",
-    "height",
-    "latent",
-    "latent_std",
-    "latent_flip",
-    "latent_flip_std",
-    "caption",
-];
-
 /// The inferred type of one field: the narrowest that holds every value seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FieldType {
@@ -116,7 +98,8 @@ impl SidecarSchema {
         let fields = types
             .into_iter()
             .map(|(field, t)| {
-                let column = if RESERVED.contains(&field.as_str()) {
+                // A field named like a shard column is stored as `json_<name>`.
+                let column = if crate::write::is_shard_column(&field) {
                     format!("json_{field}")
                 } else {
                     field.clone()

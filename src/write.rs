@@ -34,6 +34,25 @@ pub const CONFIG: &str = "_config.toml";
 /// Row groups are cut at this many bytes so memory stays bounded for large latents.
 const ROW_GROUP_BYTES: usize = 64 << 20;
 
+/// The Int32 columns recording each row's geometry, in schema order.
+const GEOMETRY_COLUMNS: [&str; 6] = [
+    "orig_width",
+    "orig_height",
+    "crop_top",
+    "crop_left",
+    "width",
+    "height",
+];
+/// The tensor columns, in schema order; all but `latent` are present only when asked for.
+const TENSOR_COLUMNS: [&str; 4] = ["latent", "latent_std", "latent_flip", "latent_flip_std"];
+
+/// Whether the shard format owns a column of this name (sidecar fields must not take it).
+pub fn is_shard_column(name: &str) -> bool {
+    ["key", "source_sha256", "caption"].contains(&name)
+        || GEOMETRY_COLUMNS.contains(&name)
+        || TENSOR_COLUMNS.contains(&name)
+}
+
 /// The shard folders (`<W>x<H>`) in `out`, sorted.
 pub fn shape_dirs(out: &Path) -> Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
@@ -100,7 +119,7 @@ pub fn shard_properties(
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_max_row_group_row_count(max_rows)
         .set_key_value_metadata(Some(metadata));
-    for column in ["latent", "latent_std", "latent_flip", "latent_flip_std"] {
+    for column in TENSOR_COLUMNS {
         let path = ColumnPath::from(vec![column.to_string(), "list".into(), "item".into()]);
         props = props
             .set_column_dictionary_enabled(path.clone(), false)
@@ -382,23 +401,16 @@ impl ShardWriter {
                     Field::new("key", DataType::Utf8, false),
                     Field::new("source_sha256", DataType::FixedSizeBinary(32), false),
                 ];
-                for name in [
-                    "orig_width",
-                    "orig_height",
-                    "crop_top",
-                    "crop_left",
-                    "width",
-                    "height",
-                ] {
+                for name in GEOMETRY_COLUMNS {
                     fields.push(Field::new(name, DataType::Int32, false));
                 }
-                let tensors = [
-                    ("latent", true),
-                    ("latent_std", batch.stds.is_some()),
-                    ("latent_flip", batch.flip_latents.is_some()),
-                    ("latent_flip_std", batch.flip_stds.is_some()),
+                let present = [
+                    true,
+                    batch.stds.is_some(),
+                    batch.flip_latents.is_some(),
+                    batch.flip_stds.is_some(),
                 ];
-                for (name, _) in tensors.iter().filter(|t| t.1) {
+                for (name, _) in TENSOR_COLUMNS.iter().zip(present).filter(|t| t.1) {
                     fields.push(tensor_field(name, dtype, batch.latent_shape));
                 }
                 fields.push(Field::new("caption", DataType::Utf8, true));
