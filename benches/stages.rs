@@ -12,6 +12,7 @@ use vae_pipeline::batch::{Batcher, RowMeta};
 use vae_pipeline::config::{LatentMode, StorageDType};
 use vae_pipeline::decode::{decode_bytes_toward, DecodeOptions};
 use vae_pipeline::encode::{EncodedBatch, Encoder};
+use vae_pipeline::format::{ShardMetadata, TensorColumns, FORMAT_VERSION};
 use vae_pipeline::model::ModelCard;
 use vae_pipeline::resize::{prepare, Framing, Prepared};
 use vae_pipeline::write::ShardWriter;
@@ -141,6 +142,20 @@ fn parquet_write(c: &mut Criterion) {
         .map(|i| ((i % 997) as f32 - 498.0) / 200.0)
         .collect();
     let out = std::env::temp_dir().join(format!("vae-pipeline-bench-write-{}", std::process::id()));
+    let metadata = ShardMetadata {
+        format_version: FORMAT_VERSION,
+        tool_version: "bench".into(),
+        model: "taef2".into(),
+        encoder_sha256: String::new(),
+        scaling_factor: 1.0,
+        shift_factor: 0.0,
+        normalization: String::new(),
+        latent_mode: "mean".into(),
+        dtype: StorageDType::F16,
+        resize: "center-crop 256".into(),
+        identity_hash: String::new(),
+        identity: String::new(),
+    };
     let mut group = c.benchmark_group("parquet write");
     group.throughput(Throughput::Bytes((rows * per * 2) as u64));
     group.bench_function("256 TAEF2 latents 32x32x32, f16, zstd", |b| {
@@ -161,9 +176,14 @@ fn parquet_write(c: &mut Criterion) {
                 }
             },
             |batch| {
-                let mut writer =
-                    ShardWriter::new(&out, 4096, StorageDType::F16, Vec::new(), Vec::new())
-                        .unwrap();
+                let mut writer = ShardWriter::new(
+                    &out,
+                    4096,
+                    metadata.clone(),
+                    TensorColumns::default(),
+                    Vec::new(),
+                )
+                .unwrap();
                 writer.write(batch).unwrap();
                 writer.close().unwrap()
             },

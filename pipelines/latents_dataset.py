@@ -80,6 +80,8 @@ _BUCKET_DIR = re.compile(r"^(\d+)x(\d+)$")
 _TENSOR_COLUMNS = ("latent", "latent_std", "latent_flip", "latent_flip_std")
 _SCALAR_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left", "width", "height")
 _META = "vae_pipeline."
+#: The shard format this loader reads (FORMAT.md "Versions").
+FORMAT_VERSION = "2"
 
 
 def decode_latents(stored: np.ndarray, dtype: str) -> np.ndarray:
@@ -165,10 +167,13 @@ class LatentsDataset:
                 meta = {k.decode(): v.decode() for k, v in (pf.metadata.metadata or {}).items()
                         if k.decode().startswith(_META)}
                 names = set(pf.schema_arrow.names)
+                if meta.get(_META + "format_version") != FORMAT_VERSION:
+                    raise ValueError(f"{f}: shard format {meta.get(_META + 'format_version', '1')!r}, this loader "
+                                     f"reads format {FORMAT_VERSION} (FORMAT.md); rewrite the set with this version")
                 if meta0 is None:
                     meta0, columns0 = meta, names
                 else:
-                    for k in ("latent_mode", "dtype", "scaling_factor", "shift_factor", "config_hash"):
+                    for k in ("latent_mode", "dtype", "scaling_factor", "shift_factor", "identity_hash"):
                         if meta.get(_META + k) != meta0.get(_META + k):
                             raise ValueError(f"{f}: {_META}{k} = {meta.get(_META + k)!r} differs from "
                                              f"{meta0.get(_META + k)!r} in the first shard: mixed shard sets")
@@ -422,6 +427,6 @@ if __name__ == "__main__":  # python latents_dataset.py SHARDS: a short descript
     print(ds)
     for b, rg in ds.bucket_ranges().items():
         print(f"  {b[0]}x{b[1]}: {len(rg)} rows, latent {ds.latent_shape(b)}")
-    print(json.dumps({k: v for k, v in ds.metadata.items() if k != "config"}, indent=1))
+    print(json.dumps({k: v for k, v in ds.metadata.items() if k != "identity"}, indent=1))
     item = ds[0]
     print({k: (v.shape if hasattr(v, "shape") else v) for k, v in item.items()})

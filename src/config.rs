@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// How an image becomes the encoder's window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -98,35 +97,10 @@ impl AlphaPolicy {
     }
 }
 
-/// Element type of the stored latent tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum StorageDType {
-    F16,
-    /// Arrow has no bfloat16: the bits are stored as uint16 (see README).
-    Bf16,
-    F32,
-}
+pub use crate::format::StorageDType;
 
-impl StorageDType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StorageDType::F16 => "f16",
-            StorageDType::Bf16 => "bf16",
-            StorageDType::F32 => "f32",
-        }
-    }
-
-    pub fn bytes(self) -> usize {
-        match self {
-            StorageDType::F32 => 4,
-            StorageDType::F16 | StorageDType::Bf16 => 2,
-        }
-    }
-}
-
-/// Everything a `precompute` run needs. Fields that change the rows or latents are hashed into
-/// `config_hash`; batch size, shard size, threads, device and the failure threshold are left out.
+/// Everything a `precompute` run needs. What decides the latents becomes the run's identity
+/// (`identity::RunIdentity`, hashed); the rest are run settings, recorded per run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrecomputeConfig {
@@ -177,6 +151,18 @@ pub struct PrecomputeConfig {
     /// setting: never read from presets or recorded.
     #[serde(skip)]
     pub overwrite: bool,
+    /// Where values came from, for messages: the preset file and the keys it set (flags
+    /// remove theirs). Not a setting.
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// Which values came from a preset, so a message names `key` in that file rather than a flag
+/// the user never typed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origin {
+    pub preset: Option<PathBuf>,
+    pub preset_keys: std::collections::BTreeSet<String>,
 }
 
 impl Default for PrecomputeConfig {
@@ -210,6 +196,7 @@ impl Default for PrecomputeConfig {
             reducing_gap: crate::decode::DEFAULT_REDUCING_GAP,
             device: "cpu".into(),
             overwrite: false,
+            origin: Origin::default(),
         }
     }
 }
@@ -226,14 +213,60 @@ impl PrecomputeConfig {
     }
 
     /// Reads a preset; unknown keys are errors so a typo cannot silently fall back to a default.
+    /// Relative paths in it (`input`, `out`, `captions`, a `buckets` file, a `model` card path)
+    /// are relative to the preset's folder, as paths in a model card are to the card's.
     pub fn from_preset(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read pipeline preset {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid pipeline preset {}", path.display()))
+        let mut c: Self = toml::from_str(&text)
+            .with_context(|| format!("invalid pipeline preset {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text)?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let anchor = |p: &Path| {
+            if p.as_os_str().is_empty() || p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            }
+        };
+        if table.contains_key("input") {
+            c.input = anchor(&c.input);
+        }
+        if table.contains_key("out") {
+            c.out = anchor(&c.out);
+        }
+        c.captions = c.captions.as_deref().map(anchor);
+        if let Some(b) = c.buckets.as_deref().filter(|b| *b != "sdxl") {
+            c.buckets = Some(anchor(Path::new(b)).display().to_string());
+        }
+        if crate::model::is_card_path(&c.model) {
+            c.model = anchor(Path::new(&c.model)).display().to_string();
+        }
+        c.origin = Origin {
+            preset: Some(path.to_path_buf()),
+            preset_keys: table.keys().cloned().collect(),
+        };
+        Ok(c)
+    }
+
+    /// How to name a setting in a message: the flag, or the key in the preset that set it.
+    pub fn knob(&self, field: &str) -> String {
+        match &self.origin.preset {
+            Some(p) if self.origin.preset_keys.contains(field) => {
+                format!("`{field}` in preset {}", p.display())
+            }
+            _ => format!("--{}", field.replace('_', "-")),
+        }
+    }
+
+    /// Marks `field` as set by a flag.
+    pub fn set_by_flag(&mut self, field: &str) {
+        self.origin.preset_keys.remove(field);
     }
 
     /// Checks values that need no files: fails before any work with what to change.
     pub fn validate(&self) -> Result<()> {
+        let k = |f: &str| self.knob(f);
         if self.input.as_os_str().is_empty() {
             bail!("no input folder: pass --input DIR");
         }
@@ -241,36 +274,39 @@ impl PrecomputeConfig {
             bail!("no output folder: pass --out DIR");
         }
         if self.size == 0 {
-            bail!("--size must be a positive number of pixels");
+            bail!("{} must be a positive number of pixels", k("size"));
         }
         if self.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
+            bail!("{} must be at least 1", k("batch_size"));
         }
         if self.shard_rows == 0 {
-            bail!("--shard-rows must be at least 1");
+            bail!("{} must be at least 1", k("shard_rows"));
         }
         if !(0.0..=1.0).contains(&self.max_failures) {
             bail!(
-                "--max-failures is a fraction between 0 and 1, got {}",
+                "{} is a fraction between 0 and 1, got {}",
+                k("max_failures"),
                 self.max_failures
             );
         }
         if self.max_pixels == 0 {
-            bail!("--max-pixels must be positive");
+            bail!("{} must be positive", k("max_pixels"));
         }
         if !(self.reducing_gap == 0.0 || self.reducing_gap >= 1.0) {
             bail!(
-                "--reducing-gap is 0 (always decode JPEGs at full size) or at least 1, got {}",
+                "{} is 0 (always decode JPEGs at full size) or at least 1, got {}",
+                k("reducing_gap"),
                 self.reducing_gap
             );
         }
-        crate::runtime::Device::parse(&self.device)?;
+        crate::runtime::Device::parse(&self.device).with_context(|| k("device"))?;
         if self.bucket_step == 0 {
-            bail!("--bucket-step must be positive");
+            bail!("{} must be positive", k("bucket_step"));
         }
         if self.max_aspect.is_nan() || self.max_aspect < 1.0 {
             bail!(
-                "--max-aspect is a ratio of at least 1, got {}",
+                "{} is a ratio of at least 1, got {}",
+                k("max_aspect"),
                 self.max_aspect
             );
         }
@@ -281,7 +317,8 @@ impl PrecomputeConfig {
                 || self.crop != CropPlacement::Center)
         {
             bail!(
-                "--buckets, --bucket-res, --no-upscale and --crop apply to --resize bucket, not --resize {}",
+                "--buckets, --bucket-res, --no-upscale and --crop apply to --resize bucket, not {} {}",
+                k("resize"),
                 self.resize.as_str()
             );
         }
@@ -300,43 +337,6 @@ impl PrecomputeConfig {
     /// The effective config as TOML, as `--print-config` shows it and shards record it.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serializes to TOML")
-    }
-
-    /// Hash of everything that decides the rows and latents: the output-affecting fields plus
-    /// the model's identity (card values and encoder bytes), so a changed model is a new config.
-    pub fn output_hash(&self, model_identity: &str) -> String {
-        let mut h = Sha256::new();
-        for part in [
-            self.input.to_string_lossy().as_ref(),
-            model_identity,
-            &self.size.to_string(),
-            self.resize.as_str(),
-            self.latent_mode.as_str(),
-            self.dtype.as_str(),
-            &self.seed.to_string(),
-            self.alpha.as_str(),
-            &self.min_size.to_string(),
-            &self.max_pixels.to_string(),
-            self.buckets.as_deref().unwrap_or(""),
-            &format!(
-                "{} {} {}",
-                self.bucket_res, self.bucket_step, self.max_aspect
-            ),
-            self.crop.as_str(),
-            &format!(
-                "{} {} {} {} {}",
-                self.no_upscale, self.flip, self.dedupe, self.limit, self.reducing_gap
-            ),
-            &self
-                .captions
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-        ] {
-            h.update(part.as_bytes());
-            h.update([0]);
-        }
-        hex(&h.finalize())
     }
 }
 

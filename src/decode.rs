@@ -2,15 +2,12 @@
 //! about the source (hash, caption). The format comes from the content, not the extension.
 
 use std::cell::RefCell;
-use std::io::{Cursor, Read};
-use std::path::Path;
+use std::io::Cursor;
 
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
-use sha2::{Digest, Sha256};
 
 use crate::config::AlphaPolicy;
-use crate::discover::Source;
 use crate::failure::{Failure, FailureKind};
 use crate::pool;
 
@@ -18,7 +15,8 @@ use crate::pool;
 pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
 
 /// What the decode stage accepts and how it flattens transparency.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DecodeOptions {
     /// Refuse (`too_large`) images with more pixels than this, judged from the header.
     pub max_pixels: u64,
@@ -49,12 +47,6 @@ pub const DEFAULT_REDUCING_GAP: f32 = 3.0;
 /// decode at a reduced scale. None: the image is needed at full size.
 pub type SizeHint<'a> = &'a dyn Fn(u32, u32) -> Option<(u32, u32)>;
 
-/// A source file's bytes and their sha256: enough to tell whether a committed row is current.
-pub struct SourceBytes {
-    pub bytes: Vec<u8>,
-    pub sha256: [u8; 32],
-}
-
 /// A source image, upright and in 8-bit RGB.
 pub struct Decoded {
     /// The pixels, possibly reduced in scale (see `SizeHint`).
@@ -62,65 +54,19 @@ pub struct Decoded {
     /// The upright size of the source, whatever scale it was decoded at.
     pub width: u32,
     pub height: u32,
-    pub source_sha256: [u8; 32],
-    pub caption: Option<String>,
 }
 
-impl Drop for SourceBytes {
-    fn drop(&mut self) {
-        pool::BYTES.give(std::mem::take(&mut self.bytes));
-    }
-}
-
-/// Reads `source` whole (into a pooled buffer) and hashes it; unreadable and zero-byte files
-/// are failures.
-pub fn read_source(source: &Source) -> Result<SourceBytes, Failure> {
-    let read = || -> std::io::Result<Vec<u8>> {
-        let mut file = std::fs::File::open(&source.path)?;
-        let len = file.metadata().map_or(0, |m| m.len() as usize);
-        let mut bytes = pool::BYTES.take(len + 1);
-        file.read_to_end(&mut bytes)?;
-        Ok(bytes)
-    };
-    let bytes = read().map_err(|e| {
-        Failure::new(
-            source.key.clone(),
-            FailureKind::Io,
-            format!("cannot read: {e}"),
-        )
-    })?;
-    if bytes.is_empty() {
-        return Err(Failure::new(
-            source.key.clone(),
-            FailureKind::Empty,
-            "zero-byte file",
-        ));
-    }
-    let sha256 = Sha256::digest(&bytes).into();
-    Ok(SourceBytes { bytes, sha256 })
-}
-
-/// Decodes bytes read from `source`; any problem becomes a `Failure` with the right kind.
-pub fn decode_source(
-    source: &Source,
-    read: SourceBytes,
+/// Decodes a sample's bytes; any problem becomes a `Failure` for `key` with the right kind.
+/// Where the bytes came from (a file, a tar member, a Parquet cell) makes no difference.
+pub fn decode_sample(
+    key: &str,
+    bytes: &[u8],
     options: &DecodeOptions,
     hint: Option<SizeHint>,
 ) -> Result<Decoded, Failure> {
-    let (rgb, (width, height)) = decode_bytes_toward(&read.bytes, options, hint)
-        .map_err(|(kind, msg)| Failure::new(source.key.clone(), kind, msg))?;
-    Ok(Decoded {
-        rgb,
-        width,
-        height,
-        source_sha256: read.sha256,
-        caption: read_caption(&source.path),
-    })
-}
-
-/// Reads and decodes `source` at full size.
-pub fn decode(source: &Source, options: &DecodeOptions) -> Result<Decoded, Failure> {
-    decode_source(source, read_source(source)?, options, None)
+    let (rgb, (width, height)) = decode_bytes_toward(bytes, options, hint)
+        .map_err(|(kind, msg)| Failure::new(key, kind, msg))?;
+    Ok(Decoded { rgb, width, height })
 }
 
 /// Decodes image bytes to upright RGB8 at full size: EXIF orientation applied, gray
@@ -342,12 +288,4 @@ fn flatten(image: DynamicImage, alpha: AlphaPolicy) -> Result<RgbImage, (Failure
         }
     }
     Ok(RgbImage::from_raw(w, h, out).expect("buffer sized to the image"))
-}
-
-/// Caption from a sidecar `NAME.txt` or `NAME.caption` beside `NAME.ext`, trimmed.
-fn read_caption(path: &Path) -> Option<String> {
-    ["txt", "caption"].iter().find_map(|ext| {
-        let text = std::fs::read_to_string(path.with_extension(ext)).ok()?;
-        Some(text.trim().to_string())
-    })
 }

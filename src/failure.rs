@@ -1,5 +1,6 @@
-//! Inputs that could not be used. Every stage that can refuse an image hands on a `Failure`;
-//! the writer records each one in `_errors.jsonl` so nothing is silently dropped.
+//! Inputs that could not be used: one vocabulary for `precompute` (`_errors.jsonl`) and `report`
+//! (`errors.jsonl`). Every stage that can refuse an image hands on a `Failure`, and it is
+//! recorded, so nothing is silently dropped.
 
 use serde::Serialize;
 
@@ -22,6 +23,8 @@ pub enum FailureKind {
     Nonfinite,
     /// Same bytes as an earlier input (`--dedupe`).
     Duplicate,
+    /// `report --shards`: the source changed since its row was written.
+    Stale,
 }
 
 impl FailureKind {
@@ -35,6 +38,7 @@ impl FailureKind {
             FailureKind::Io => "io",
             FailureKind::Nonfinite => "nonfinite",
             FailureKind::Duplicate => "duplicate",
+            FailureKind::Stale => "stale",
         }
     }
 }

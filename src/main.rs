@@ -1,5 +1,6 @@
 //! The command line: parses arguments and calls the library. Nothing else lives here.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -173,7 +174,10 @@ impl PrecomputeArgs {
             None => PrecomputeConfig::default(),
         };
         macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+            ($($field:ident),*) => { $( if let Some(v) = self.$field {
+                c.$field = v;
+                c.set_by_flag(stringify!($field));
+            } )* };
         }
         set!(
             input,
@@ -201,9 +205,20 @@ impl PrecomputeArgs {
         );
         if self.buckets.is_some() {
             c.buckets = self.buckets;
+            c.set_by_flag("buckets");
         }
         if self.captions.is_some() {
             c.captions = self.captions;
+            c.set_by_flag("captions");
+        }
+        for (on, field) in [
+            (self.no_upscale, "no_upscale"),
+            (self.flip, "flip"),
+            (self.dedupe, "dedupe"),
+        ] {
+            if on {
+                c.set_by_flag(field);
+            }
         }
         c.no_upscale |= self.no_upscale;
         c.flip |= self.flip;
@@ -218,7 +233,7 @@ fn run() -> Result<()> {
         Command::Precompute(args) => {
             let (config, print_only) = args.into_config()?;
             if print_only {
-                print!("{}", config.to_toml());
+                print_out(&config.to_toml());
                 return Ok(());
             }
             pipeline::precompute(&config)?.print();
@@ -230,11 +245,15 @@ fn run() -> Result<()> {
         }
         Command::Verify { shards } => {
             let verdict = verify::verify(&shards)?;
-            verdict.print(&shards);
+            let _ = std::io::stderr().write_all(verdict.problem_lines().as_bytes());
+            print_out(&verdict.line(&shards));
             anyhow::ensure!(verdict.ok(), "{} failed verification", shards.display());
             Ok(())
         }
-        Command::Inspect { shards } => verify::inspect(&shards),
+        Command::Inspect { shards } => {
+            print_out(&verify::inspect(&shards)?);
+            Ok(())
+        }
         Command::BenchEncoder(a) => {
             let card = ModelCard::resolve(&a.model)?;
             let device = Device::parse(&a.device)?;
@@ -261,6 +280,12 @@ fn run() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Writes to stdout; a closed pipe (`| head -1`) is the reader's choice, not an error.
+fn print_out(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
 }
 
 fn main() -> ExitCode {

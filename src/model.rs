@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::hex;
 
 /// What the encoder's single output holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EncoderOutput {
     /// Deterministic latents with `latent_channels` channels.
@@ -57,7 +57,7 @@ pub struct ModelCard {
 /// as diffusers' `Flux2Pipeline._patchify_latents`; stored latents are therefore
 /// [4·latent_channels, h/2, w/2], and `running_mean`/`running_var` (4·latent_channels values
 /// each, from the checkpoint's `bn.running_mean`/`bn.running_var`) are in that channel order.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchNorm {
     pub patch_size: usize,
@@ -188,7 +188,7 @@ impl ModelCard {
 }
 
 /// Folders that hold shipped cards: `models/` in the working directory, then the repo that
-/// built this binary (`<repo>/target/<profile>/vae-pipeline`).
+/// built this binary (`<repo>/target/<profile>/vae-pipeline`); each folder once.
 pub fn card_dirs() -> Vec<PathBuf> {
     let mut dirs = vec![PathBuf::from("models")];
     if let Ok(exe) = std::env::current_exe() {
@@ -197,12 +197,19 @@ pub fn card_dirs() -> Vec<PathBuf> {
         }
     }
     dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| seen.insert(std::fs::canonicalize(d).unwrap_or_else(|_| d.clone())));
     dirs
+}
+
+/// Whether `--model` names a card file rather than a card name.
+pub fn is_card_path(spec: &str) -> bool {
+    spec.ends_with(".toml") || Path::new(spec).components().count() > 1
 }
 
 fn find_card(spec: &str) -> Result<PathBuf> {
     let as_path = Path::new(spec);
-    if spec.ends_with(".toml") || as_path.components().count() > 1 {
+    if is_card_path(spec) {
         if as_path.is_file() {
             return Ok(as_path.to_path_buf());
         }

@@ -1,31 +1,36 @@
-//! The wiring: discover → decode+resize (rayon pool) → batch → encode → write, joined by bounded
-//! channels so memory stays flat and a slow stage back-pressures the ones before it. Takes a
-//! `PrecomputeConfig`, hands on a `RunSummary`. A rerun resumes: committed rows whose source is
-//! unchanged are skipped, stale ones pruned.
+//! The wiring: takes a checked `RunPlan` (`plan`), takes the output folder's lock, and runs
+//! source → decode+resize (rayon pool) → batch → encode → write, joined by bounded channels so
+//! memory stays flat and a slow stage back-pressures the ones before it. Hands on a
+//! `RunSummary`. A rerun resumes: committed rows that are current are skipped, stale ones pruned.
+//! SIGINT, SIGTERM and SIGUSR1 stop it gracefully: no new images, the batches in flight finish,
+//! the open shards are committed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::IsTerminal;
-use std::path::Path;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::batch::{Batch, Batcher, RowMeta};
+use crate::batch::{Batch, Batcher};
 use crate::config::PrecomputeConfig;
-use crate::decode::{decode_source, read_source, SourceBytes};
-use crate::discover::{self, Source};
-use crate::encode::{EncodedBatch, Encoder};
+use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
-use crate::model::ModelCard;
-use crate::resize::{prepare, Framing, Prepared};
-use crate::resume::{self, Committed};
-use crate::runtime::Device;
-use crate::sidecar::SidecarSchema;
+use crate::format::{self, LOCK, RUNS};
+use crate::lock::OutputLock;
+use crate::plan::RunPlan;
+use crate::progress::Progress;
+use crate::resize::Prepared;
+use crate::resume::{self, Committed, Current};
+use crate::rows::{MetadataDigest, RowMaker};
+use crate::source::{SampleRef, Source};
 use crate::write::{self, ShardWriter};
+
+pub use crate::plan::thread_split;
 
 /// Batches waiting for the encoder: one being filled while one waits is enough to overlap.
 const ENCODE_QUEUE: usize = 2;
@@ -41,7 +46,10 @@ pub struct RunSummary {
     pub already_committed: usize,
     /// Committed rows dropped because their source changed, vanished or became unusable.
     pub pruned: usize,
+    /// Inputs that could not be used (not counting `--dedupe` duplicates).
     pub failed: usize,
+    /// Later copies of identical files under `--dedupe`: listed in `_errors.jsonl`, not failures.
+    pub duplicates: usize,
     pub failures: BTreeMap<String, usize>,
     pub shards: usize,
     pub rows: i64,
@@ -53,7 +61,9 @@ pub struct RunSummary {
     pub encode_threads: usize,
     /// Seconds each stage spent working (decode summed over its threads).
     pub busy_seconds: StageBusy,
-    pub config_hash: String,
+    pub identity_hash: String,
+    /// A signal stopped the run before every input was seen.
+    pub interrupted: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -78,9 +88,9 @@ impl RunSummary {
             .map_or("none", |s| s.0)
     }
 
-    /// Share of this run's inputs that failed.
+    /// Share of this run's inputs that failed (duplicates are not failures).
     pub fn failed_fraction(&self) -> f64 {
-        let seen = self.encoded + self.already_committed + self.failed;
+        let seen = self.encoded + self.already_committed + self.failed + self.duplicates;
         if seen == 0 {
             0.0
         } else {
@@ -95,6 +105,7 @@ impl RunSummary {
             let kinds: Vec<String> = self
                 .failures
                 .iter()
+                .filter(|(k, _)| k.as_str() != FailureKind::Duplicate.as_str())
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect();
             format!(" ({}; see _errors.jsonl)", kinds.join(", "))
@@ -107,8 +118,13 @@ impl RunSummary {
                 self.already_committed, self.pruned
             )
         };
+        let duplicates = if self.duplicates == 0 {
+            String::new()
+        } else {
+            format!(", {} duplicates (--dedupe)", self.duplicates)
+        };
         eprintln!(
-            "encoded {} images{resumed}, {} failed{failures}; {} rows in {} shard(s); {:.1} s, {:.2} images/s",
+            "encoded {} images{resumed}{duplicates}, {} failed{failures}; {} rows in {} shard(s); {:.1} s, {:.2} images/s",
             self.encoded, self.failed, self.rows, self.shards, self.seconds, self.images_per_second
         );
         if self.buckets.len() > 1 {
@@ -132,145 +148,134 @@ impl RunSummary {
     }
 }
 
-/// How the thread budget is split between the decode pool and each ONNX Runtime session. On
-/// the CPU both get every thread (the encoder is the bottleneck for any real VAE; ONNX Runtime
-/// does not spin while waiting, so the pool takes the cores whenever the encoder waits for a
-/// batch, and README "Scaling" shows the measurements behind this). On GPUs the sessions need
-/// one thread each for the few CPU-side nodes and decoding gets the cores.
-pub fn thread_split(budget: usize, device: &Device) -> (usize, usize) {
-    match device {
-        Device::Cpu => (budget.max(1), budget.max(1)),
-        Device::Cuda(_) => (budget.max(1), 1),
+/// Set by SIGINT, SIGTERM or SIGUSR1 (Slurm's pre-emption warning); a second signal exits at
+/// once with 128 + the signal's number.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGUSR1,
+    ] {
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, stop.clone())
+            .context("cannot install a signal handler")?;
+        signal_hook::flag::register(signal, stop.clone())
+            .context("cannot install a signal handler")?;
     }
+    Ok(stop)
 }
 
-/// Runs `precompute`: everything that can be checked is checked before the first image.
-pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
-    config.validate()?;
-    let input = std::fs::canonicalize(&config.input)
-        .with_context(|| format!("--input {} does not exist", config.input.display()))?;
-    if !input.is_dir() {
-        bail!("--input {} is not a folder", config.input.display());
-    }
-    let card = ModelCard::resolve(&config.model)?;
-    card.check_size(config.size)?;
-    let device = Device::parse(&config.device)?;
-    let (decode_threads, encode_threads) = thread_split(config.thread_budget(), &device);
-    let encoders = device
-        .placements()
-        .into_iter()
-        .map(|gpu| Encoder::open_on(&card, gpu, encode_threads, config.latent_mode, config.seed))
-        .collect::<Result<Vec<_>>>()?;
+/// One line of `_runs.jsonl`: a run's settings, which do not change its latents.
+#[derive(Serialize)]
+struct RunRecord<'a> {
+    started: String,
+    host: String,
+    pid: u32,
+    version: &'static str,
+    identity_hash: &'a str,
+    input: String,
+    out: String,
+    threads: usize,
+    batch_size: usize,
+    shard_rows: usize,
+    device: &'a str,
+    limit: usize,
+    max_failures: f64,
+    captions: Option<String>,
+}
 
-    let encoder_sha256 = card.encoder_sha256()?;
-    let identity = format!(
-        "{}|{:?}|{:?}|{}|{}|{}|{}",
-        card.name,
-        card.input_range,
-        card.output,
-        card.latent_channels,
-        card.scaling_factor,
-        card.shift_factor,
-        encoder_sha256
-    );
-    // JSON sidecars decide columns, so their schema is inferred first and is part of the config.
-    let limit = if config.limit > 0 {
-        config.limit
-    } else {
-        usize::MAX
+fn record_run(config: &PrecomputeConfig, plan: &RunPlan) -> Result<()> {
+    let out = std::fs::canonicalize(&config.out).unwrap_or_else(|_| config.out.clone());
+    let record = RunRecord {
+        started: crate::lock::now_utc(),
+        host: crate::lock::hostname(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION"),
+        identity_hash: &plan.metadata.identity_hash,
+        input: plan.input.display().to_string(),
+        out: out.display().to_string(),
+        threads: config.threads,
+        batch_size: config.batch_size,
+        shard_rows: config.shard_rows,
+        device: &config.device,
+        limit: config.limit,
+        max_failures: config.max_failures,
+        captions: config.captions.as_ref().map(|p| p.display().to_string()),
     };
-    let images: Vec<std::path::PathBuf> = discover::walk(&input)
-        .take(limit)
-        .flatten()
-        .map(|s| s.path)
-        .collect();
-    let (sidecars, unreadable) = SidecarSchema::infer(images.iter().map(|p| p.as_path()));
-    drop(images);
-    if unreadable > 0 {
-        eprintln!("warning: {unreadable} .json sidecar(s) are not JSON objects and were ignored");
-    }
-    let identity = format!("{identity}|{}", sidecars.describe());
-    let mut effective = config.clone();
-    effective.input = input.clone();
-    let config_hash = effective.output_hash(&identity);
-    let config_toml = effective.to_toml();
-    let committed =
-        resume::prepare_output(&config.out, &config_hash, &config_toml, config.overwrite)?;
+    let path = config.out.join(RUNS);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(file, "{}", serde_json::to_string(&record)?)?;
+    Ok(())
+}
+
+/// Runs `precompute`: the plan checks everything before the first image and writes nothing;
+/// then the output folder is locked, opened and written.
+pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
+    let plan = crate::plan::plan(config)?;
+    std::fs::create_dir_all(&config.out)
+        .with_context(|| format!("cannot create --out {}", config.out.display()))?;
+    let _lock = OutputLock::acquire(&config.out, LOCK)?;
+    // Another run may have finished between the plan's look and the lock: look again.
+    let state = resume::inspect_output(&config.out, &plan.identity, config.overwrite)?;
+    let committed = resume::open_output(&config.out, &plan.identity, state)?;
+    record_run(config, &plan)?;
     if !committed.is_empty() {
         eprintln!(
-            "{} holds {} committed rows of this config: resuming",
+            "{} holds {} committed rows of this identity: resuming",
             config.out.display(),
             committed.len()
         );
     }
+    let stop = stop_flag()?;
+    run(plan, &committed, &stop)
+}
 
-    let metadata = vec![
-        (
-            "vae_pipeline.version".into(),
-            env!("CARGO_PKG_VERSION").to_string(),
-        ),
-        ("vae_pipeline.model".into(), card.name.clone()),
-        ("vae_pipeline.encoder_sha256".into(), encoder_sha256),
-        (
-            "vae_pipeline.scaling_factor".into(),
-            card.scaling_factor.to_string(),
-        ),
-        (
-            "vae_pipeline.shift_factor".into(),
-            card.shift_factor.to_string(),
-        ),
-        ("vae_pipeline.normalization".into(), card.normalization()),
-        (
-            "vae_pipeline.latent_mode".into(),
-            config.latent_mode.as_str().into(),
-        ),
-        ("vae_pipeline.dtype".into(), config.dtype.as_str().into()),
-        (
-            "vae_pipeline.resize".into(),
-            format!("{} {}", config.resize.as_str(), config.size),
-        ),
-        ("vae_pipeline.config_hash".into(), config_hash.clone()),
-        ("vae_pipeline.config".into(), config_toml),
-    ];
-    let rows = RowMaker {
+fn run(plan: RunPlan, committed: &Committed, stop: &AtomicBool) -> Result<RunSummary> {
+    let RunPlan {
         config,
-        framing: Framing::new(config)?,
-        captions: match &config.captions {
-            Some(path) => crate::captions::load(path)?,
-            None => HashMap::new(),
-        },
-        sidecars: sidecars.clone(),
-    };
-    let extra_columns = sidecars
-        .fields
-        .iter()
-        .map(|(c, _, t)| (c.clone(), t.data_type()))
-        .collect();
+        source,
+        card,
+        encoders,
+        decode_threads,
+        encode_threads,
+        metadata,
+        rows,
+        tensors,
+        inputs,
+        ..
+    } = plan;
+    let config = &config;
     let mut writer = ShardWriter::new(
         &config.out,
         config.shard_rows,
-        config.dtype,
-        metadata,
-        extra_columns,
+        metadata.clone(),
+        tensors,
+        rows.sidecars.columns(),
     )?;
 
     let start = Instant::now();
     let sessions = encoders.len();
     let (batch_tx, batch_rx) = bounded::<(u64, Batch)>(ENCODE_QUEUE * sessions);
     let (write_tx, write_rx) = bounded::<Message>(WRITE_QUEUE * sessions);
-    let progress = Progress::new();
+    let mut progress = Progress::new(inputs as u64, "images");
 
     let stages = std::thread::scope(|scope| -> Result<_> {
         let producer_tx = write_tx.clone();
-        let committed = &committed;
         let rows = &rows;
+        let source = source.as_ref();
         let producer = scope.spawn(move || {
             produce(
-                &input,
+                source,
                 rows,
+                config,
                 card.input_range,
                 decode_threads,
                 committed,
+                stop,
                 batch_tx,
                 producer_tx,
             )
@@ -296,7 +301,7 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
             })
             .collect();
         drop((batch_rx, write_tx));
-        let write_busy = consume(&mut writer, write_rx, &progress);
+        let write_busy = consume(&mut writer, write_rx, &mut progress);
         let encode_busy = encoding
             .into_iter()
             .map(|e| e.join().expect("encoder thread panicked"))
@@ -317,17 +322,26 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
 
     let t = Instant::now();
     let totals = writer.close()?;
-    let pruned = resume::prune(&committed, &produced.current)?;
+    // Pruning needs every input seen: an interrupted run leaves it to the rerun.
+    let pruned = if produced.interrupted {
+        0
+    } else {
+        resume::prune(committed, &produced.current)?
+    };
+    let manifest = write::manifest(&config.out)?;
     let mut summary = RunSummary {
         encoded: totals.rows,
         already_committed: produced.skipped,
         pruned,
         failed: totals.failed(),
+        duplicates: totals.duplicates(),
         failures: totals
             .failures
             .iter()
             .map(|(k, n)| (k.as_str().to_string(), *n))
             .collect(),
+        shards: manifest.len(),
+        rows: manifest.iter().map(|e| e.rows).sum(),
         decode_threads,
         encode_threads,
         busy_seconds: StageBusy {
@@ -335,40 +349,56 @@ pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
             encode: encode_busy.as_secs_f64(),
             write: (write_busy + t.elapsed()).as_secs_f64(),
         },
-        config_hash,
+        identity_hash: metadata.identity_hash.clone(),
+        interrupted: produced.interrupted,
         ..RunSummary::default()
     };
+    for entry in &manifest {
+        let folder = entry.path.split('/').next().unwrap_or_default().to_string();
+        *summary.buckets.entry(folder).or_default() += entry.rows;
+    }
     summary.seconds = start.elapsed().as_secs_f64();
     summary.images_per_second = totals.rows as f64 / summary.seconds.max(1e-9);
-    summary.shards = write::shard_files(&config.out)?.len();
+    let errors = config.out.join(format::ERRORS);
+    if summary.interrupted {
+        summary.print();
+        bail!(
+            "interrupted; what was done is committed ({} rows). Rerun the same command to resume",
+            summary.rows
+        );
+    }
     if summary.failed_fraction() > config.max_failures {
         summary.print();
         bail!(
-            "{:.1}% of the inputs failed, more than --max-failures {}: no _SUCCESS written (see {})",
+            "{:.1}% of the inputs failed, more than {} {}: no _SUCCESS written (see {})",
             summary.failed_fraction() * 100.0,
+            config.knob("max_failures"),
             config.max_failures,
-            config.out.join(write::ERRORS).display()
+            errors.display()
         );
     }
-    write::seal(&config.out, |manifest| {
-        summary.rows = manifest.iter().map(|e| e.rows).sum();
-        for entry in manifest {
-            let folder = entry.path.split('/').next().unwrap_or_default().to_string();
-            *summary.buckets.entry(folder).or_default() += entry.rows;
-        }
-        Ok(serde_json::to_value(&summary)?)
-    })?;
+    if summary.rows == 0 {
+        summary.print();
+        bail!(
+            "no rows: none of the {inputs} inputs could be encoded, so no _SUCCESS is written (see {})",
+            errors.display()
+        );
+    }
+    write::seal(&config.out, &manifest, &serde_json::to_value(&summary)?)?;
     Ok(summary)
 }
 
 /// One image out of decode+resize.
 enum PreparedRow {
-    Ready(Prepared, RowMeta),
+    Ready(Prepared, crate::batch::RowMeta, MetadataDigest),
     /// A committed row is current for this key.
     Committed {
         key: String,
         sha256: [u8; 32],
+        digest: MetadataDigest,
     },
+    /// The source could not be read now, but has a committed row: the row stays.
+    Unreadable(Failure),
     Failed(Failure),
 }
 
@@ -376,31 +406,35 @@ enum Message {
     /// A batch's latents and its place in batch order.
     Encoded(u64, EncodedBatch),
     Failed(Failure),
+    /// An input whose committed row is current (for progress).
+    Skipped,
 }
 
-/// What the producer hands back: its busy time, the current hash of every readable source that
-/// has a committed row (what pruning keeps; bounded by the committed set, empty on a fresh run),
-/// and how many images were skipped as committed.
+/// What the producer hands back: its busy time, the current state of every source that has a
+/// committed row (what pruning keeps; bounded by the committed set, empty on a fresh run), how
+/// many images were skipped as committed, and whether a signal stopped it.
 struct Produced {
     busy: Duration,
-    current: HashMap<String, [u8; 32]>,
+    current: HashMap<String, Current>,
     skipped: usize,
+    interrupted: bool,
 }
 
-/// Discover, decode and resize in order-preserving chunks on a rayon pool, then batch. Two
+/// List, load, decode and resize in order-preserving chunks on a rayon pool, then batch. Two
 /// chunks are in flight: the pool decodes the next while this thread batches the last, so
-/// neither waits for the other.
+/// neither waits for the other. A raised `stop` ends the listing; what is in flight finishes.
 #[allow(clippy::too_many_arguments)]
 fn produce(
-    input: &Path,
+    source: &(dyn Source + Send),
     rows: &RowMaker,
+    config: &PrecomputeConfig,
     input_range: [f32; 2],
     threads: usize,
     committed: &Committed,
+    stop: &AtomicBool,
     batch_tx: Sender<(u64, Batch)>,
     write_tx: Sender<Message>,
 ) -> Result<Produced> {
-    let config = rows.config;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("decode-{i}"))
@@ -412,9 +446,10 @@ fn produce(
     } else {
         usize::MAX
     };
-    let mut sources = discover::walk(input).take(limit).peekable();
+    let mut samples = source.list().take(limit).peekable();
     let mut batching = Batching {
-        config,
+        stop,
+        dedupe: config.dedupe,
         batcher: Batcher::new(config.batch_size, input_range).with_flip(config.flip),
         next_seq: 0,
         first_with: HashMap::new(),
@@ -423,13 +458,14 @@ fn produce(
             busy: Duration::ZERO,
             current: HashMap::new(),
             skipped: 0,
+            interrupted: false,
         },
         batch_tx: &batch_tx,
         write_tx: &write_tx,
     };
     pool.in_place_scope(|scope| {
         let mut in_flight = VecDeque::new();
-        let submit = |chunk: Vec<Result<Source, Failure>>| {
+        let submit = |chunk: Vec<Result<SampleRef, Failure>>| {
             let (tx, rx) = bounded(1);
             scope.spawn(move |_| {
                 let prepared: Vec<(PreparedRow, Duration)> = chunk
@@ -437,8 +473,8 @@ fn produce(
                     .map(|item| {
                         let t = Instant::now();
                         let row = match item {
-                            Ok(source) => rows.prepare_row(&source, committed),
-                            Err(failure) => PreparedRow::Failed(failure),
+                            Ok(sample) => prepare_row(source, rows, &sample, committed),
+                            Err(failure) => unusable(failure, committed),
                         };
                         (row, t.elapsed())
                     })
@@ -448,14 +484,18 @@ fn produce(
             rx
         };
         loop {
-            while in_flight.len() < 2 && sources.peek().is_some() {
-                in_flight.push_back(submit(sources.by_ref().take(chunk_len).collect()));
+            if stop.load(Ordering::Relaxed) && samples.peek().is_some() {
+                batching.produced.interrupted = true;
+            }
+            while in_flight.len() < 2 && !batching.produced.interrupted && samples.peek().is_some()
+            {
+                in_flight.push_back(submit(samples.by_ref().take(chunk_len).collect()));
             }
             let Some(next) = in_flight.pop_front() else {
                 break;
             };
             let prepared = next.recv().expect("decode chunk finished");
-            if !batching.push_all(prepared) {
+            if !batching.push_all(prepared) || batching.produced.interrupted {
                 // The encoder or writer stopped: its error is the run's; drain and return.
                 for rx in in_flight.drain(..) {
                     let _ = rx.recv();
@@ -468,9 +508,49 @@ fn produce(
     Ok(batching.produced)
 }
 
+/// Loads one sample and makes its row; a sample whose committed row is current (same key,
+/// bytes, caption and metadata) is not decoded.
+fn prepare_row(
+    source: &(dyn Source + Send),
+    rows: &RowMaker,
+    sample: &SampleRef,
+    committed: &Committed,
+) -> PreparedRow {
+    let loaded = match source.load(sample) {
+        Ok(loaded) => loaded,
+        Err(failure) => return unusable(failure, committed),
+    };
+    let text = rows.text(&loaded);
+    let digest = rows.digest(&text);
+    if committed.holds(&loaded.key, &loaded.bytes.sha256, &digest) {
+        return PreparedRow::Committed {
+            key: loaded.key.clone(),
+            sha256: loaded.bytes.sha256,
+            digest,
+        };
+    }
+    match rows.prepare(loaded, text) {
+        Ok((image, meta)) => PreparedRow::Ready(image, meta, digest),
+        Err(failure) => PreparedRow::Failed(failure),
+    }
+}
+
+/// A sample that could not be listed or loaded. One that cannot be read now (permissions, a
+/// flaky mount) but has a committed row keeps that row.
+fn unusable(mut failure: Failure, committed: &Committed) -> PreparedRow {
+    if failure.kind == FailureKind::Io && committed.has_key(&failure.key) {
+        failure.message += "; its committed row is kept";
+        PreparedRow::Unreadable(failure)
+    } else {
+        PreparedRow::Failed(failure)
+    }
+}
+
 /// The producer's in-order half: dedupe, committed bookkeeping, batching and numbering.
 struct Batching<'a> {
-    config: &'a PrecomputeConfig,
+    /// Raised by a signal: no more rows go into batches.
+    stop: &'a AtomicBool,
+    dedupe: bool,
     batcher: Batcher,
     next_seq: u64,
     /// --dedupe: the first key (in key order) holding each content hash.
@@ -485,9 +565,13 @@ impl Batching<'_> {
     /// Takes one chunk's rows in order; false when a downstream stage has gone.
     fn push_all(&mut self, prepared: Vec<(PreparedRow, Duration)>) -> bool {
         for (row, took) in prepared {
+            if self.stop.load(Ordering::Relaxed) {
+                self.produced.interrupted = true;
+                return true;
+            }
             self.produced.busy += took;
             let row = match row {
-                PreparedRow::Ready(_, ref meta) if self.config.dedupe => {
+                PreparedRow::Ready(_, ref meta, _) if self.dedupe => {
                     match self.first_with.get(&meta.source_sha256) {
                         Some(first) => PreparedRow::Failed(Failure::new(
                             meta.key.clone(),
@@ -500,28 +584,42 @@ impl Batching<'_> {
                         }
                     }
                 }
-                PreparedRow::Committed { ref key, sha256 } if self.config.dedupe => {
+                PreparedRow::Committed {
+                    ref key, sha256, ..
+                } if self.dedupe => {
                     self.first_with.entry(sha256).or_insert_with(|| key.clone());
                     row
                 }
                 row => row,
             };
             let sent = match row {
-                PreparedRow::Ready(image, meta) => {
+                PreparedRow::Ready(image, meta, digest) => {
                     if self.committed.has_key(&meta.key) {
                         self.produced
                             .current
-                            .insert(meta.key.clone(), meta.source_sha256);
+                            .insert(meta.key.clone(), Current::Row(meta.source_sha256, digest));
                     }
                     match self.batcher.push(&image, meta) {
                         Some(batch) => self.send(batch),
                         None => true,
                     }
                 }
-                PreparedRow::Committed { key, sha256 } => {
-                    self.produced.current.insert(key, sha256);
+                PreparedRow::Committed {
+                    key,
+                    sha256,
+                    digest,
+                } => {
+                    self.produced
+                        .current
+                        .insert(key, Current::Row(sha256, digest));
                     self.produced.skipped += 1;
-                    true
+                    self.write_tx.send(Message::Skipped).is_ok()
+                }
+                PreparedRow::Unreadable(failure) => {
+                    self.produced
+                        .current
+                        .insert(failure.key.clone(), Current::Unreadable);
+                    self.write_tx.send(Message::Failed(failure)).is_ok()
                 }
                 PreparedRow::Failed(failure) => {
                     self.write_tx.send(Message::Failed(failure)).is_ok()
@@ -549,103 +647,17 @@ impl Batching<'_> {
     }
 }
 
-/// The decode+resize stage for one source: what `precompute` and `report` both run per image.
-pub fn decode_and_resize(
-    source: &Source,
-    config: &PrecomputeConfig,
-) -> Result<(Prepared, RowMeta), Failure> {
-    let framing = Framing::new(config)
-        .map_err(|e| Failure::new(source.key.clone(), FailureKind::Io, format!("{e:#}")))?;
-    let rows = RowMaker {
-        config,
-        framing,
-        captions: HashMap::new(),
-        sidecars: SidecarSchema::default(),
-    };
-    rows.decoded_row(source, read_source(source)?)
-}
-
-/// What turns a source into a prepared row, built once per run.
-struct RowMaker<'a> {
-    config: &'a PrecomputeConfig,
-    framing: Framing,
-    /// `--captions`: overrides sidecar captions.
-    captions: HashMap<String, String>,
-    /// The run's JSON sidecar columns.
-    sidecars: SidecarSchema,
-}
-
-impl RowMaker<'_> {
-    /// `decode_and_resize` for `precompute`: sources whose committed row is current (same key,
-    /// same bytes) are not decoded.
-    fn prepare_row(&self, source: &Source, committed: &Committed) -> PreparedRow {
-        let read = match read_source(source) {
-            Ok(read) => read,
-            Err(failure) => return PreparedRow::Failed(failure),
-        };
-        if committed.holds(&source.key, &read.sha256) {
-            return PreparedRow::Committed {
-                key: source.key.clone(),
-                sha256: read.sha256,
-            };
-        }
-        match self.decoded_row(source, read) {
-            Ok((image, meta)) => PreparedRow::Ready(image, meta),
-            Err(failure) => PreparedRow::Failed(failure),
-        }
-    }
-
-    fn decoded_row(
-        &self,
-        source: &Source,
-        read: SourceBytes,
-    ) -> Result<(Prepared, RowMeta), Failure> {
-        let config = self.config;
-        let fail = |kind, message: String| Failure::new(source.key.clone(), kind, message);
-        let hint = |w, h| self.framing.geometry(&source.key, w, h).map(|g| g.resized);
-        let decoded = decode_source(source, read, &config.decode_options(), Some(&hint))?;
-        let (orig_width, orig_height) = (decoded.width, decoded.height);
-        let geometry = self.framing.geometry(&source.key, orig_width, orig_height).ok_or_else(|| {
-            fail(FailureKind::TooSmall, format!("{orig_width}x{orig_height}: no bucket fits without upscaling (--no-upscale)"))
-        })?;
-        let (tw, th) = geometry.resized;
-        if u64::from(tw) * u64::from(th) > config.max_pixels {
-            return Err(fail(
-                FailureKind::TooLarge,
-                format!(
-                    "{orig_width}x{orig_height} resized for a {}x{} window is {tw}x{th}, above --max-pixels {}",
-                    geometry.target.0, geometry.target.1, config.max_pixels
-                ),
-            ));
-        }
-        let image = prepare(decoded.rgb, geometry)
-            .map_err(|e| fail(FailureKind::Corrupt, format!("{e:#}")))?;
-        let meta = RowMeta {
-            key: source.key.clone(),
-            source_sha256: decoded.source_sha256,
-            orig_width: orig_width as i32,
-            orig_height: orig_height as i32,
-            crop_top: geometry.offset.1,
-            crop_left: geometry.offset.0,
-            width: image.crop_width as i32,
-            height: image.crop_height as i32,
-            caption: self.captions.get(&source.key).cloned().or(decoded.caption),
-            extra: self.sidecars.values(&source.path),
-        };
-        Ok((image, meta))
-    }
-}
-
 /// The writer's loop: runs on the calling thread until every sender is gone.
 fn consume(
     writer: &mut ShardWriter,
     rx: Receiver<Message>,
-    progress: &Progress,
+    progress: &mut Progress,
 ) -> Result<Duration> {
     let mut busy = Duration::ZERO;
     // Batches from several sessions can arrive out of order; they are written in order.
     let mut waiting: BTreeMap<u64, EncodedBatch> = BTreeMap::new();
     let mut next = 0u64;
+    let mut skipped = 0;
     for message in rx {
         let t = Instant::now();
         match message {
@@ -657,56 +669,15 @@ fn consume(
                 }
             }
             Message::Failed(failure) => writer.record_failure(&failure)?,
+            Message::Skipped => skipped += 1,
         }
         busy += t.elapsed();
         let totals = writer.totals();
-        progress.update(totals.rows, totals.failed());
+        let (rows, failed) = (totals.rows, totals.failed() + totals.duplicates());
+        progress.set(
+            (rows + failed + skipped) as u64,
+            &format!("{failed} failed"),
+        );
     }
     Ok(busy)
-}
-
-/// A progress bar on a terminal, a plain line every 10 s otherwise (logs, `make`).
-struct Progress {
-    bar: Option<ProgressBar>,
-    start: Instant,
-    last_line: std::cell::Cell<Instant>,
-}
-
-impl Progress {
-    fn new() -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new_spinner();
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-                    .expect("valid progress template"),
-            );
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        });
-        let now = Instant::now();
-        Progress {
-            bar,
-            start: now,
-            last_line: std::cell::Cell::new(now),
-        }
-    }
-
-    fn update(&self, encoded: usize, failed: usize) {
-        let rate = encoded as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
-        let msg = format!("{encoded} encoded, {failed} failed, {rate:.2} images/s");
-        match &self.bar {
-            Some(bar) => bar.set_message(msg),
-            None if self.last_line.get().elapsed() >= Duration::from_secs(10) => {
-                self.last_line.set(Instant::now());
-                eprintln!("progress: {msg}");
-            }
-            None => {}
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
 }

@@ -55,7 +55,8 @@ pub struct Geometry {
 }
 
 /// How images become the encoder's window, built once per run from the config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Framing {
     pub policy: ResizePolicy,
     pub size: u32,

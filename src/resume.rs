@@ -1,35 +1,60 @@
 //! Resume: takes an output folder, hands on what it already holds (`Committed`: every committed
-//! row's key and source hash, read from the shards themselves) and, after a run, prunes the rows
-//! that are no longer current. The shards are the only record: a row is committed exactly when
-//! the shard holding it was renamed into place, so there is no second manifest to fall out of step.
+//! row's key, source hash and metadata digest, read from the shards themselves) and, after a
+//! complete run, prunes the rows that are no longer current. The shards are the only record: a
+//! row is committed exactly when the shard holding it was renamed into place, so there is no
+//! second manifest to fall out of step.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use arrow_array::{Array, BooleanArray, FixedSizeBinaryArray, RecordBatch, StringArray};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use arrow_array::{
+    Array, BooleanArray, FixedSizeBinaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
+use arrow_schema::DataType;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
+use serde::{Deserialize, Serialize};
 
-use crate::write::{self, CONFIG, ERRORS, MANIFEST, SUCCESS};
+use crate::format::{self, CONFIG, ERRORS, LOCK, MANIFEST, RUNS, SUCCESS};
+use crate::identity::RunIdentity;
+use crate::rows::{metadata_digest, MetadataDigest};
+use crate::sidecar::Scalar;
+use crate::store;
+
+/// One committed row: where it is and what it was made from.
+#[derive(Debug, Clone, Copy)]
+struct CommittedRow {
+    shard: usize,
+    row: usize,
+    sha256: [u8; 32],
+    digest: MetadataDigest,
+}
 
 /// Rows an earlier run committed, by key.
 #[derive(Debug, Default)]
 pub struct Committed {
     shards: Vec<PathBuf>,
-    rows: HashMap<String, Vec<(usize, [u8; 32])>>,
+    rows: HashMap<String, Vec<CommittedRow>>,
+}
+
+/// What a source is now, for pruning: its bytes' hash and metadata digest, or unreadable (its
+/// committed row is kept as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Current {
+    Row([u8; 32], MetadataDigest),
+    Unreadable,
 }
 
 impl Committed {
-    /// A current row for `key` exists: the source has not changed since it was encoded.
-    pub fn holds(&self, key: &str, sha256: &[u8; 32]) -> bool {
-        self.rows
-            .get(key)
-            .is_some_and(|rows| rows.iter().any(|(_, s)| s == sha256))
+    /// A current row for `key` exists: same source bytes, same caption and metadata.
+    pub fn holds(&self, key: &str, sha256: &[u8; 32], digest: &MetadataDigest) -> bool {
+        self.rows.get(key).is_some_and(|rows| {
+            rows.iter()
+                .any(|r| &r.sha256 == sha256 && &r.digest == digest)
+        })
     }
 
-    /// Some committed row has this key: its current hash matters for pruning.
+    /// Some committed row has this key: its current state matters for pruning.
     pub fn has_key(&self, key: &str) -> bool {
         self.rows.contains_key(key)
     }
@@ -42,131 +67,195 @@ impl Committed {
         self.rows.is_empty()
     }
 
-    fn read(out: &Path) -> Result<Self> {
+    /// Reads key, source hash, caption and metadata columns of every shard (never a tensor).
+    pub fn read(out: &Path) -> Result<Self> {
         let mut committed = Committed::default();
-        for shard in write::shard_files(out)? {
+        for shard in format::shard_files(out)? {
             let index = committed.shards.len();
-            for (key, sha) in read_keys(&shard)? {
-                committed.rows.entry(key).or_default().push((index, sha));
-            }
+            read_rows(&shard, |row, key, sha256, digest| {
+                committed.rows.entry(key).or_default().push(CommittedRow {
+                    shard: index,
+                    row,
+                    sha256,
+                    digest,
+                });
+            })?;
             committed.shards.push(shard);
         }
         Ok(committed)
     }
 }
 
-/// Checks `out` before any work and makes it ready to (re)write:
-/// - empty or new: records the config;
-/// - same config: removes temporary files of a killed run and `_SUCCESS`, and hands on the
-///   committed rows so the run skips them;
-/// - another config: refused, or emptied of our files with `overwrite`;
+/// `_config.toml`: the identity of the runs that wrote the folder.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub format_version: u32,
+    pub identity_hash: String,
+    pub identity: RunIdentity,
+}
+
+impl ConfigFile {
+    pub fn read(out: &Path) -> Result<Option<Self>> {
+        let path = out.join(CONFIG);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        if text.lines().any(|l| l.starts_with("config_hash = ")) {
+            bail!(
+                "{} was written by an older vae-pipeline (shard format 1). Pass --overwrite to \
+                 rewrite the set in format {}, or use another --out",
+                out.display(),
+                format::FORMAT_VERSION
+            );
+        }
+        toml::from_str(&text)
+            .map(Some)
+            .with_context(|| format!("{} is not a vae-pipeline {CONFIG}", path.display()))
+    }
+
+    pub fn to_toml(&self) -> String {
+        format!(
+            "# Written by vae-pipeline: the identity of the runs in this folder (what decides the\n\
+             # latents). A rerun with the same identity resumes; see FORMAT.md.\n{}",
+            toml::to_string(self).expect("config file serializes")
+        )
+    }
+}
+
+/// What `--out` holds before a run, read without writing anything.
+pub enum OutputState {
+    /// Missing or empty: a fresh run.
+    Fresh,
+    /// Written with this identity: the run resumes.
+    Resume,
+    /// Written with another identity, and `--overwrite` was given.
+    Replace,
+}
+
+/// Checks `--out` for this run without touching it:
+/// - missing or empty (or holding only a lock file): fresh;
+/// - same identity: resume;
+/// - another identity: refused with the settings that differ, or replaced with `overwrite`;
 /// - anything else: refused.
-pub fn prepare_output(
-    out: &Path,
-    config_hash: &str,
-    config_toml: &str,
-    overwrite: bool,
-) -> Result<Committed> {
-    let mut committed = Committed::default();
-    if out.exists() {
-        if !out.is_dir() {
-            bail!("--out {} exists and is not a folder", out.display());
-        }
-        let has_entries = std::fs::read_dir(out)
-            .with_context(|| format!("cannot read --out {}", out.display()))?
-            .next()
-            .is_some();
-        if has_entries {
-            let recorded = std::fs::read_to_string(out.join(CONFIG)).map_err(|_| {
-                anyhow::anyhow!(
-                    "--out {} is not empty and holds no {CONFIG}: it was not written by vae-pipeline. \
-                     Choose an empty or new folder",
-                    out.display()
-                )
-            })?;
-            let theirs = recorded_hash(&recorded);
-            if theirs == Some(config_hash) {
-                remove_temporaries(out)?;
-                remove_file_if_present(&out.join(SUCCESS))?;
-                committed = Committed::read(out)?;
-            } else if overwrite {
-                remove_outputs(out)?;
-            } else {
-                bail!(
-                    "--out {} holds shards made with a different config (config_hash {} there, {config_hash} now; \
-                     see {}). Use another --out, or pass --overwrite to replace them",
-                    out.display(),
-                    theirs.unwrap_or("missing"),
-                    out.join(CONFIG).display()
-                );
-            }
-        }
+pub fn inspect_output(out: &Path, identity: &RunIdentity, overwrite: bool) -> Result<OutputState> {
+    if !out.exists() {
+        return Ok(OutputState::Fresh);
     }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create --out {}", out.display()))?;
-    write::write_atomic(
-        &out.join(CONFIG),
-        format!("config_hash = \"{config_hash}\"\n{config_toml}").as_bytes(),
+    if !out.is_dir() {
+        bail!("--out {} exists and is not a folder", out.display());
+    }
+    let has_entries = std::fs::read_dir(out)
+        .with_context(|| format!("cannot read --out {}", out.display()))?
+        .flatten()
+        .any(|e| e.file_name() != LOCK);
+    if !has_entries {
+        return Ok(OutputState::Fresh);
+    }
+    let recorded = match ConfigFile::read(out) {
+        Ok(Some(recorded)) => recorded,
+        Ok(None) => bail!(
+            "--out {} is not empty and holds no {CONFIG}: it was not written by vae-pipeline. \
+             Choose an empty or new folder",
+            out.display()
+        ),
+        Err(_) if overwrite => return Ok(OutputState::Replace),
+        Err(e) => return Err(e),
+    };
+    if recorded.identity_hash == identity.hash() {
+        return Ok(OutputState::Resume);
+    }
+    if overwrite {
+        return Ok(OutputState::Replace);
+    }
+    let differences = identity.differences(&recorded.identity);
+    bail!(
+        "--out {} holds shards made with different settings:\n  {}\nUse another --out, or pass \
+         --overwrite to replace them",
+        out.display(),
+        if differences.is_empty() {
+            format!(
+                "identity_hash {} there, {} now",
+                recorded.identity_hash,
+                identity.hash()
+            )
+        } else {
+            differences.join("\n  ")
+        }
     )
-    .with_context(|| format!("--out {} is not writable", out.display()))?;
-    Ok(committed)
 }
 
-fn recorded_hash(config: &str) -> Option<&str> {
-    config
-        .lines()
-        .find_map(|l| l.strip_prefix("config_hash = \"")?.strip_suffix('"'))
-}
-
-fn remove_file_if_present(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+/// Makes `--out` ready to write, under its lock: a fresh or replaced folder records the identity;
+/// a resumed one loses a killed run's temporary files and `_SUCCESS`, and hands on its committed
+/// rows.
+pub fn open_output(out: &Path, identity: &RunIdentity, state: OutputState) -> Result<Committed> {
+    let mut committed = Committed::default();
+    match state {
+        OutputState::Resume => {
+            remove_temporaries(out)?;
+            store::remove_if_present(&out.join(SUCCESS))?;
+            committed = Committed::read(out)?;
         }
-        _ => Ok(()),
+        OutputState::Replace => remove_outputs(out)?,
+        OutputState::Fresh => remove_temporaries(out)?,
     }
+    let config = ConfigFile {
+        format_version: format::FORMAT_VERSION,
+        identity_hash: identity.hash(),
+        identity: identity.clone(),
+    };
+    store::write_atomic(&out.join(CONFIG), config.to_toml().as_bytes())
+        .with_context(|| format!("--out {} is not writable", out.display()))?;
+    Ok(committed)
 }
 
 /// Temporary files (`.NAME.tmp`) a killed run left, in the output folder and its shard folders.
 fn remove_temporaries(out: &Path) -> Result<()> {
     let mut dirs = vec![out.to_path_buf()];
-    dirs.extend(write::shape_dirs(out)?);
+    dirs.extend(format::shape_dirs(out)?);
     for dir in dirs {
         for entry in std::fs::read_dir(&dir)?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                remove_file_if_present(&entry.path())?;
+            if format::is_tmp_name(&entry.file_name().to_string_lossy()) {
+                store::remove_if_present(&entry.path())?;
             }
         }
     }
     Ok(())
 }
 
-/// Removes what vae-pipeline wrote (shard folders, side files), never foreign files.
+/// Removes what vae-pipeline wrote (shard folders, side files), never foreign files or the lock.
 fn remove_outputs(out: &Path) -> Result<()> {
-    for dir in write::shape_dirs(out)? {
+    for dir in format::shape_dirs(out)? {
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove {}", dir.display()))?;
     }
-    for name in [ERRORS, MANIFEST, SUCCESS, CONFIG] {
-        remove_file_if_present(&out.join(name))?;
+    for name in [ERRORS, MANIFEST, SUCCESS, CONFIG, RUNS] {
+        store::remove_if_present(&out.join(name))?;
     }
     remove_temporaries(out)
 }
 
-/// Reads only the `key` and `source_sha256` columns of a shard.
-fn read_keys(shard: &Path) -> Result<Vec<(String, [u8; 32])>> {
+/// Calls `each(row index, key, source hash, metadata digest)` for every row of `shard`, reading
+/// only the key, hash, caption and metadata columns.
+fn read_rows(
+    shard: &Path,
+    mut each: impl FnMut(usize, String, [u8; 32], MetadataDigest),
+) -> Result<()> {
     let context = || {
         format!(
             "cannot read committed shard {} (remove it, or pass --overwrite)",
             shard.display()
         )
     };
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(File::open(shard).with_context(context)?)
-            .with_context(context)?;
-    let mask = ProjectionMask::columns(builder.parquet_schema(), ["key", "source_sha256"]);
-    let mut rows = Vec::new();
+    let builder = format::open(shard).with_context(context)?;
+    let schema = builder.schema().clone();
+    let extra = format::extra_columns(&schema);
+    let mut wanted = vec![format::KEY, format::SOURCE_SHA256, format::CAPTION];
+    wanted.extend(extra.iter().map(|(n, _)| n.as_str()));
+    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
+    let mut row = 0;
     for batch in builder
         .with_projection(mask)
         .build()
@@ -174,22 +263,60 @@ fn read_keys(shard: &Path) -> Result<Vec<(String, [u8; 32])>> {
     {
         let batch = batch.with_context(context)?;
         let (keys, shas) = key_columns(&batch).with_context(context)?;
+        let captions = batch
+            .column_by_name(format::CAPTION)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>());
+        let extra_arrays: Vec<(&str, &dyn Array)> = extra
+            .iter()
+            .filter_map(|(n, _)| Some((n.as_str(), batch.column_by_name(n)?.as_ref())))
+            .collect();
         for i in 0..batch.num_rows() {
-            rows.push((
+            let caption = captions.filter(|c| c.is_valid(i)).map(|c| c.value(i));
+            let values: Vec<(&str, Option<Scalar>)> = extra_arrays
+                .iter()
+                .map(|(n, a)| (*n, scalar_at(*a, i)))
+                .collect();
+            let digest = metadata_digest(caption, values.iter().map(|(n, v)| (*n, v.as_ref())));
+            each(
+                row,
                 keys.value(i).to_string(),
                 shas.value(i).try_into().expect("32-byte hash"),
-            ));
+                digest,
+            );
+            row += 1;
         }
     }
-    Ok(rows)
+    Ok(())
+}
+
+/// A metadata column's value as the row maker would have produced it.
+fn scalar_at(array: &dyn Array, i: usize) -> Option<Scalar> {
+    if array.is_null(i) {
+        return None;
+    }
+    let any = array.as_any();
+    match array.data_type() {
+        DataType::Boolean => any
+            .downcast_ref::<BooleanArray>()
+            .map(|a| Scalar::Bool(a.value(i))),
+        DataType::Int64 => any
+            .downcast_ref::<Int64Array>()
+            .map(|a| Scalar::Int(a.value(i))),
+        DataType::Float64 => any
+            .downcast_ref::<Float64Array>()
+            .map(|a| Scalar::Float(a.value(i))),
+        _ => any
+            .downcast_ref::<StringArray>()
+            .map(|a| Scalar::Text(a.value(i).to_string())),
+    }
 }
 
 fn key_columns(batch: &RecordBatch) -> Result<(&StringArray, &FixedSizeBinaryArray)> {
     let keys = batch
-        .column_by_name("key")
+        .column_by_name(format::KEY)
         .and_then(|c| c.as_any().downcast_ref::<StringArray>());
     let shas = batch
-        .column_by_name("source_sha256")
+        .column_by_name(format::SOURCE_SHA256)
         .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>());
     match (keys, shas) {
         (Some(k), Some(s)) => Ok((k, s)),
@@ -197,21 +324,27 @@ fn key_columns(batch: &RecordBatch) -> Result<(&StringArray, &FixedSizeBinaryArr
     }
 }
 
-/// After a run: keeps, for every key, the one committed row whose hash is the source's current
-/// hash (`current`); drops rows of changed, vanished or now-unreadable sources and duplicates a
-/// killed run may have left. Each affected shard is rewritten whole and renamed into place.
-/// Returns how many rows were dropped.
-pub fn prune(committed: &Committed, current: &HashMap<String, [u8; 32]>) -> Result<usize> {
+/// After a complete run: keeps, for every key, one committed row that is current (`current`:
+/// same source hash and metadata digest; for an unreadable source, its last committed row); drops
+/// rows of changed, vanished or now-unusable sources and duplicates a killed run may have left.
+/// Each affected shard is rewritten a row group at a time and renamed into place. Returns how
+/// many rows were dropped.
+pub fn prune(committed: &Committed, current: &HashMap<String, Current>) -> Result<usize> {
     let mut rows_in = vec![0usize; committed.shards.len()];
-    let mut keep: Vec<HashSet<(String, [u8; 32])>> = vec![HashSet::new(); committed.shards.len()];
+    let mut keep: Vec<HashSet<usize>> = vec![HashSet::new(); committed.shards.len()];
     for (key, rows) in &committed.rows {
-        let mut kept = false;
-        for (shard, sha) in rows {
-            rows_in[*shard] += 1;
-            if !kept && current.get(key) == Some(sha) {
-                kept = true;
-                keep[*shard].insert((key.clone(), *sha));
-            }
+        for r in rows {
+            rows_in[r.shard] += 1;
+        }
+        let kept = match current.get(key) {
+            Some(Current::Row(sha, digest)) => rows
+                .iter()
+                .find(|r| &r.sha256 == sha && &r.digest == digest),
+            Some(Current::Unreadable) => rows.last(),
+            None => None,
+        };
+        if let Some(r) = kept {
+            keep[r.shard].insert(r.row);
         }
     }
     let mut dropped = 0;
@@ -224,44 +357,39 @@ pub fn prune(committed: &Committed, current: &HashMap<String, [u8; 32]>) -> Resu
     Ok(dropped)
 }
 
-/// Rewrites `shard` with only the rows in `keep` (same schema, metadata and properties).
-fn rewrite_keeping(shard: &Path, keep: &HashSet<(String, [u8; 32])>) -> Result<()> {
+/// Rewrites `shard` with only the rows at the indices in `keep` (same schema, metadata and
+/// properties). Reads, filters and writes a quarter of a row group at a time, so memory stays
+/// well under one row group however large the shard is.
+fn rewrite_keeping(shard: &Path, keep: &HashSet<usize>) -> Result<()> {
     if keep.is_empty() {
-        std::fs::remove_file(shard)
-            .with_context(|| format!("cannot remove {}", shard.display()))?;
-        return Ok(());
+        return store::remove_if_present(shard);
     }
-    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(shard)?)?;
-    let metadata = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .cloned()
-        .unwrap_or_default();
-    let schema = builder.schema().clone();
-    let group_rows = builder
-        .metadata()
-        .row_groups()
-        .first()
-        .map(|g| g.num_rows() as usize)
-        .filter(|&n| n > 0);
-    let tmp = write::tmp_name(shard);
-    let props = write::shard_properties(metadata, group_rows)?;
-    let mut writer = ArrowWriter::try_new(File::create(&tmp)?, schema, Some(props))?;
-    for batch in builder.build()? {
-        let batch = batch?;
-        let (keys, shas) = key_columns(&batch)?;
-        let mask: BooleanArray = (0..batch.num_rows())
-            .map(|i| {
-                Some(keep.contains(&(
-                    keys.value(i).to_string(),
-                    shas.value(i).try_into().expect("32 bytes"),
-                )))
-            })
-            .collect();
-        writer.write(&arrow_select::filter::filter_record_batch(&batch, &mask)?)?;
+    let builder = format::open(shard)?;
+    let footer = format::footer_of(&builder, shard)?;
+    // A quarter of a row group in flight at each step (read, filtered, buffered for writing).
+    let group =
+        (format::group_rows(format::row_tensor_bytes(&footer.schema), usize::MAX) / 4).max(1);
+    let props = format::writer_properties(&footer.metadata, group)?;
+    let tmp = format::tmp_name(shard);
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let rewrite = || -> Result<std::fs::File> {
+        let mut writer = ArrowWriter::try_new(file, footer.schema.clone(), Some(props))?;
+        let mut row = 0;
+        for batch in builder.with_batch_size(group).build()? {
+            let batch = batch?;
+            let mask: BooleanArray = (row..row + batch.num_rows())
+                .map(|i| Some(keep.contains(&i)))
+                .collect();
+            row += batch.num_rows();
+            writer.write(&arrow_select::filter::filter_record_batch(&batch, &mask)?)?;
+        }
+        Ok(writer.into_inner()?)
+    };
+    let written = rewrite().and_then(|f| Ok(f.sync_all()?));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("cannot rewrite {}", shard.display())));
     }
-    let file = writer.into_inner()?;
-    file.sync_all()?;
-    write::commit(&tmp, shard)
+    store::rename_durably(&tmp, shard)
 }

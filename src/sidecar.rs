@@ -1,10 +1,12 @@
-//! JSON sidecars: takes the `NAME.json` files beside the input images, hands on one run-wide
-//! schema of their scalar fields (inferred before any work, so every shard has the same
-//! columns) and each row's values in that schema.
+//! JSON metadata columns: takes each sample's JSON object (a `NAME.json` sidecar beside an
+//! image), hands on one run-wide schema of their scalar fields (inferred before any work, so
+//! every shard has the same columns) and each row's values in that schema.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray};
 use arrow_schema::DataType;
 use serde_json::Value;
 
@@ -64,27 +66,21 @@ pub struct SidecarSchema {
     pub fields: Vec<(String, String, FieldType)>,
 }
 
-fn object(image: &Path) -> Option<serde_json::Map<String, Value>> {
-    let text = std::fs::read_to_string(image.with_extension("json")).ok()?;
-    match serde_json::from_str(&text) {
-        Ok(Value::Object(map)) => Some(map),
-        _ => None,
-    }
-}
-
 impl SidecarSchema {
-    /// Reads every image's sidecar once; malformed or non-object sidecars are counted and
-    /// contribute nothing.
-    pub fn infer<'a>(images: impl Iterator<Item = &'a Path>) -> (Self, usize) {
+    /// Takes every sample's metadata once; malformed or non-object metadata is counted and
+    /// contributes nothing.
+    pub fn infer(objects: impl Iterator<Item = crate::source::MetadataRead>) -> (Self, usize) {
+        use crate::source::MetadataRead;
         let mut types: BTreeMap<String, FieldType> = BTreeMap::new();
         let mut unreadable = 0;
-        for image in images {
-            if !image.with_extension("json").exists() {
-                continue;
-            }
-            let Some(map) = object(image) else {
-                unreadable += 1;
-                continue;
+        for object in objects {
+            let map = match object {
+                MetadataRead::Absent => continue,
+                MetadataRead::Unreadable => {
+                    unreadable += 1;
+                    continue;
+                }
+                MetadataRead::Object(map) => map,
             };
             for (field, value) in &map {
                 if let Some(t) = FieldType::of(value) {
@@ -99,7 +95,7 @@ impl SidecarSchema {
             .into_iter()
             .map(|(field, t)| {
                 // A field named like a shard column is stored as `json_<name>`.
-                let column = if crate::write::is_shard_column(&field) {
+                let column = if crate::format::is_format_column(&field) {
                     format!("json_{field}")
                 } else {
                     field.clone()
@@ -114,21 +110,21 @@ impl SidecarSchema {
         self.fields.is_empty()
     }
 
-    /// A stable description for the config hash: a new field or type is a new config.
-    pub fn describe(&self) -> String {
+    /// The columns' names and Arrow types, in schema order.
+    pub fn columns(&self) -> Vec<(String, DataType)> {
         self.fields
             .iter()
-            .map(|(c, _, t)| format!("{c}:{t:?}"))
-            .collect::<Vec<_>>()
-            .join(",")
+            .map(|(c, _, t)| (c.clone(), t.data_type()))
+            .collect()
     }
 
-    /// The row's values for `image`, in schema order; None where the sidecar lacks the field.
-    pub fn values(&self, image: &Path) -> Vec<Option<Scalar>> {
+    /// A row's values from its JSON object, in schema order; None where it lacks the field.
+    pub fn values(&self, object: Option<&serde_json::Map<String, Value>>) -> Vec<Option<Scalar>> {
         if self.fields.is_empty() {
             return Vec::new();
         }
-        let map = object(image).unwrap_or_default();
+        let empty = serde_json::Map::new();
+        let map = object.unwrap_or(&empty);
         self.fields
             .iter()
             .map(|(_, field, t)| {
@@ -146,5 +142,47 @@ impl SidecarSchema {
                 })
             })
             .collect()
+    }
+}
+
+/// One metadata column from the rows' values; a value of another type than the column's is
+/// null (the schema was inferred to hold them all, so this only happens for missing fields).
+pub fn column_array(
+    values: impl Iterator<Item = Option<Scalar>>,
+    data_type: &DataType,
+) -> ArrayRef {
+    match data_type {
+        DataType::Boolean => Arc::new(
+            values
+                .map(|v| match v {
+                    Some(Scalar::Bool(b)) => Some(b),
+                    _ => None,
+                })
+                .collect::<BooleanArray>(),
+        ),
+        DataType::Int64 => Arc::new(
+            values
+                .map(|v| match v {
+                    Some(Scalar::Int(i)) => Some(i),
+                    _ => None,
+                })
+                .collect::<Int64Array>(),
+        ),
+        DataType::Float64 => Arc::new(
+            values
+                .map(|v| match v {
+                    Some(Scalar::Float(f)) => Some(f),
+                    _ => None,
+                })
+                .collect::<Float64Array>(),
+        ),
+        _ => Arc::new(
+            values
+                .map(|v| match v {
+                    Some(Scalar::Text(t)) => Some(t),
+                    _ => None,
+                })
+                .collect::<StringArray>(),
+        ),
     }
 }

@@ -3,17 +3,13 @@
 //! say: a trainer's view of the set, not the run's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use arrow_array::{
-    Array, FixedSizeListArray, Float16Array, Float32Array, StringArray, UInt16Array,
-};
-use arrow_schema::{DataType, Schema};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use anyhow::{bail, Result};
+use arrow_array::{Array, FixedSizeListArray, StringArray};
+use arrow_schema::DataType;
 
-use crate::write::{self, CONFIG, ERRORS, MANIFEST, SUCCESS};
+use crate::format::{self, CONFIG, ERRORS, MANIFEST, SUCCESS};
 
 /// What `verify` found. `problems` empty means the set is complete and sane.
 #[derive(Debug, Default)]
@@ -28,33 +24,40 @@ impl Verdict {
         self.problems.is_empty()
     }
 
-    /// Every problem on its own line, then the one-line verdict.
-    pub fn print(&self, out: &Path) {
-        for p in &self.problems {
-            eprintln!("problem: {p}");
-        }
+    /// Every problem on its own line (for stderr).
+    pub fn problem_lines(&self) -> String {
+        self.problems
+            .iter()
+            .map(|p| format!("problem: {p}\n"))
+            .collect()
+    }
+
+    /// The one-line verdict (for stdout).
+    pub fn line(&self, out: &Path) -> String {
         if self.ok() {
-            println!(
-                "ok: {} rows in {} shards in {}",
+            format!(
+                "ok: {} rows in {} shards in {}\n",
                 self.rows,
                 self.shards,
                 out.display()
-            );
+            )
         } else {
-            println!(
-                "FAILED: {} problem(s) in {} ({} rows in {} shards read)",
+            format!(
+                "FAILED: {} problem(s) in {} ({} rows in {} shards read)\n",
                 self.problems.len(),
                 out.display(),
                 self.rows,
                 self.shards
-            );
+            )
         }
     }
 }
 
-/// Reads every shard of `out` and checks: `_SUCCESS` present; one config hash everywhere; one
+/// Reads every shard of `out` and checks: `_SUCCESS` present; one identity everywhere; one
 /// schema per shape folder and the same columns across folders; the latent a fixed_shape_tensor;
-/// keys unique across the set; every latent finite; row counts equal to `_manifest.jsonl`.
+/// keys unique across the set; every latent finite; row counts equal to `_manifest.jsonl`; no
+/// foreign files among the shards. A shard that cannot be read is a problem, and the rest are
+/// still checked.
 pub fn verify(out: &Path) -> Result<Verdict> {
     if !out.is_dir() {
         bail!("{} is not a folder", out.display());
@@ -65,115 +68,49 @@ pub fn verify(out: &Path) -> Result<Verdict> {
             "{SUCCESS} is missing: the run did not finish (rerun the same command to resume)"
         ));
     }
-    let config_hash = std::fs::read_to_string(out.join(CONFIG))
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                Some(
-                    l.strip_prefix("config_hash = \"")?
-                        .strip_suffix('"')?
-                        .to_string(),
-                )
-            })
-        });
-    if config_hash.is_none() {
-        v.problems
-            .push(format!("{CONFIG} is missing or has no config_hash"));
-    }
+    let identity_hash = match crate::resume::ConfigFile::read(out) {
+        Ok(Some(c)) => Some(c.identity_hash),
+        Ok(None) => {
+            v.problems.push(format!("{CONFIG} is missing"));
+            None
+        }
+        Err(e) => {
+            v.problems.push(format!("{e:#}"));
+            None
+        }
+    };
     let manifest = read_manifest(out, &mut v.problems);
+    let listing = format::list(out)?;
+    for foreign in &listing.foreign {
+        v.problems.push(format!(
+            "{}: not a shard file (`part-*.parquet`) in a shard folder; readers of the set would \
+             read it too: move it out",
+            format::relative(out, foreign)
+        ));
+    }
     let mut keys: HashSet<String> = HashSet::new();
-    let mut folder_schema: HashMap<PathBuf, Schema> = HashMap::new();
+    let mut folder_schema: HashMap<PathBuf, Vec<String>> = HashMap::new();
     let mut columns: Option<Vec<String>> = None;
     let mut seen = HashSet::new();
-    for shard in write::shard_files(out)? {
-        let rel = crate::discover::key_of(out, &shard);
+    for shard in &listing.shards {
+        let rel = format::relative(out, shard);
         seen.insert(rel.clone());
         v.shards += 1;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(&shard)?)
-            .with_context(|| format!("cannot read {}", shard.display()))?;
-        let schema = builder.schema().as_ref().clone();
-        let meta: HashMap<String, String> = builder
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .map(|kv| {
-                kv.iter()
-                    .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(hash) = &config_hash {
-            if meta.get("vae_pipeline.config_hash") != Some(hash) {
-                v.problems.push(format!(
-                    "{rel}: config_hash {:?} differs from {CONFIG}'s {hash}",
-                    meta.get("vae_pipeline.config_hash")
-                ));
+        let rows = match check_shard(
+            shard,
+            &rel,
+            identity_hash.as_deref(),
+            &mut folder_schema,
+            &mut columns,
+            &mut keys,
+            &mut v.problems,
+        ) {
+            Ok(rows) => rows,
+            Err(e) => {
+                v.problems.push(format!("{rel}: {e:#}"));
+                continue;
             }
-        }
-        let folder = shard.parent().expect("shard in a folder").to_path_buf();
-        match folder_schema.get(&folder) {
-            Some(first) if *first != schema => v.problems.push(format!(
-                "{rel}: schema differs from the folder's other shards"
-            )),
-            Some(_) => {}
-            None => {
-                folder_schema.insert(folder, schema.clone());
-            }
-        }
-        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        match &columns {
-            Some(c) if *c != names => v
-                .problems
-                .push(format!("{rel}: columns {names:?} differ from {c:?}")),
-            Some(_) => {}
-            None => columns = Some(names),
-        }
-        let tensors: Vec<String> = ["latent", "latent_std", "latent_flip", "latent_flip_std"]
-            .into_iter()
-            .filter(|c| schema.field_with_name(c).is_ok())
-            .map(String::from)
-            .collect();
-        match schema.field_with_name("latent") {
-            Ok(f)
-                if f.metadata().get("ARROW:extension:name").map(String::as_str)
-                    == Some("arrow.fixed_shape_tensor") => {}
-            _ => v.problems.push(format!(
-                "{rel}: `latent` is not an arrow.fixed_shape_tensor column"
-            )),
-        }
-        let mut rows = 0;
-        for batch in builder.build()? {
-            let batch = batch.with_context(|| format!("cannot read {}", shard.display()))?;
-            rows += batch.num_rows();
-            let Some(key_col) = batch
-                .column_by_name("key")
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            else {
-                v.problems.push(format!("{rel}: no utf8 `key` column"));
-                break;
-            };
-            for key in key_col.iter().flatten() {
-                if !keys.insert(key.to_string()) {
-                    v.problems.push(format!(
-                        "{rel}: key {key:?} appears more than once in the set"
-                    ));
-                }
-            }
-            for column in &tensors {
-                let list = batch
-                    .column_by_name(column)
-                    .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
-                match list.map(|l| non_finite(l.values().as_ref())) {
-                    Some(Some(0)) => {}
-                    Some(Some(n)) => v
-                        .problems
-                        .push(format!("{rel}: {n} NaN/Inf values in `{column}`")),
-                    _ => v.problems.push(format!(
-                        "{rel}: `{column}` is not a float16/float32/bf16 tensor column"
-                    )),
-                }
-            }
-        }
+        };
         v.rows += rows;
         match manifest.as_ref().and_then(|m| m.get(&rel)) {
             Some(&n) if n as usize == rows => {}
@@ -199,6 +136,93 @@ pub fn verify(out: &Path) -> Result<Verdict> {
     Ok(v)
 }
 
+/// Checks one shard; returns its rows. An error means it could not be read at all.
+fn check_shard(
+    shard: &Path,
+    rel: &str,
+    identity_hash: Option<&str>,
+    folder_schema: &mut HashMap<PathBuf, Vec<String>>,
+    columns: &mut Option<Vec<String>>,
+    keys: &mut HashSet<String>,
+    problems: &mut Vec<String>,
+) -> Result<usize> {
+    let builder = format::open(shard)?;
+    let footer = format::footer_of(&builder, shard)?;
+    let schema = footer.schema.as_ref().clone();
+    if let Some(hash) = identity_hash {
+        if footer.metadata.identity_hash != hash {
+            problems.push(format!(
+                "{rel}: identity_hash {} differs from {CONFIG}'s {hash}",
+                footer.metadata.identity_hash
+            ));
+        }
+    }
+    let folder = shard.parent().expect("shard in a folder").to_path_buf();
+    // Columns and types decide whether a reader can concatenate the shards; the metadata is
+    // checked through the identity above.
+    let signature = format::column_signature(&schema);
+    match folder_schema.get(&folder) {
+        Some(first) if *first != signature => problems.push(format!(
+            "{rel}: schema differs from the folder's other shards"
+        )),
+        Some(_) => {}
+        None => {
+            folder_schema.insert(folder, signature);
+        }
+    }
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    match columns {
+        Some(c) if *c != names => {
+            problems.push(format!("{rel}: columns {names:?} differ from {c:?}"))
+        }
+        Some(_) => {}
+        None => *columns = Some(names),
+    }
+    let tensors: Vec<&str> = format::TENSOR_COLUMNS
+        .into_iter()
+        .filter(|c| schema.field_with_name(c).is_ok())
+        .collect();
+    match schema.field_with_name("latent") {
+        Ok(f) if format::is_tensor_field(f) => {}
+        _ => problems.push(format!(
+            "{rel}: `latent` is not an arrow.fixed_shape_tensor column"
+        )),
+    }
+    let mut rows = 0;
+    let group = format::group_rows(format::row_tensor_bytes(&schema), usize::MAX);
+    for batch in builder.with_batch_size(group).build()? {
+        let batch = batch?;
+        rows += batch.num_rows();
+        let Some(key_col) = batch
+            .column_by_name(format::KEY)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        else {
+            problems.push(format!("{rel}: no utf8 `key` column"));
+            break;
+        };
+        for key in key_col.iter().flatten() {
+            if !keys.insert(key.to_string()) {
+                problems.push(format!(
+                    "{rel}: key {key:?} appears more than once in the set"
+                ));
+            }
+        }
+        for column in &tensors {
+            let list = batch
+                .column_by_name(column)
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
+            match list.map(|l| format::non_finite(l.values().as_ref())) {
+                Some(Some(0)) => {}
+                Some(Some(n)) => problems.push(format!("{rel}: {n} NaN/Inf values in `{column}`")),
+                _ => problems.push(format!(
+                    "{rel}: `{column}` is not a float16/float32/bf16 tensor column"
+                )),
+            }
+        }
+    }
+    Ok(rows)
+}
+
 fn read_manifest(out: &Path, problems: &mut Vec<String>) -> Option<BTreeMap<String, i64>> {
     let Ok(text) = std::fs::read_to_string(out.join(MANIFEST)) else {
         problems.push(format!("{MANIFEST} is missing"));
@@ -219,44 +243,24 @@ fn read_manifest(out: &Path, problems: &mut Vec<String>) -> Option<BTreeMap<Stri
     Some(rows)
 }
 
-/// Count of NaN/Inf among tensor values, or None for an element type latents are not stored as.
-fn non_finite(values: &dyn Array) -> Option<usize> {
-    let any = values.as_any();
-    if let Some(a) = any.downcast_ref::<Float16Array>() {
-        return Some(a.values().iter().filter(|v| !v.is_finite()).count());
-    }
-    if let Some(a) = any.downcast_ref::<Float32Array>() {
-        return Some(a.values().iter().filter(|v| !v.is_finite()).count());
-    }
-    any.downcast_ref::<UInt16Array>().map(|a| {
-        a.values()
-            .iter()
-            .filter(|&&b| !half::bf16::from_bits(b).is_finite())
-            .count()
-    })
-}
-
-/// Prints what a shard set holds: rows and shards per shape folder, the latent's type and shape,
-/// the model and normalization, failures by kind, and the recorded config.
-pub fn inspect(out: &Path) -> Result<()> {
-    let shards = write::shard_files(out)?;
+/// What a shard set holds, as text: rows and shards per shape folder, the latent's type and
+/// shape, the model and normalization, failures by kind, and the recorded identity.
+pub fn inspect(out: &Path) -> Result<String> {
+    use std::fmt::Write;
+    let shards = format::shard_files(out)?;
     if shards.is_empty() {
         bail!("{} holds no shards (<W>x<H>/part-*.parquet)", out.display());
     }
-    let mut per_folder: BTreeMap<String, (usize, i64, String)> = BTreeMap::new();
+    let mut per_folder: BTreeMap<String, (usize, usize, String)> = BTreeMap::new();
     let mut meta = BTreeMap::new();
     for shard in &shards {
-        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(shard)?)
-            .with_context(|| format!("cannot read {}", shard.display()))?;
-        let rows = builder.metadata().file_metadata().num_rows();
-        let latent = builder
-            .schema()
+        let footer = format::footer(shard)?;
+        let latent = footer
+            .schema
             .field_with_name("latent")
             .map(|f| {
-                let shape = f
-                    .metadata()
-                    .get("ARROW:extension:metadata")
-                    .cloned()
+                let shape = format::tensor_shape(f)
+                    .map(|s| format!("{s:?}"))
                     .unwrap_or_default();
                 match f.data_type() {
                     DataType::FixedSizeList(item, _) => format!("{} {shape}", item.data_type()),
@@ -264,13 +268,19 @@ pub fn inspect(out: &Path) -> Result<()> {
                 }
             })
             .unwrap_or_else(|_| "no latent column".into());
-        if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
-            for k in kv
-                .iter()
-                .filter(|k| k.key.starts_with("vae_pipeline.") && k.key != "vae_pipeline.config")
-            {
-                meta.insert(k.key.clone(), k.value.clone().unwrap_or_default());
-            }
+        let m = &footer.metadata;
+        for (k, v) in [
+            ("format_version", m.format_version.to_string()),
+            ("version", m.tool_version.clone()),
+            ("model", m.model.clone()),
+            ("encoder_sha256", m.encoder_sha256.clone()),
+            ("normalization", m.normalization.clone()),
+            ("latent_mode", m.latent_mode.clone()),
+            ("dtype", m.dtype.as_str().to_string()),
+            ("resize", m.resize.clone()),
+            ("identity_hash", m.identity_hash.clone()),
+        ] {
+            meta.insert(k, v);
         }
         let folder = shard
             .parent()
@@ -279,18 +289,22 @@ pub fn inspect(out: &Path) -> Result<()> {
             .unwrap_or_default();
         let entry = per_folder.entry(folder).or_insert((0, 0, latent));
         entry.0 += 1;
-        entry.1 += rows;
+        entry.1 += footer.rows;
     }
-    println!("{}", out.display());
+    let mut text = String::new();
+    writeln!(text, "{}", out.display())?;
     for (folder, (n, rows, latent)) in &per_folder {
-        println!("  {folder}: {rows} rows in {n} shard(s); latent {latent}");
+        writeln!(
+            text,
+            "  {folder}: {rows} rows in {n} shard(s); latent {latent}"
+        )?;
     }
     for (k, v) in &meta {
-        println!("  {}: {v}", k.trim_start_matches("vae_pipeline."));
+        writeln!(text, "  {k}: {v}")?;
     }
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-    if let Ok(text) = std::fs::read_to_string(out.join(ERRORS)) {
-        for line in text.lines() {
+    if let Ok(errors) = std::fs::read_to_string(out.join(ERRORS)) {
+        for line in errors.lines() {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
                 *kinds
                     .entry(v["kind"].as_str().unwrap_or("?").to_string())
@@ -299,27 +313,29 @@ pub fn inspect(out: &Path) -> Result<()> {
         }
     }
     let errors: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
-    println!(
+    writeln!(
+        text,
         "  errors: {}",
         if errors.is_empty() {
             "none".into()
         } else {
             errors.join(", ")
         }
-    );
-    println!(
+    )?;
+    writeln!(
+        text,
         "  complete: {}",
         if out.join(SUCCESS).exists() {
             "yes (_SUCCESS)"
         } else {
             "no (_SUCCESS missing)"
         }
-    );
+    )?;
     if let Ok(config) = std::fs::read_to_string(out.join(CONFIG)) {
-        println!("  config:");
-        for line in config.lines() {
-            println!("    {line}");
+        writeln!(text, "  identity ({CONFIG}):")?;
+        for line in config.lines().filter(|l| !l.starts_with('#')) {
+            writeln!(text, "    {line}")?;
         }
     }
-    Ok(())
+    Ok(text)
 }

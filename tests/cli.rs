@@ -280,7 +280,7 @@ fn output_folders_of_other_runs_are_refused_and_finished_runs_resume() {
 
     fails_before_work_in(
         &[&base[..], &["--dtype", "f32"]].concat(),
-        "holds shards made with a different config",
+        "holds shards made with different settings:\n  dtype: \"f16\" there, \"f32\" now",
     );
     let overwrite = vae_pipeline(&[&base[..], &["--dtype", "f32", "--overwrite"]].concat());
     assert!(overwrite.status.success(), "{}", stderr(&overwrite));

@@ -8,8 +8,19 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use vae_pipeline::decode::{decode, DecodeOptions};
-use vae_pipeline::discover::walk;
+use vae_pipeline::decode::{decode_sample, DecodeOptions};
+use vae_pipeline::failure::Failure;
+use vae_pipeline::source::{FolderSource, SampleRef, Source};
+
+/// Loads and decodes one listed sample at full size, as the pipeline's decode stage does.
+fn decode(
+    source: &FolderSource,
+    sample: &SampleRef,
+    options: &DecodeOptions,
+) -> Result<vae_pipeline::decode::Decoded, Failure> {
+    let loaded = source.load(sample)?;
+    decode_sample(&sample.key, &loaded.bytes.bytes, options, None)
+}
 
 /// Generates the fixtures once per test binary run into `dir`; returns the expected outcomes.
 fn fixtures(dir: &Path) -> BTreeMap<String, serde_json::Value> {
@@ -33,9 +44,10 @@ fn every_fixture_decodes_like_pillow_or_is_refused_with_its_kind() {
     let input = dir.join("input");
     let options = DecodeOptions::default();
     let mut seen = BTreeMap::new();
-    for item in walk(&input) {
-        let outcome =
-            item.and_then(|source| decode(&source, &options).map(|d| (source.key.clone(), d)));
+    let source = FolderSource::new(&input);
+    for item in source.list() {
+        let outcome = item
+            .and_then(|sample| decode(&source, &sample, &options).map(|d| (sample.key.clone(), d)));
         match outcome {
             Ok((key, decoded)) => {
                 let want = &expected
@@ -202,7 +214,8 @@ fn alpha_policy_picks_the_background() {
     img.put_pixel(0, 0, image::Rgba([200, 100, 50, 255]));
     let path = dir.join("a.png");
     img.save(&path).unwrap();
-    let source = vae_pipeline::discover::Source {
+    let source = FolderSource::new(&dir);
+    let sample = SampleRef {
         key: "a.png".into(),
         path,
     };
@@ -212,6 +225,7 @@ fn alpha_policy_picks_the_background() {
     ] {
         let d = decode(
             &source,
+            &sample,
             &DecodeOptions {
                 alpha,
                 ..DecodeOptions::default()

@@ -639,10 +639,6 @@ fn bad_setups_fail_before_any_work() {
             "not a multiple of `spatial_factor`",
         ),
         (
-            vec!["--input", i, "--model", g, "--limit", "0", "--out", o],
-            "--limit",
-        ),
-        (
             vec!["--input", i, "--model", g, "--batch-size", "0", "--out", o],
             "--batch-size",
         ),
@@ -661,7 +657,7 @@ fn bad_setups_fail_before_any_work() {
                 "--out",
                 o,
             ],
-            "holds no .parquet shards",
+            "holds no shards (<W>x<H>/part-*.parquet)",
         ),
         (
             vec!["--input", i, "--model", g, "--out", s(&a_file)],

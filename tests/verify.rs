@@ -48,7 +48,7 @@ fn an_intact_set_verifies_and_inspects() {
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(r.status.success(), "{}", stderr(&r));
     assert!(
-        text.contains("64x64: 5 rows in 3 shard(s); latent Float32 {\"shape\":[32,8,8]}"),
+        text.contains("64x64: 5 rows in 3 shard(s); latent Float32 [32, 8, 8]"),
         "{text}"
     );
     assert!(

@@ -229,8 +229,10 @@ pub fn draft(onnx: &Path) -> Result<String> {
     .with_context(|| format!("probing {} with a 1x3x{side}x{width} image", onnx.display()))?;
     let channels = shape[1];
     let factor = side / shape[2].max(1);
-    let moments = rank(&output.name) == 0
-        || (output.name != "latent_sample" && channels % 2 == 0 && channels >= 8);
+    // Only a name says an output is mean ‖ logvar: a `latent` output with an even channel count
+    // (TAEF2's 32) is all latent. An unknown name is drafted as latents and marked CHECK.
+    let moments = rank(&output.name) == 0;
+    let ambiguous = rank(&output.name) == 2 && channels % 2 == 0;
     let latent_channels = if moments { channels / 2 } else { channels };
     let (scale, shift, family) = match latent_channels {
         4 => (0.18215, 0.0, "SD 1.x/2.x (SDXL: scaling_factor = 0.13025)"),
@@ -284,16 +286,21 @@ pub fn draft(onnx: &Path) -> Result<String> {
             "output = \"moments\"  # {channels} channels: mean and logvar of {latent_channels}"
         );
     } else {
-        let _ = writeln!(
-            s,
-            "output = \"latent\"{}",
-            if output.name == "latent_sample" {
-                "  # CHECK: `latent_sample` is one random draw from the posterior, different on \
-                 every run; `vae-pipeline export` of the checkpoint gives the moments"
-            } else {
-                ""
-            }
-        );
+        let note = if output.name == "latent_sample" {
+            "  # CHECK: `latent_sample` is one random draw from the posterior, different on \
+             every run; `vae-pipeline export` of the checkpoint gives the moments"
+                .to_string()
+        } else if ambiguous {
+            format!(
+                "  # CHECK: output {:?} has {channels} channels; if they are mean and logvar, \
+                 use output = \"moments\" and latent_channels = {}",
+                output.name,
+                channels / 2
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "output = \"latent\"{note}");
     }
     let _ = writeln!(s, "latent_channels = {latent_channels}");
     let _ = writeln!(s, "spatial_factor = {factor}");

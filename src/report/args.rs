@@ -11,6 +11,8 @@ use super::reconstruct::decoder_path;
 use super::shards::ShardSet;
 use crate::config::{PrecomputeConfig, ResizePolicy};
 use crate::model::ModelCard;
+use crate::resize::Framing;
+use crate::rows::RowMaker;
 
 /// Flags of `vae-pipeline report`.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,7 +40,8 @@ pub struct ReportArgs {
     /// files are replaced; nothing else in it is touched).
     #[arg(long)]
     pub out: PathBuf,
-    /// Report on the first N inputs only (name order; with --shards, shard order).
+    /// Report on the first N inputs only (name order; with --shards, shard order); 0 = all, as
+    /// for `precompute`.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
     /// LPIPS as an ONNX export: two float32 [N, 3, H, W] inputs in [-1, 1] (original, then
@@ -67,8 +70,9 @@ pub struct Plan {
     pub input: PathBuf,
     pub origin: Origin,
     pub cards: Vec<ModelCard>,
-    /// Size, resize and decode settings for reading the source images.
-    pub config: PrecomputeConfig,
+    /// How source images become windows (size, resize, decode settings): the shards' own with
+    /// --shards.
+    pub rows: RowMaker,
     pub limit: usize,
     pub threads: usize,
 }
@@ -79,9 +83,6 @@ impl ReportArgs {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
-        if self.limit == Some(0) {
-            bail!("--limit must be at least 1 (leave it out to use every image)");
-        }
         let input = std::fs::canonicalize(&self.input)
             .with_context(|| format!("--input {} does not exist", self.input.display()))?;
         if !input.is_dir() {
@@ -90,13 +91,13 @@ impl ReportArgs {
         if self.out.exists() && !self.out.is_dir() {
             bail!("--out {} exists and is not a folder", self.out.display());
         }
-        if self.out.join(crate::write::CONFIG).exists() {
+        if self.out.join(crate::format::CONFIG).exists() {
             bail!(
                 "--out {} holds a shard set; write the report to another folder",
                 self.out.display()
             );
         }
-        let (origin, cards, config) = match &self.shards {
+        let (origin, cards, rows) = match &self.shards {
             Some(dir) => self.plan_shards(dir)?,
             None => self.plan_images()?,
         };
@@ -112,24 +113,20 @@ impl ReportArgs {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         };
-        let config = PrecomputeConfig {
-            input: input.clone(),
-            out: self.out.clone(),
-            batch_size: self.batch_size,
-            threads,
-            ..config
-        };
         Ok(Plan {
             input,
             origin,
             cards,
-            config,
-            limit: self.limit.unwrap_or(usize::MAX),
+            rows,
+            limit: match self.limit {
+                None | Some(0) => usize::MAX,
+                Some(n) => n,
+            },
             threads,
         })
     }
 
-    fn plan_images(&self) -> Result<(Origin, Vec<ModelCard>, PrecomputeConfig)> {
+    fn plan_images(&self) -> Result<(Origin, Vec<ModelCard>, RowMaker)> {
         let names = if self.models.is_empty() {
             vec!["taef2".to_string()]
         } else {
@@ -161,15 +158,14 @@ impl ReportArgs {
             card.check_size(config.size)?;
             decoder_path(card)?;
         }
-        Ok((Origin::Images, cards, config))
+        let rows = RowMaker::plain(Framing::new(&config)?, config.decode_options());
+        Ok((Origin::Images, cards, rows))
     }
 
-    fn plan_shards(
-        &self,
-        dir: &std::path::Path,
-    ) -> Result<(Origin, Vec<ModelCard>, PrecomputeConfig)> {
+    fn plan_shards(&self, dir: &std::path::Path) -> Result<(Origin, Vec<ModelCard>, RowMaker)> {
         let set = ShardSet::open(dir)?;
-        let info = &set.info;
+        let info = &set.info.metadata;
+        let framing = &set.info.identity.framing;
         let spec = match self.models.as_slice() {
             [] => info.model.clone(),
             [one] => one.clone(),
@@ -201,18 +197,18 @@ impl ReportArgs {
                 card.encoder.display()
             );
         }
-        if let Some(size) = self.size.filter(|&s| s != info.config.size) {
+        if let Some(size) = self.size.filter(|&s| s != framing.size) {
             bail!(
                 "--size {size} differs from the shards' size {}: with --shards the size comes \
                  from the shards; leave --size out",
-                info.config.size
+                framing.size
             );
         }
-        if let Some(resize) = self.resize.filter(|&r| r != info.config.resize) {
+        if let Some(resize) = self.resize.filter(|&r| r != framing.policy) {
             bail!(
                 "--resize {} differs from the shards' {}: leave --resize out with --shards",
                 resize.as_str(),
-                info.config.resize.as_str()
+                framing.policy.as_str()
             );
         }
         if !set.complete {
@@ -220,7 +216,7 @@ impl ReportArgs {
                 "warning: {} has no {}: the run that wrote it did not finish; reporting on the \
                  shards it committed",
                 dir.display(),
-                crate::write::SUCCESS
+                crate::format::SUCCESS
             );
         }
         if (card.scaling_factor, card.shift_factor) != (info.scaling_factor, info.shift_factor) {
@@ -230,7 +226,7 @@ impl ReportArgs {
                 info.scaling_factor, info.shift_factor, card.scaling_factor, card.shift_factor
             );
         }
-        let config = info.config.clone();
-        Ok((Origin::Shards(Box::new(set)), vec![card], config))
+        let rows = RowMaker::plain(framing.clone(), set.info.identity.decode);
+        Ok((Origin::Shards(Box::new(set)), vec![card], rows))
     }
 }

@@ -14,7 +14,7 @@ mod html;
 mod lpips;
 pub mod metrics;
 mod output;
-mod progress;
+
 pub mod reconstruct;
 pub mod shards;
 
@@ -32,17 +32,17 @@ use self::args::{Origin, Plan};
 use self::gallery::Gallery;
 use self::lpips::Lpips;
 use self::metrics::{psnr, ssim, LatentStats};
-use self::progress::Progress;
 use self::reconstruct::{raw_latents, Decoder};
 use self::shards::{ShardSet, StoredRow};
 use crate::batch::{Batch, Batcher, RowMeta};
-use crate::config::{LatentMode, PrecomputeConfig};
-use crate::discover::{self, Source};
+use crate::config::LatentMode;
 use crate::encode::Encoder;
-use crate::failure::Failure;
+use crate::failure::{Failure, FailureKind};
 use crate::model::ModelCard;
-use crate::pipeline::decode_and_resize;
+use crate::progress::Progress;
 use crate::resize::Prepared;
+use crate::rows::RowMaker;
+use crate::source::{FolderSource, SampleRef, Source};
 
 /// One image's scores for one model: a row of `metrics.parquet`.
 #[derive(Debug, Clone)]
@@ -62,8 +62,7 @@ pub struct Skipped {
     pub key: String,
     /// The model that failed on it; `None` when the image itself could not be used.
     pub model: Option<String>,
-    /// A `precompute` failure kind, or `stale` (the source changed since the shards were made).
-    pub kind: String,
+    pub kind: FailureKind,
     pub message: String,
 }
 
@@ -72,7 +71,7 @@ impl Skipped {
         Skipped {
             key: f.key,
             model: model.map(str::to_string),
-            kind: f.kind.as_str().to_string(),
+            kind: f.kind,
             message: f.message,
         }
     }
@@ -105,7 +104,10 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
         };
         let (scaling_factor, shift_factor) = match &plan.origin {
             Origin::Images => (card.scaling_factor, card.shift_factor),
-            Origin::Shards(set) => (set.info.scaling_factor, set.info.shift_factor),
+            Origin::Shards(set) => (
+                set.info.metadata.scaling_factor,
+                set.info.metadata.shift_factor,
+            ),
         };
         models.push(Model {
             decoder: Decoder::open(card, threads)?,
@@ -119,13 +121,16 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
             card: card.clone(),
         });
     }
-    let size = plan.config.size as usize;
+    let size = plan.rows.framing.size as usize;
     let lpips = match &args.lpips {
         Some(path) => Some(Lpips::open(path, threads, size)?),
         None => None,
     };
     let inputs = match &plan.origin {
-        Origin::Images => discover::walk(&plan.input).take(plan.limit).count(),
+        Origin::Images => FolderSource::new(&plan.input)
+            .list()
+            .take(plan.limit)
+            .count(),
         Origin::Shards(set) => set.rows.min(plan.limit),
     };
     if inputs == 0 {
@@ -146,7 +151,7 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
         models,
         lpips,
         pool,
-        progress: Progress::new((inputs * plan.cards.len()) as u64),
+        progress: Progress::new((inputs * plan.cards.len()) as u64, "image×model"),
         skipped: Vec::new(),
         batch_size: args.batch_size,
     };
@@ -184,8 +189,8 @@ fn finish(args: &ReportArgs, plan: &Plan, scorer: Scorer, inputs: usize) -> Resu
         },
         input: plan.input.display().to_string(),
         shards: args.shards.as_ref().map(|s| s.display().to_string()),
-        size: plan.config.size,
-        resize: plan.config.resize.as_str().to_string(),
+        size: plan.rows.framing.size,
+        resize: plan.rows.framing.policy.as_str().to_string(),
         inputs,
         failed: skipped.iter().filter(|s| s.model.is_none()).count(),
         lpips: args.lpips.as_ref().map(|p| p.display().to_string()),
@@ -238,7 +243,7 @@ fn finish(args: &ReportArgs, plan: &Plan, scorer: Scorer, inputs: usize) -> Resu
         });
     }
     let page = html::render(&summary, &psnr_chart, &pages)?;
-    crate::write::write_atomic(&out.join(output::HTML), page.as_bytes())
+    crate::store::write_atomic(&out.join(output::HTML), page.as_bytes())
         .with_context(|| format!("cannot write {}", out.join(output::HTML).display()))?;
     Ok(summary)
 }
@@ -304,13 +309,14 @@ fn planar01(image: &Prepared) -> Vec<f32> {
 impl Scorer {
     /// Discover → decode+resize (parallel) → per model: batch → encode → decode → score.
     fn score_images(&mut self, plan: &Plan, chunk: usize) -> Result<()> {
-        let mut sources = discover::walk(&plan.input).take(plan.limit).peekable();
+        let source = FolderSource::new(&plan.input);
+        let mut sources = source.list().take(plan.limit).peekable();
         while sources.peek().is_some() {
-            let items: Vec<Result<Source, Failure>> = sources.by_ref().take(chunk).collect();
+            let items: Vec<Result<SampleRef, Failure>> = sources.by_ref().take(chunk).collect();
             let prepared: Vec<Result<(Prepared, RowMeta), Failure>> = self.pool.install(|| {
                 items
                     .into_par_iter()
-                    .map(|item| item.and_then(|s| decode_and_resize(&s, &plan.config)))
+                    .map(|item| item.and_then(|s| load_row(&source, &plan.rows, &s)))
                     .collect()
             });
             let mut images = Vec::with_capacity(prepared.len());
@@ -382,11 +388,11 @@ impl Scorer {
 
     /// Shard rows → re-read and check their sources (parallel) → decode → score.
     fn score_shards(&mut self, plan: &Plan, set: &ShardSet, chunk: usize) -> Result<()> {
-        let size = plan.config.size as usize;
+        let source = FolderSource::new(&plan.input);
         set.for_each_chunk(chunk, plan.limit, |rows| {
             let checked: Vec<Result<(StoredRow, Vec<f32>), Skipped>> = self.pool.install(|| {
                 rows.into_par_iter()
-                    .map(|row| reread(row, &plan.input, &plan.config))
+                    .map(|row| reread(row, &source, &plan.rows))
                     .collect()
             });
             let mut ready = Vec::with_capacity(checked.len());
@@ -399,7 +405,8 @@ impl Scorer {
                     }
                 }
             }
-            for group in ready.chunk_by(|a, b| a.0.shape == b.0.shape) {
+            let window = |r: &StoredRow| (r.shape, r.width, r.height);
+            for group in ready.chunk_by(|a, b| window(&a.0) == window(&b.0)) {
                 for batch in group.chunks(self.batch_size) {
                     let keys: Vec<String> = batch.iter().map(|(r, _)| r.key.clone()).collect();
                     let stored: Vec<f32> = batch
@@ -407,7 +414,9 @@ impl Scorer {
                         .flat_map(|(r, _)| r.latent.iter().copied())
                         .collect();
                     let refs: Vec<&[f32]> = batch.iter().map(|(_, o)| o.as_slice()).collect();
-                    self.score(0, &keys, &stored, batch[0].0.shape, &refs, size, size)?;
+                    let (shape, width, height) = window(&batch[0].0);
+                    let (width, height) = (width as usize, height as usize);
+                    self.score(0, &keys, &stored, shape, &refs, width, height)?;
                 }
             }
             Ok(())
@@ -464,7 +473,7 @@ impl Scorer {
                 self.skipped.push(Skipped {
                     key: keys[i].clone(),
                     model: Some(model.card.name.clone()),
-                    kind: "nonfinite".into(),
+                    kind: FailureKind::Nonfinite,
                     message: format!("decoder of {} produced NaN or Inf", model.card.name),
                 });
                 continue;
@@ -495,29 +504,44 @@ impl Scorer {
     }
 }
 
+/// Loads a sample and makes its row: the `precompute` stages, one image.
+fn load_row(
+    source: &dyn Source,
+    rows: &RowMaker,
+    sample: &SampleRef,
+) -> Result<(Prepared, RowMeta), Failure> {
+    let loaded = source.load(sample)?;
+    let text = rows.text(&loaded);
+    rows.prepare(loaded, text)
+}
+
 /// Re-reads a stored row's source with the shards' own settings and checks it is the same
 /// file (sha256) cropped the same way; hands on the row and the original in [0, 1].
 fn reread(
     row: StoredRow,
-    input: &Path,
-    config: &PrecomputeConfig,
+    source: &dyn Source,
+    rows: &RowMaker,
 ) -> Result<(StoredRow, Vec<f32>), Skipped> {
-    let source = Source {
-        key: row.key.clone(),
-        path: input.join(&row.key),
+    let Some(sample) = source.locate(&row.key) else {
+        return Err(Skipped {
+            key: row.key.clone(),
+            model: None,
+            kind: FailureKind::Io,
+            message: format!("key {:?} names no file under --input", row.key),
+        });
     };
     let (image, meta) =
-        decode_and_resize(&source, config).map_err(|f| Skipped::from_failure(f, None))?;
+        load_row(source, rows, &sample).map_err(|f| Skipped::from_failure(f, None))?;
     let stale = |message: String| Skipped {
         key: row.key.clone(),
         model: None,
-        kind: "stale".into(),
+        kind: FailureKind::Stale,
         message,
     };
     if meta.source_sha256 != row.source_sha256 {
         return Err(stale(format!(
             "{} changed since the shards were written (its sha256 differs from source_sha256)",
-            source.path.display()
+            sample.path.display()
         )));
     }
     if (meta.crop_top, meta.crop_left) != (row.crop_top, row.crop_left) {

@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::metrics::{mean_std, LatentStats};
 use super::{ImageScore, Skipped};
 use crate::model::ModelCard;
-use crate::write::write_atomic;
+use crate::store::write_atomic;
 
 pub const METRICS: &str = "metrics.parquet";
 pub const SUMMARY: &str = "summary.json";

@@ -2,31 +2,23 @@
 //! its latents were made (model, normalization, resize) and its rows (key, source hash, crop,
 //! stored latent as `f32`) in shard order, so the report can decode exactly what was stored.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use arrow_array::{
-    Array, FixedSizeBinaryArray, FixedSizeListArray, Float16Array, Float32Array, Int32Array,
-    RecordBatch, StringArray, UInt16Array,
+    Array, FixedSizeBinaryArray, FixedSizeListArray, Int32Array, RecordBatch, StringArray,
 };
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use walkdir::WalkDir;
 
-use crate::config::PrecomputeConfig;
+use crate::format::{self, ShardMetadata};
+use crate::identity::RunIdentity;
 
 /// What every shard of the set records about how its latents were made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardInfo {
-    pub model: String,
-    pub encoder_sha256: String,
-    pub scaling_factor: f32,
-    pub shift_factor: f32,
-    /// The `precompute` config the shards record: size, resize and decode settings, so the
-    /// sources are re-read exactly as they were for encoding.
-    pub config: PrecomputeConfig,
-    pub latent_mode: String,
-    pub dtype: String,
+    pub metadata: ShardMetadata,
+    /// The run identity the shards record: size, framing and decode settings, so the sources
+    /// are re-read exactly as they were for encoding.
+    pub identity: RunIdentity,
 }
 
 /// A shard set: its Parquet files in path order and what they share.
@@ -45,6 +37,9 @@ pub struct StoredRow {
     pub source_sha256: [u8; 32],
     pub crop_top: i32,
     pub crop_left: i32,
+    /// The window the encoder saw (the row's bucket).
+    pub width: i32,
+    pub height: i32,
     /// `[C, h, w]` of `latent`.
     pub shape: [usize; 3],
     /// The stored (normalized) latent, widened to f32.
@@ -52,46 +47,40 @@ pub struct StoredRow {
 }
 
 impl ShardSet {
-    /// Finds every `*.parquet` under `dir` and checks that they agree on model and normalization.
+    /// Lists the set's shards (as `format` defines them) and checks that they agree on how
+    /// their latents were made.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             bail!("--shards {} is not a folder", dir.display());
         }
-        let mut files: Vec<PathBuf> = WalkDir::new(dir)
-            .sort_by_file_name()
-            .into_iter()
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                let name = e.file_name().to_string_lossy();
-                e.file_type().is_file() && name.ends_with(".parquet") && !name.starts_with('.')
-            })
-            .map(|e| e.into_path())
-            .collect();
-        files.sort();
+        let files = format::shard_files(dir)?;
         let Some(first) = files.first() else {
             bail!(
-                "--shards {} holds no .parquet shards; pass the --out folder of a `precompute` run",
+                "--shards {} holds no shards (<W>x<H>/part-*.parquet); pass the --out folder of a \
+                 `precompute` run",
                 dir.display()
             );
         };
         let info = read_info(first)?;
         let mut rows = 0;
         for file in &files {
-            let (theirs, n) = read_info_rows(file)?;
-            if theirs != info {
+            let footer = format::footer(file)?;
+            if footer.metadata.identity_hash != info.metadata.identity_hash {
                 bail!(
-                    "--shards {}: {} was made with {theirs:?} but {} with {info:?}; report on one \
-                     shard set at a time",
+                    "--shards {}: {} and {} record different runs (identity {} and {}); report on \
+                     one shard set at a time",
                     dir.display(),
                     file.display(),
-                    first.display()
+                    first.display(),
+                    footer.metadata.identity_hash,
+                    info.metadata.identity_hash
                 );
             }
-            rows += n;
+            rows += footer.rows;
         }
         Ok(ShardSet {
             dir: dir.to_path_buf(),
-            complete: dir.join(crate::write::SUCCESS).exists(),
+            complete: dir.join(format::SUCCESS).exists(),
             files,
             info,
             rows,
@@ -107,7 +96,7 @@ impl ShardSet {
     ) -> Result<()> {
         let mut left = limit;
         for file in &self.files {
-            let reader = ParquetRecordBatchReaderBuilder::try_new(open(file)?)?
+            let reader = format::open(file)?
                 .with_batch_size(chunk.min(left).max(1))
                 .build()?;
             for batch in reader {
@@ -131,12 +120,14 @@ impl ShardSet {
         let hashes: &FixedSizeBinaryArray = column(batch, "source_sha256")?;
         let tops: &Int32Array = column(batch, "crop_top")?;
         let lefts: &Int32Array = column(batch, "crop_left")?;
+        let widths: &Int32Array = column(batch, "width")?;
+        let heights: &Int32Array = column(batch, "height")?;
         let latents: &FixedSizeListArray = column(batch, "latent")?;
-        let shape = tensor_shape(batch)?;
+        let shape = format::tensor_shape(batch.schema().field_with_name("latent")?)?;
         let mut rows = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
             let values = latents.value(i);
-            let latent = widen(values.as_ref(), &self.info.dtype)?;
+            let latent = format::widen(values.as_ref(), self.info.metadata.dtype)?;
             if latent.len() != shape.iter().product::<usize>() {
                 bail!(
                     "latent of {} has {} values, not {shape:?}",
@@ -152,6 +143,8 @@ impl ShardSet {
                     .context("source_sha256 is not 32 bytes")?,
                 crop_top: tops.value(i),
                 crop_left: lefts.value(i),
+                width: widths.value(i),
+                height: heights.value(i),
                 shape,
                 latent,
             });
@@ -160,56 +153,15 @@ impl ShardSet {
     }
 }
 
-fn open(path: &Path) -> Result<File> {
-    File::open(path).with_context(|| format!("cannot open shard {}", path.display()))
-}
-
 fn read_info(path: &Path) -> Result<ShardInfo> {
-    Ok(read_info_rows(path)?.0)
-}
-
-/// The shard's `vae_pipeline.*` metadata and its row count.
-fn read_info_rows(path: &Path) -> Result<(ShardInfo, usize)> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
-        .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
-    let meta = builder.metadata().file_metadata();
-    let kv = meta.key_value_metadata().cloned().unwrap_or_default();
-    let get = |key: &str| -> Result<String> {
-        kv.iter()
-            .find(|e| e.key == format!("vae_pipeline.{key}"))
-            .and_then(|e| e.value.clone())
-            .with_context(|| {
-                format!(
-                    "{} has no `vae_pipeline.{key}` metadata: it was not written by `vae-pipeline precompute`",
-                    path.display()
-                )
-            })
-    };
-    let number = |key: &str| -> Result<f32> {
-        let text = get(key)?;
-        text.parse().with_context(|| {
-            format!(
-                "{}: vae_pipeline.{key} = {text:?} is not a number",
-                path.display()
-            )
-        })
-    };
-    let config_toml = get("config")?;
-    let info = ShardInfo {
-        model: get("model")?,
-        encoder_sha256: get("encoder_sha256")?,
-        scaling_factor: number("scaling_factor")?,
-        shift_factor: number("shift_factor")?,
-        config: toml::from_str(&config_toml).with_context(|| {
-            format!(
-                "{}: vae_pipeline.config is not a config this vae-pipeline reads",
-                path.display()
-            )
-        })?,
-        latent_mode: get("latent_mode")?,
-        dtype: get("dtype")?,
-    };
-    Ok((info, meta.num_rows() as usize))
+    let metadata = format::footer(path)?.metadata;
+    let identity = RunIdentity::from_toml(&metadata.identity).with_context(|| {
+        format!(
+            "{}: vae_pipeline.identity is not an identity this vae-pipeline reads",
+            path.display()
+        )
+    })?;
+    Ok(ShardInfo { metadata, identity })
 }
 
 fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
@@ -219,46 +171,4 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
         .as_any()
         .downcast_ref::<T>()
         .with_context(|| format!("column `{name}` has an unexpected type"))
-}
-
-/// `[C, h, w]` from the `arrow.fixed_shape_tensor` metadata of `latent`.
-fn tensor_shape(batch: &RecordBatch) -> Result<[usize; 3]> {
-    let schema = batch.schema();
-    let field = schema.field_with_name("latent")?;
-    let meta = field
-        .metadata()
-        .get("ARROW:extension:metadata")
-        .context("column `latent` has no arrow.fixed_shape_tensor metadata")?;
-    let parsed: serde_json::Value = serde_json::from_str(meta)?;
-    let dims: Vec<usize> = parsed["shape"]
-        .as_array()
-        .context("tensor metadata has no shape")?
-        .iter()
-        .map(|d| d.as_u64().map(|d| d as usize))
-        .collect::<Option<_>>()
-        .context("tensor shape is not a list of sizes")?;
-    dims.try_into()
-        .map_err(|d| anyhow::anyhow!("latent shape {d:?} is not [C, h, w]"))
-}
-
-/// Stored values as f32: float16, float32, or bfloat16 bits in uint16 (`dtype = "bf16"`).
-fn widen(values: &dyn Array, dtype: &str) -> Result<Vec<f32>> {
-    let any = values.as_any();
-    if let Some(a) = any.downcast_ref::<Float32Array>() {
-        return Ok(a.values().to_vec());
-    }
-    if let Some(a) = any.downcast_ref::<Float16Array>() {
-        return Ok(a.values().iter().map(|v| v.to_f32()).collect());
-    }
-    if let (Some(a), "bf16") = (any.downcast_ref::<UInt16Array>(), dtype) {
-        return Ok(a
-            .values()
-            .iter()
-            .map(|&b| half::bf16::from_bits(b).to_f32())
-            .collect());
-    }
-    bail!(
-        "latent values are {:?} (dtype {dtype}); expected float16, float32 or bf16 bits",
-        values.data_type()
-    )
 }

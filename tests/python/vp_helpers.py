@@ -28,7 +28,10 @@ METADATA_KEYS = (
     "vae_pipeline.latent_mode",
     "vae_pipeline.dtype",
     "vae_pipeline.resize",
-    "vae_pipeline.config_hash",
+    "vae_pipeline.format_version",
+    "vae_pipeline.normalization",
+    "vae_pipeline.identity_hash",
+    "vae_pipeline.identity",
 )
 
 INT32_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left", "width", "height")

@@ -1,0 +1,588 @@
+//! The shard format: the one home of the contract between a run and every reader of its output
+//! (FORMAT.md publishes it). Names the folder layout, the side files, the columns and their types,
+//! the tensor codec (`arrow.fixed_shape_tensor`) and the file metadata as one typed struct with a
+//! format version. Writer, resume, verify, inspect and report all go through it; it imports
+//! nothing of the pipeline.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use arrow_array::{Array, ArrayRef, FixedSizeListArray, Float16Array, Float32Array, UInt16Array};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+use serde::{Deserialize, Serialize};
+
+/// The version of this contract. A reader refuses a set with a higher major version; a writer
+/// resumes only a set of its own version. 2: `identity` replaces the whole config in the
+/// metadata, keys escape `%` and non-UTF-8 bytes.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Side files of a shard set.
+pub const SUCCESS: &str = "_SUCCESS";
+pub const ERRORS: &str = "_errors.jsonl";
+pub const MANIFEST: &str = "_manifest.jsonl";
+pub const CONFIG: &str = "_config.toml";
+/// One line per run that wrote into the set: its run settings (threads, batch size, …).
+pub const RUNS: &str = "_runs.jsonl";
+/// The output folder's writer lock (`flock`).
+pub const LOCK: &str = "_lock";
+
+/// Prefix of every metadata key the format owns.
+pub const META_PREFIX: &str = "vae_pipeline.";
+
+pub const KEY: &str = "key";
+pub const SOURCE_SHA256: &str = "source_sha256";
+pub const CAPTION: &str = "caption";
+/// The Int32 columns recording each row's geometry, in schema order.
+pub const GEOMETRY_COLUMNS: [&str; 6] = [
+    "orig_width",
+    "orig_height",
+    "crop_top",
+    "crop_left",
+    "width",
+    "height",
+];
+/// The tensor columns, in schema order; all but `latent` are present only when asked for.
+pub const TENSOR_COLUMNS: [&str; 4] = ["latent", "latent_std", "latent_flip", "latent_flip_std"];
+
+/// Whether the format owns a column of this name (metadata columns must not take it).
+pub fn is_format_column(name: &str) -> bool {
+    [KEY, SOURCE_SHA256, CAPTION].contains(&name)
+        || GEOMETRY_COLUMNS.contains(&name)
+        || TENSOR_COLUMNS.contains(&name)
+}
+
+/// How latent values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageDType {
+    F16,
+    /// Arrow has no bfloat16: the bits are stored as uint16 (see FORMAT.md).
+    Bf16,
+    F32,
+}
+
+impl StorageDType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageDType::F16 => "f16",
+            StorageDType::Bf16 => "bf16",
+            StorageDType::F32 => "f32",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [StorageDType::F16, StorageDType::Bf16, StorageDType::F32]
+            .into_iter()
+            .find(|d| d.as_str() == text)
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            StorageDType::F32 => 4,
+            StorageDType::F16 | StorageDType::Bf16 => 2,
+        }
+    }
+
+    /// The Arrow element type the values are written as (bf16 travels as its uint16 bits).
+    pub fn element_type(self) -> DataType {
+        match self {
+            StorageDType::F16 => DataType::Float16,
+            StorageDType::Bf16 => DataType::UInt16,
+            StorageDType::F32 => DataType::Float32,
+        }
+    }
+}
+
+/// A `arrow.fixed_shape_tensor` field. Its list child must be nullable or pyarrow reads a plain
+/// fixed-size list; the metadata is written by hand because arrow-rs' own writes JSON nulls that
+/// pyarrow rejects (see FACTS.md).
+pub fn tensor_field(name: &str, dtype: StorageDType, shape: [usize; 3]) -> Field {
+    let item = Field::new("item", dtype.element_type(), true);
+    let len = shape.iter().product::<usize>() as i32;
+    Field::new(name, DataType::FixedSizeList(Arc::new(item), len), false).with_metadata(
+        [
+            (
+                "ARROW:extension:name".to_string(),
+                "arrow.fixed_shape_tensor".to_string(),
+            ),
+            (
+                "ARROW:extension:metadata".to_string(),
+                format!("{{\"shape\":[{},{},{}]}}", shape[0], shape[1], shape[2]),
+            ),
+        ]
+        .into_iter()
+        .collect::<HashMap<_, _>>(),
+    )
+}
+
+/// Latent values (row-major, rows × C·h·w) as a tensor column.
+pub fn tensor_array(values: Vec<f32>, dtype: StorageDType, shape: [usize; 3]) -> ArrayRef {
+    let item = Arc::new(Field::new("item", dtype.element_type(), true));
+    let child: ArrayRef = match dtype {
+        StorageDType::F16 => Arc::new(Float16Array::from_iter_values(
+            values.iter().map(|&v| half::f16::from_f32(v)),
+        )),
+        StorageDType::Bf16 => Arc::new(UInt16Array::from_iter_values(
+            values.iter().map(|&v| half::bf16::from_f32(v).to_bits()),
+        )),
+        StorageDType::F32 => Arc::new(Float32Array::from(values)),
+    };
+    let len = shape.iter().product::<usize>() as i32;
+    Arc::new(FixedSizeListArray::new(item, len, child, None))
+}
+
+/// Whether `field` is a `arrow.fixed_shape_tensor` column.
+pub fn is_tensor_field(field: &Field) -> bool {
+    field
+        .metadata()
+        .get("ARROW:extension:name")
+        .map(String::as_str)
+        == Some("arrow.fixed_shape_tensor")
+}
+
+/// `[C, h, w]` from a tensor field's extension metadata.
+pub fn tensor_shape(field: &Field) -> Result<[usize; 3]> {
+    let meta = field
+        .metadata()
+        .get("ARROW:extension:metadata")
+        .with_context(|| {
+            format!(
+                "column `{}` has no arrow.fixed_shape_tensor metadata",
+                field.name()
+            )
+        })?;
+    let parsed: serde_json::Value = serde_json::from_str(meta)?;
+    let dims: Vec<usize> = parsed["shape"]
+        .as_array()
+        .context("tensor metadata has no shape")?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize))
+        .collect::<Option<_>>()
+        .context("tensor shape is not a list of sizes")?;
+    dims.try_into()
+        .map_err(|d| anyhow::anyhow!("latent shape {d:?} is not [C, h, w]"))
+}
+
+/// Stored tensor values widened to f32: float16, float32, or bfloat16 bits in uint16.
+pub fn widen(values: &dyn Array, dtype: StorageDType) -> Result<Vec<f32>> {
+    let any = values.as_any();
+    match dtype {
+        StorageDType::F32 => {
+            if let Some(a) = any.downcast_ref::<Float32Array>() {
+                return Ok(a.values().to_vec());
+            }
+        }
+        StorageDType::F16 => {
+            if let Some(a) = any.downcast_ref::<Float16Array>() {
+                return Ok(a.values().iter().map(|v| v.to_f32()).collect());
+            }
+        }
+        StorageDType::Bf16 => {
+            if let Some(a) = any.downcast_ref::<UInt16Array>() {
+                return Ok(a
+                    .values()
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f32())
+                    .collect());
+            }
+        }
+    }
+    bail!(
+        "latent values are {} but the shard's dtype is {}",
+        values.data_type(),
+        dtype.as_str()
+    )
+}
+
+/// How many stored tensor values are NaN or Inf; None for an element type latents are not
+/// stored as.
+pub fn non_finite(values: &dyn Array) -> Option<usize> {
+    let any = values.as_any();
+    if let Some(a) = any.downcast_ref::<Float16Array>() {
+        return Some(a.values().iter().filter(|v| !v.is_finite()).count());
+    }
+    if let Some(a) = any.downcast_ref::<Float32Array>() {
+        return Some(a.values().iter().filter(|v| !v.is_finite()).count());
+    }
+    any.downcast_ref::<UInt16Array>().map(|a| {
+        a.values()
+            .iter()
+            .filter(|&&b| !half::bf16::from_bits(b).is_finite())
+            .count()
+    })
+}
+
+/// Which optional tensor columns a shard set carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TensorColumns {
+    /// `latent_std` (`--latent-mode dist`).
+    pub std: bool,
+    /// `latent_flip` (`--flip`), and `latent_flip_std` with `std`.
+    pub flip: bool,
+}
+
+/// The schema of every shard in a set: key, source hash, geometry, tensors, caption, then the
+/// run's metadata columns (nullable). `metadata` is also embedded in the Arrow schema, so
+/// `pyarrow.parquet.read_schema(f).metadata` shows it as well as the Parquet footer does.
+pub fn schema(
+    dtype: StorageDType,
+    latent_shape: [usize; 3],
+    tensors: TensorColumns,
+    extra: &[(String, DataType)],
+    metadata: &ShardMetadata,
+) -> SchemaRef {
+    let mut fields = vec![
+        Field::new(KEY, DataType::Utf8, false),
+        Field::new(SOURCE_SHA256, DataType::FixedSizeBinary(32), false),
+    ];
+    for name in GEOMETRY_COLUMNS {
+        fields.push(Field::new(name, DataType::Int32, false));
+    }
+    let present = [true, tensors.std, tensors.flip, tensors.flip && tensors.std];
+    for (name, _) in TENSOR_COLUMNS.iter().zip(present).filter(|t| t.1) {
+        fields.push(tensor_field(name, dtype, latent_shape));
+    }
+    fields.push(Field::new(CAPTION, DataType::Utf8, true));
+    for (name, data_type) in extra {
+        fields.push(Field::new(name, data_type.clone(), true));
+    }
+    Arc::new(Schema::new(fields).with_metadata(metadata.to_map()))
+}
+
+/// Each column's name, type and nullability as a reader sees them. Writers name a list's child
+/// differently (`item` here, `element` in pyarrow's Parquet), which is not a difference.
+pub fn column_signature(schema: &Schema) -> Vec<String> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::FixedSizeList(item, len) => format!(
+                "{} fixed_size_list<{}>[{len}] nullable={} tensor={:?}",
+                f.name(),
+                item.data_type(),
+                f.is_nullable(),
+                tensor_shape(f).ok()
+            ),
+            other => format!("{} {other} nullable={}", f.name(), f.is_nullable()),
+        })
+        .collect()
+}
+
+/// The columns after `caption`: the run's metadata columns (JSON sidecar fields).
+pub fn extra_columns(schema: &Schema) -> Vec<(String, DataType)> {
+    schema
+        .fields()
+        .iter()
+        .skip_while(|f| f.name() != CAPTION)
+        .skip(1)
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect()
+}
+
+/// What every shard of a set records about how its latents were made (Parquet key-value
+/// metadata, `vae_pipeline.<field>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardMetadata {
+    pub format_version: u32,
+    /// The vae-pipeline version that wrote the shard.
+    pub tool_version: String,
+    pub model: String,
+    pub encoder_sha256: String,
+    pub scaling_factor: f32,
+    pub shift_factor: f32,
+    /// Human-readable normalization, e.g. `(z - 0.1159) * 0.3611`.
+    pub normalization: String,
+    pub latent_mode: String,
+    pub dtype: StorageDType,
+    /// `<policy> <size>`, e.g. `bucket 1024`.
+    pub resize: String,
+    /// sha256 of `identity`: equal exactly when two runs give the same latents.
+    pub identity_hash: String,
+    /// The run identity as TOML: everything that decides the latents, nothing else.
+    pub identity: String,
+}
+
+impl ShardMetadata {
+    const KEYS: [&'static str; 12] = [
+        "format_version",
+        "version",
+        "model",
+        "encoder_sha256",
+        "scaling_factor",
+        "shift_factor",
+        "normalization",
+        "latent_mode",
+        "dtype",
+        "resize",
+        "identity_hash",
+        "identity",
+    ];
+
+    fn values(&self) -> [String; 12] {
+        [
+            self.format_version.to_string(),
+            self.tool_version.clone(),
+            self.model.clone(),
+            self.encoder_sha256.clone(),
+            self.scaling_factor.to_string(),
+            self.shift_factor.to_string(),
+            self.normalization.clone(),
+            self.latent_mode.clone(),
+            self.dtype.as_str().to_string(),
+            self.resize.clone(),
+            self.identity_hash.clone(),
+            self.identity.clone(),
+        ]
+    }
+
+    pub fn to_map(&self) -> HashMap<String, String> {
+        Self::KEYS
+            .iter()
+            .zip(self.values())
+            .map(|(k, v)| (format!("{META_PREFIX}{k}"), v))
+            .collect()
+    }
+
+    /// As Parquet key-value pairs, in a fixed order.
+    pub fn to_key_values(&self) -> Vec<KeyValue> {
+        Self::KEYS
+            .iter()
+            .zip(self.values())
+            .map(|(k, v)| KeyValue::new(format!("{META_PREFIX}{k}"), v))
+            .collect()
+    }
+
+    /// Parses a shard's key-value metadata; `what` names the shard in errors.
+    pub fn from_key_values(kv: &[KeyValue], what: &str) -> Result<Self> {
+        let map: HashMap<&str, &str> = kv
+            .iter()
+            .filter_map(|e| Some((e.key.strip_prefix(META_PREFIX)?, e.value.as_deref()?)))
+            .collect();
+        let get = |key: &str| -> Result<String> {
+            map.get(key).map(|v| v.to_string()).with_context(|| {
+                format!(
+                    "{what} has no `{META_PREFIX}{key}` metadata: it was not written by `vae-pipeline precompute`"
+                )
+            })
+        };
+        let version: u32 = match map.get("format_version") {
+            Some(v) => v
+                .parse()
+                .with_context(|| format!("{what}: format_version {v:?} is not a number"))?,
+            None if map.contains_key("config_hash") => 1,
+            None => {
+                get("format_version")?;
+                unreachable!()
+            }
+        };
+        if version != FORMAT_VERSION {
+            bail!(
+                "{what} is shard format {version}, this vae-pipeline reads format {FORMAT_VERSION}: \
+                 rewrite the set with this version (precompute --overwrite)"
+            );
+        }
+        let number = |key: &str| -> Result<f32> {
+            let text = get(key)?;
+            text.parse()
+                .with_context(|| format!("{what}: {META_PREFIX}{key} = {text:?} is not a number"))
+        };
+        let dtype = get("dtype")?;
+        Ok(ShardMetadata {
+            format_version: version,
+            tool_version: get("version")?,
+            model: get("model")?,
+            encoder_sha256: get("encoder_sha256")?,
+            scaling_factor: number("scaling_factor")?,
+            shift_factor: number("shift_factor")?,
+            normalization: get("normalization")?,
+            latent_mode: get("latent_mode")?,
+            dtype: StorageDType::parse(&dtype)
+                .with_context(|| format!("{what}: unknown dtype {dtype:?}"))?,
+            resize: get("resize")?,
+            identity_hash: get("identity_hash")?,
+            identity: get("identity")?,
+        })
+    }
+}
+
+/// Writer settings every shard shares: zstd; no dictionary or statistics on tensor columns
+/// (dictionaries of floats only cost space); row groups of `group_rows` rows.
+pub fn writer_properties(metadata: &ShardMetadata, group_rows: usize) -> Result<WriterProperties> {
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_max_row_group_row_count(Some(group_rows.max(1)))
+        .set_key_value_metadata(Some(metadata.to_key_values()));
+    for column in TENSOR_COLUMNS {
+        let path = ColumnPath::from(vec![column.to_string(), "list".into(), "item".into()]);
+        props = props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_statistics_enabled(path, EnabledStatistics::None);
+    }
+    Ok(props.build())
+}
+
+/// Row groups are cut at this many bytes of tensor data, so a writer, a reader and a prune hold
+/// at most about this much of a shard at a time.
+pub const ROW_GROUP_BYTES: usize = 64 << 20;
+
+/// Rows per row group (and per read batch) for rows of `row_bytes` tensor bytes.
+pub fn group_rows(row_bytes: usize, shard_rows: usize) -> usize {
+    shard_rows.min((ROW_GROUP_BYTES / row_bytes.max(1)).max(1))
+}
+
+/// Tensor bytes of one row of `schema`.
+pub fn row_tensor_bytes(schema: &Schema) -> usize {
+    schema
+        .fields()
+        .iter()
+        .filter(|f| is_tensor_field(f))
+        .map(|f| match f.data_type() {
+            DataType::FixedSizeList(item, len) => {
+                *len as usize * item.data_type().primitive_width().unwrap_or(4)
+            }
+            _ => 0,
+        })
+        .sum()
+}
+
+/// `<W>x<H>`: the folder of one latent input shape.
+pub fn shape_dir_name(width: u32, height: u32) -> String {
+    format!("{width}x{height}")
+}
+
+/// The `(W, H)` a shape folder name stands for.
+pub fn parse_shape_dir(name: &str) -> Option<(u32, u32)> {
+    let (w, h) = name.split_once('x')?;
+    let (w, h) = (w.parse().ok()?, h.parse().ok()?);
+    (shape_dir_name(w, h) == name).then_some((w, h))
+}
+
+/// `part-NNNNN.parquet`.
+pub fn part_name(number: usize) -> String {
+    format!("part-{number:05}.parquet")
+}
+
+/// The number of a shard file written by this version, for numbering the next.
+pub fn part_number(name: &str) -> Option<usize> {
+    name.strip_prefix("part-")?
+        .strip_suffix(".parquet")?
+        .parse()
+        .ok()
+}
+
+/// A shard file name: `part-*.parquet`, not hidden. Anything else in a shape folder is foreign.
+pub fn is_shard_name(name: &str) -> bool {
+    name.starts_with("part-") && name.ends_with(".parquet")
+}
+
+/// Where a file is written before it is complete: hidden, and removed by a resuming run.
+pub fn tmp_name(path: &Path) -> PathBuf {
+    let name = path.file_name().expect("file path").to_string_lossy();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+pub fn is_tmp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// The shape folders (`<W>x<H>`) of a set, sorted.
+pub fn shape_dirs(out: &Path) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(out)
+        .with_context(|| format!("cannot read {}", out.display()))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_dir() && parse_shape_dir(&name).is_some() {
+            dirs.push(entry.path());
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// What a shape folder holds: shard files and anything else (foreign files, which `verify`
+/// reports; temporaries are neither).
+pub struct Listing {
+    pub shards: Vec<PathBuf>,
+    pub foreign: Vec<PathBuf>,
+}
+
+/// Every shard of a set (`<W>x<H>/part-*.parquet`), sorted, and the foreign files beside them.
+pub fn list(out: &Path) -> Result<Listing> {
+    let mut listing = Listing {
+        shards: Vec::new(),
+        foreign: Vec::new(),
+    };
+    for dir in shape_dirs(out)? {
+        for entry in std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_shard_name(&name) && entry.path().is_file() {
+                listing.shards.push(entry.path());
+            } else if !is_tmp_name(&name) {
+                listing.foreign.push(entry.path());
+            }
+        }
+    }
+    listing.shards.sort();
+    listing.foreign.sort();
+    Ok(listing)
+}
+
+/// Every shard of a set, sorted.
+pub fn shard_files(out: &Path) -> Result<Vec<PathBuf>> {
+    Ok(list(out)?.shards)
+}
+
+/// A shard's path relative to its set, `/`-separated (`256x256/part-00000.parquet`).
+pub fn relative(out: &Path, shard: &Path) -> String {
+    let rel = shard.strip_prefix(out).unwrap_or(shard);
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// One shard's footer: schema, metadata and row count, without reading any data.
+pub struct Footer {
+    pub schema: SchemaRef,
+    pub metadata: ShardMetadata,
+    pub rows: usize,
+}
+
+/// Opens a shard for reading, with a message that names it.
+pub fn open(shard: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let file = File::open(shard).with_context(|| format!("cannot open {}", shard.display()))?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{} is not a readable Parquet file", shard.display()))
+}
+
+/// Reads a shard's footer.
+pub fn footer(shard: &Path) -> Result<Footer> {
+    footer_of(&open(shard)?, shard)
+}
+
+pub fn footer_of(builder: &ParquetRecordBatchReaderBuilder<File>, shard: &Path) -> Result<Footer> {
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned()
+        .unwrap_or_default();
+    Ok(Footer {
+        schema: builder.schema().clone(),
+        metadata: ShardMetadata::from_key_values(&kv, &shard.display().to_string())?,
+        rows: builder.metadata().file_metadata().num_rows() as usize,
+    })
+}

@@ -1,0 +1,178 @@
+//! Plan: the pre-flight of a `precompute` run. Takes a `PrecomputeConfig`, hands on a checked
+//! `RunPlan`: the source, the model and its open encoder sessions, the run identity, the shard
+//! metadata, the row maker and the state of `--out`. Every check that can fail runs here, and
+//! nothing is written: a refused run leaves the output folder as it was.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{LatentMode, PrecomputeConfig};
+use crate::encode::Encoder;
+use crate::format::{ShardMetadata, TensorColumns, FORMAT_VERSION};
+use crate::identity::{ModelIdentity, RunIdentity};
+use crate::model::{EncoderOutput, ModelCard};
+use crate::resize::Framing;
+use crate::resume::{self, OutputState};
+use crate::rows::RowMaker;
+use crate::runtime::Device;
+use crate::sidecar::SidecarSchema;
+use crate::source::{FolderSource, Source};
+
+/// A batch's input tensor may take at most this many bytes; more is a configuration mistake
+/// (an allocation failure mid-run otherwise).
+const MAX_BATCH_BYTES: u64 = 4 << 30;
+
+/// Everything a run needs, checked.
+pub struct RunPlan {
+    pub config: PrecomputeConfig,
+    /// `--input`, absolute.
+    pub input: PathBuf,
+    pub source: Box<dyn Source + Send>,
+    pub card: ModelCard,
+    pub encoders: Vec<Encoder>,
+    pub decode_threads: usize,
+    pub encode_threads: usize,
+    pub identity: RunIdentity,
+    pub metadata: ShardMetadata,
+    pub rows: RowMaker,
+    pub tensors: TensorColumns,
+    /// Listed inputs (samples and failures), at most `--limit`.
+    pub inputs: usize,
+    pub output: OutputState,
+}
+
+/// How the thread budget is split between the decode pool and each ONNX Runtime session. On
+/// the CPU both get every thread (the encoder is the bottleneck for any real VAE; ONNX Runtime
+/// does not spin while waiting, so the pool takes the cores whenever the encoder waits for a
+/// batch, and README "Scaling" shows the measurements behind this). On GPUs the sessions need
+/// one thread each for the few CPU-side nodes and decoding gets the cores.
+pub fn thread_split(budget: usize, device: &Device) -> (usize, usize) {
+    match device {
+        Device::Cpu => (budget.max(1), budget.max(1)),
+        Device::Cuda(_) => (budget.max(1), 1),
+    }
+}
+
+/// Checks everything before any work; writes nothing.
+pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
+    config.validate()?;
+    let input = std::fs::canonicalize(&config.input)
+        .with_context(|| format!("--input {} does not exist", config.input.display()))?;
+    if !input.is_dir() {
+        bail!("--input {} is not a folder", config.input.display());
+    }
+    let card = ModelCard::resolve(&config.model).with_context(|| config.knob("model"))?;
+    card.check_size(config.size)?;
+    let framing = Framing::new(config).with_context(|| config.knob("buckets"))?;
+    check_batch_memory(config, &framing)?;
+    let captions = match &config.captions {
+        Some(path) => crate::captions::load(path).with_context(|| config.knob("captions"))?,
+        None => Default::default(),
+    };
+    let source: Box<dyn Source + Send> = Box::new(FolderSource::new(&input));
+    // Metadata columns are the same in every shard, so the schema is inferred before any work;
+    // the same pass counts the inputs.
+    let limit = if config.limit > 0 {
+        config.limit
+    } else {
+        usize::MAX
+    };
+    let mut inputs = 0;
+    let (sidecars, unreadable) = SidecarSchema::infer(
+        source
+            .list()
+            .take(limit)
+            .inspect(|_| inputs += 1)
+            .flatten()
+            .map(|s| source.metadata(&s)),
+    );
+    if inputs == 0 {
+        bail!(
+            "--input {} holds no images (jpg, png, webp, gif, bmp or tiff files, searched \
+             recursively): nothing to do",
+            config.input.display()
+        );
+    }
+    if unreadable > 0 {
+        eprintln!("warning: {unreadable} .json sidecar(s) are not JSON objects and were ignored");
+    }
+
+    let device = Device::parse(&config.device)?;
+    let (decode_threads, encode_threads) = thread_split(config.thread_budget(), &device);
+    let encoders = device
+        .placements()
+        .into_iter()
+        .map(|gpu| Encoder::open_on(&card, gpu, encode_threads, config.latent_mode, config.seed))
+        .collect::<Result<Vec<_>>>()?;
+    let encoder_sha256 = card.encoder_sha256()?;
+    let identity = RunIdentity::new(
+        config,
+        ModelIdentity::of(&card, encoder_sha256.clone()),
+        framing.clone(),
+    );
+    let output = resume::inspect_output(&config.out, &identity, config.overwrite)?;
+    let metadata = ShardMetadata {
+        format_version: FORMAT_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: card.name.clone(),
+        encoder_sha256,
+        scaling_factor: card.scaling_factor,
+        shift_factor: card.shift_factor,
+        normalization: card.normalization(),
+        latent_mode: config.latent_mode.as_str().into(),
+        dtype: config.dtype,
+        resize: format!("{} {}", config.resize.as_str(), config.size),
+        identity_hash: identity.hash(),
+        identity: identity.to_toml(),
+    };
+    let tensors = TensorColumns {
+        std: card.output == EncoderOutput::Moments && config.latent_mode == LatentMode::Dist,
+        flip: config.flip,
+    };
+    Ok(RunPlan {
+        config: config.clone(),
+        input,
+        source,
+        card,
+        encoders,
+        decode_threads,
+        encode_threads,
+        identity,
+        metadata,
+        rows: RowMaker {
+            framing,
+            decode: config.decode_options(),
+            captions,
+            sidecars,
+        },
+        tensors,
+        inputs,
+        output,
+    })
+}
+
+/// Refuses a batch size whose input tensor alone would not fit in memory.
+fn check_batch_memory(config: &PrecomputeConfig, framing: &Framing) -> Result<()> {
+    let window = framing
+        .buckets
+        .iter()
+        .map(|(w, h)| u64::from(*w) * u64::from(*h))
+        .max()
+        .unwrap_or(0)
+        .max(u64::from(config.size) * u64::from(config.size));
+    let per_image = 3 * 4 * window * if config.flip { 2 } else { 1 };
+    let bytes = per_image.saturating_mul(config.batch_size as u64);
+    if bytes > MAX_BATCH_BYTES {
+        bail!(
+            "{} {} needs {:.1} GiB for one batch's input tensor at this size; the limit is {} GiB: \
+             use a batch size of at most {}",
+            config.knob("batch_size"),
+            config.batch_size,
+            bytes as f64 / (1u64 << 30) as f64,
+            MAX_BATCH_BYTES >> 30,
+            (MAX_BATCH_BYTES / per_image).max(1)
+        );
+    }
+    Ok(())
+}

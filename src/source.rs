@@ -1,0 +1,315 @@
+//! Source: where samples come from. A `Source` lists keyed samples in a fixed order and loads
+//! each one's bytes and metadata (caption, JSON fields); the decode stage takes the bytes and
+//! never learns where they came from. The folder walker is the first source: keys are paths
+//! relative to the folder, escaped so that any file name gives a unique, reversible key.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use walkdir::WalkDir;
+
+use crate::failure::{Failure, FailureKind};
+use crate::pool;
+
+/// Extensions this tool decodes (matched case-insensitively).
+const DECODED: &[&str] = &[
+    "jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff",
+];
+/// Image formats users have that this tool does not decode: reported, never ignored.
+const NOT_DECODED: &[&str] = &[
+    "heic", "heif", "avif", "jxl", "svg", "psd", "cr2", "cr3", "nef", "arw", "dng", "raf", "orf",
+    "exr",
+];
+
+/// One listed sample, not yet read: its key and where its bytes are.
+#[derive(Debug, Clone)]
+pub struct SampleRef {
+    /// The row's identity: unique in the source, stable across runs.
+    pub key: String,
+    pub path: PathBuf,
+}
+
+/// A source's bytes and their sha256 (in a pooled buffer).
+pub struct SourceBytes {
+    pub bytes: Vec<u8>,
+    pub sha256: [u8; 32],
+}
+
+impl Drop for SourceBytes {
+    fn drop(&mut self) {
+        pool::BYTES.give(std::mem::take(&mut self.bytes));
+    }
+}
+
+/// A loaded sample: what the decode stage and the row's metadata columns need.
+pub struct Sample {
+    pub key: String,
+    pub bytes: SourceBytes,
+    pub caption: Option<String>,
+    /// The sample's JSON metadata object, if it has one.
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// A sample's JSON metadata as the schema inference sees it.
+pub enum MetadataRead {
+    Absent,
+    /// Present but not a JSON object: counted, contributes nothing.
+    Unreadable,
+    Object(Map<String, Value>),
+}
+
+/// Where samples come from.
+pub trait Source: Sync {
+    /// For messages: the folder, file or URL.
+    fn describe(&self) -> String;
+    /// Every sample in key order, or a `Failure` for what cannot be one. Streams.
+    fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_>;
+    /// Reads one sample (bytes, hash, caption, metadata); runs on the decode pool.
+    fn load(&self, sample: &SampleRef) -> Result<Sample, Failure>;
+    /// The sample's JSON metadata alone, for the run-wide column schema inferred before work.
+    fn metadata(&self, sample: &SampleRef) -> MetadataRead;
+    /// The sample a key names, to read it again (`report --shards`); None for a key this
+    /// source cannot hold.
+    fn locate(&self, key: &str) -> Option<SampleRef>;
+}
+
+/// A folder of image files with sidecars: `NAME.txt` / `NAME.caption` (caption), `NAME.json`
+/// (metadata). Walked recursively in name order; symlinks followed, loops reported.
+pub struct FolderSource {
+    root: PathBuf,
+}
+
+impl FolderSource {
+    pub fn new(root: &Path) -> Self {
+        FolderSource {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn classify(&self, path: &Path) -> Option<Result<SampleRef, Failure>> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        let key = key_of(&self.root, path);
+        if DECODED.contains(&ext.as_str()) {
+            Some(Ok(SampleRef {
+                key,
+                path: path.to_path_buf(),
+            }))
+        } else if NOT_DECODED.contains(&ext.as_str()) {
+            Some(Err(Failure::new(
+                key,
+                FailureKind::Unsupported,
+                format!(
+                    ".{ext} images are not decoded by vae-pipeline; convert them to PNG or JPEG"
+                ),
+            )))
+        } else {
+            None
+        }
+    }
+}
+
+impl Source for FolderSource {
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_> {
+        Box::new(
+            WalkDir::new(&self.root)
+                .follow_links(true)
+                .sort_by_file_name()
+                .into_iter()
+                .filter_map(move |entry| match entry {
+                    Ok(e) if e.file_type().is_file() => self.classify(e.path()),
+                    Ok(_) => None,
+                    Err(err) => {
+                        let key = err
+                            .path()
+                            .map_or_else(|| "<input>".into(), |p| key_of(&self.root, p));
+                        let message = match err.loop_ancestor() {
+                            Some(a) => {
+                                format!("symlink loop back to {}: not followed", a.display())
+                            }
+                            None => err.to_string(),
+                        };
+                        Some(Err(Failure::new(key, FailureKind::Io, message)))
+                    }
+                }),
+        )
+    }
+
+    fn load(&self, sample: &SampleRef) -> Result<Sample, Failure> {
+        let bytes = read_file(&sample.key, &sample.path)?;
+        Ok(Sample {
+            key: sample.key.clone(),
+            bytes,
+            caption: read_caption(&sample.path),
+            metadata: match self.metadata(sample) {
+                MetadataRead::Object(map) => Some(map),
+                _ => None,
+            },
+        })
+    }
+
+    fn metadata(&self, sample: &SampleRef) -> MetadataRead {
+        let Ok(text) = std::fs::read_to_string(sample.path.with_extension("json")) else {
+            return MetadataRead::Absent;
+        };
+        match serde_json::from_str(&text) {
+            Ok(Value::Object(map)) => MetadataRead::Object(map),
+            _ => MetadataRead::Unreadable,
+        }
+    }
+
+    fn locate(&self, key: &str) -> Option<SampleRef> {
+        Some(SampleRef {
+            key: key.to_string(),
+            path: path_of(&self.root, key)?,
+        })
+    }
+}
+
+/// Reads a file whole (into a pooled buffer) and hashes it; unreadable and zero-byte files are
+/// failures.
+pub fn read_file(key: &str, path: &Path) -> Result<SourceBytes, Failure> {
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata().map_or(0, |m| m.len() as usize);
+        let mut bytes = pool::BYTES.take(len + 1);
+        file.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    let bytes =
+        read().map_err(|e| Failure::new(key, FailureKind::Io, format!("cannot read: {e}")))?;
+    if bytes.is_empty() {
+        return Err(Failure::new(key, FailureKind::Empty, "zero-byte file"));
+    }
+    let sha256 = Sha256::digest(&bytes).into();
+    Ok(SourceBytes { bytes, sha256 })
+}
+
+/// The caption sidecar beside an image: `NAME.txt`, else `NAME.caption`, trimmed.
+fn read_caption(path: &Path) -> Option<String> {
+    ["txt", "caption"].iter().find_map(|ext| {
+        let text = std::fs::read_to_string(path.with_extension(ext)).ok()?;
+        Some(text.trim().to_string())
+    })
+}
+
+/// The key of `path` under `root`: its components joined by `/`. A component's UTF-8 text is
+/// kept as it is, except `%`, which becomes `%25`; every byte that is not part of valid UTF-8
+/// becomes `%XX` (upper-case hex). So every file name gives its own key, and `path_of` undoes it.
+pub fn key_of(root: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    rel.components()
+        .map(|c| escape(c.as_os_str()))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[cfg(unix)]
+fn os_bytes(name: &std::ffi::OsStr) -> std::borrow::Cow<'_, [u8]> {
+    std::borrow::Cow::Borrowed(std::os::unix::ffi::OsStrExt::as_bytes(name))
+}
+
+#[cfg(not(unix))]
+fn os_bytes(name: &std::ffi::OsStr) -> std::borrow::Cow<'_, [u8]> {
+    std::borrow::Cow::Owned(name.to_string_lossy().into_owned().into_bytes())
+}
+
+fn escape(name: &std::ffi::OsStr) -> String {
+    let bytes = os_bytes(name);
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '%' {
+                out.push_str("%25");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The path a key names under `root`; None for keys no file under `root` can have (`..`, `.`,
+/// empty components, an absolute path, a malformed escape).
+pub fn path_of(root: &Path, key: &str) -> Option<PathBuf> {
+    let mut path = root.to_path_buf();
+    for component in key.split('/') {
+        let bytes = unescape(component)?;
+        if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&0) {
+            return None;
+        }
+        path.push(os_string(bytes)?);
+    }
+    Some(path)
+}
+
+fn unescape(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hi = (bytes.next()? as char).to_digit(16)?;
+            let lo = (bytes.next()? as char).to_digit(16)?;
+            out.push((hi * 16 + lo) as u8);
+        } else {
+            out.push(b);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(unix)]
+fn os_string(bytes: Vec<u8>) -> Option<std::ffi::OsString> {
+    Some(std::os::unix::ffi::OsStringExt::from_vec(bytes))
+}
+
+#[cfg(not(unix))]
+fn os_string(bytes: Vec<u8>) -> Option<std::ffi::OsString> {
+    String::from_utf8(bytes).ok().map(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_unique_and_reversible_for_any_file_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let root = Path::new("/data");
+        let names: [&[u8]; 6] = [
+            b"x\xff.png",
+            b"x\xfe.png",
+            "x\u{fffd}.png".as_bytes(),
+            b"x%FF.png",
+            b"caf\xc3\xa9 50%.png",
+            b"plain.png",
+        ];
+        let mut keys = std::collections::HashSet::new();
+        for name in names {
+            let path = root.join("sub").join(std::ffi::OsStr::from_bytes(name));
+            let key = key_of(root, &path);
+            assert!(keys.insert(key.clone()), "two names gave the key {key}");
+            assert_eq!(
+                path_of(root, &key).as_deref(),
+                Some(path.as_path()),
+                "{key}"
+            );
+        }
+        assert!(keys.contains("sub/x%FF.png"));
+        assert!(keys.contains("sub/x%25FF.png"));
+        assert!(keys.contains("sub/café 50%25.png"));
+        assert!(keys.contains("sub/plain.png"));
+        for bad in ["../x.png", "a//b.png", "a/./b.png", "%zz.png", "%4"] {
+            assert_eq!(path_of(root, bad), None, "{bad}");
+        }
+    }
+}
