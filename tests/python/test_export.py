@@ -204,3 +204,19 @@ def test_inspect_drafts_a_working_card_for_an_optimum_encoder(binary, shared, go
     for i, case in enumerate(CASES):
         diff = float(np.abs(latents[i] - golden(shared, case, "kl_mean_scaled")[0]).max())
         assert diff <= ATOL, f"{case}: latent through the drafted card, max abs diff {diff:.3g}"
+
+
+def test_inspect_keeps_every_channel_of_a_latent_output(binary, shared, golden_pngs, cards, tmp_path):
+    """TAEF2's encoder outputs `latent` with 32 channels: all latent, never 16 mean + 16 logvar.
+    The draft (with the input range its CHECK line asks for) stores what the shipped card stores."""
+    draft = export(binary, "--inspect", require(shared / "models" / "taef2_encoder.onnx", "TAEF2")).stdout
+    card = tomllib.loads(draft)
+    assert (card["output"], card["latent_channels"], card["spatial_factor"]) == ("latent", 32, 8), draft
+    assert card["scaling_factor"] == 1.0 and card["shift_factor"] == 0.0, draft
+    assert "CHECK" in draft, draft
+    card_path = tmp_path / "draft.toml"
+    card_path.write_text(draft.replace("input_range = [-1.0, 1.0]", "input_range = [0.0, 1.0]"))
+    drafted = tensor(precompute(binary, golden_pngs, card_path, tmp_path / "drafted"), "latent")
+    shipped = tensor(precompute(binary, golden_pngs, cards["taef2"], tmp_path / "shipped"), "latent")
+    assert drafted.shape == shipped.shape and drafted.shape[1] == 32
+    np.testing.assert_array_equal(drafted, shipped)

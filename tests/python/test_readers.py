@@ -6,7 +6,9 @@ pyarrow, never from the binary itself.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import tomllib
 import shutil
 from pathlib import Path
 
@@ -169,8 +171,16 @@ def test_pyarrow_metadata(kodak_run, shared):
         assert md["vae_pipeline.dtype"] == "f16", md["vae_pipeline.dtype"]
         assert float(md["vae_pipeline.scaling_factor"]) == 1.0, md["vae_pipeline.scaling_factor"]
         assert float(md["vae_pipeline.shift_factor"]) == 0.0, md["vae_pipeline.shift_factor"]
-        hashes.add(md["vae_pipeline.config_hash"])
-    assert len(hashes) == 1, f"shards of one run disagree on config_hash: {hashes}"
+        hashes.add(md["vae_pipeline.identity_hash"])
+        # README's one-liner: the Arrow schema carries the same metadata as the Parquet footer.
+        schema_md = {k.decode(): v.decode() for k, v in (pq.read_schema(f).metadata or {}).items()}
+        assert schema_md == {k: v for k, v in md.items() if k.startswith("vae_pipeline.")}, sorted(schema_md)
+        # FORMAT.md: identity_hash is the sha256 of the identity's TOML, which says what made the latents.
+        assert hashlib.sha256(md["vae_pipeline.identity"].encode()).hexdigest() == md["vae_pipeline.identity_hash"]
+        identity = tomllib.loads(md["vae_pipeline.identity"])
+        assert identity["framing"]["size"] == SIZE and identity["model"]["encoder_sha256"] == enc_sha, identity
+        assert md["vae_pipeline.format_version"] == "2"
+    assert len(hashes) == 1, f"shards of one run disagree on identity_hash: {hashes}"
 
 
 # ---------------------------------------------------------------- polars
@@ -204,7 +214,8 @@ def test_hf_plain_load_dataset_fails(kodak_run, tmp_path):
 
 def test_hf_recipe(kodak_run, table, tmp_path):
     files = shard_files(kodak_run["out"], SIZE)
-    ds, lat = hf_load_latents(files, C, H, W, cache_dir=str(tmp_path / "hf"))
+    ds, tensors = hf_load_latents(files, cache_dir=str(tmp_path / "hf"))
+    lat = tensors["latent"]
     assert ds.num_rows == table.num_rows
     assert lat.dtype == np.float32 and lat.shape == (table.num_rows, C, H, W), (lat.dtype, lat.shape)
     # HF keeps file order; map its rows onto the key-sorted pyarrow table
@@ -271,9 +282,34 @@ def test_dtype_bf16(dtype_runs, tmp_path):
     z32 = tensor(t32, "latent")
     np.testing.assert_allclose(zb, z32, rtol=1e-2, atol=1e-6, err_msg="bf16 bits are not the f32 latents rounded to bf16")
     # the HF recipe handles bf16 too
-    ds, lat = hf_load_latents(files, C, H, W, dtype="bf16", cache_dir=str(tmp_path / "hf"))
+    ds, tensors = hf_load_latents(files, cache_dir=str(tmp_path / "hf"))
     order = np.argsort(np.array(ds["key"], dtype=object))
-    np.testing.assert_array_equal(lat[order], zb)
+    np.testing.assert_array_equal(tensors["latent"][order], zb)
+
+
+def test_hf_recipe_reads_flips_and_json_columns(binary, cards, shared, tmp_path):
+    """--flip adds tensor columns and JSON sidecars add typed columns: the recipe reads both."""
+    inp = tmp_path / "in"
+    _make_input(shared, inp, DTYPE_KEYS)
+    (inp / "kodim01.json").write_text(json.dumps({"aesthetic": 6.5, "source": "kodak", "nsfw": False}))
+    (inp / "kodim04.json").write_text(json.dumps({"aesthetic": 5, "width_px": 512}))
+    out = tmp_path / "out"
+    run_precompute(binary, [
+        "--input", inp, "--out", out, "--model", cards["taef2"], "--size", SIZE, "--flip",
+        "--threads", 2,
+    ])
+    files = shard_files(out, SIZE)
+    ds, tensors = hf_load_latents(files, cache_dir=str(tmp_path / "hf"))
+    assert sorted(tensors) == ["latent", "latent_flip"]
+    t = read_shards(out, SIZE)
+    order = np.argsort(np.array(ds["key"], dtype=object))
+    for name in tensors:
+        assert tensors[name].shape == (2, C, H, W)
+        np.testing.assert_array_equal(tensors[name][order], tensor(t, name).astype(np.float32))
+    rows = {ds["key"][i]: i for i in range(ds.num_rows)}
+    assert ds["aesthetic"][rows["kodim01.png"]] == 6.5 and ds["aesthetic"][rows["kodim04.png"]] == 5.0
+    assert ds["source"][rows["kodim01.png"]] == "kodak" and ds["source"][rows["kodim04.png"]] is None
+    assert ds["nsfw"][rows["kodim01.png"]] is False and ds["width_px"][rows["kodim04.png"]] == 512
 
 
 def test_readme_quotes_the_tested_hf_recipe():
