@@ -86,11 +86,13 @@ test: setup
 	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
 
 # Ours vs the Python peer (benches/reference_pipeline.py) on generated JPEGs, peak RSS at 200 vs
-# 2000 images, the threads x batch-size table, then the per-stage criterion benchmarks.
+# 2000 images, the threads x batch-size table, the peak RSS of a prune, then the per-stage
+# criterion benchmarks.
 bench: setup build
 	benches/compare.sh
 	benches/compare.sh --rss
 	benches/scaling.sh
+	$(PY) benches/prune_rss.py $(BIN) models/avgpool8.toml 1500
 	cargo bench --locked --bench stages
 
 # The GPU device check (benches/gpu/device_check.sh) needs .ortgpu/ filled first.
