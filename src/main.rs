@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use vae_pipeline::config::{
     AlphaPolicy, CropPlacement, LatentMode, PrecomputeConfig, ResizePolicy, StorageDType,
 };
+use vae_pipeline::convert::{self, ConvertArgs};
 use vae_pipeline::export::{self, ExportArgs};
 use vae_pipeline::model::ModelCard;
 use vae_pipeline::report::{self, ReportArgs};
@@ -46,6 +47,9 @@ enum Command {
     /// Encoder-only throughput on synthetic batches (no files, decoding or writing): the ceiling
     /// for `precompute`. Prints one JSON line.
     BenchEncoder(BenchEncoderArgs),
+    /// Write a trainer's own latent cache from a shard set: kohya sd-scripts .npz, musubi-tuner
+    /// .safetensors, or a Parquet dataset for the diffusers SDXL script.
+    Convert(ConvertArgs),
     /// Convert a VAE checkpoint (diffusers folder or single .safetensors) into encoder/decoder
     /// ONNX files and a model card; --inspect drafts a card for an ONNX file made elsewhere.
     Export(ExportArgs),
@@ -271,6 +275,10 @@ fn run() -> Result<()> {
                 a.images,
             )?;
             println!("{}", serde_json::to_string(&t)?);
+            Ok(())
+        }
+        Command::Convert(args) => {
+            convert::run(&args)?.print();
             Ok(())
         }
         Command::Export(args) => {

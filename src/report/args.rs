@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use super::reconstruct::decoder_path;
-use super::shards::ShardSet;
 use crate::config::{PrecomputeConfig, ResizePolicy};
 use crate::model::ModelCard;
 use crate::resize::Framing;
 use crate::rows::RowMaker;
+use crate::shards::ShardSet;
 
 /// Flags of `vae-pipeline report`.
 #[derive(Debug, Clone, clap::Args)]

@@ -16,7 +16,6 @@ pub mod metrics;
 mod output;
 
 pub mod reconstruct;
-pub mod shards;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -33,7 +32,6 @@ use self::gallery::Gallery;
 use self::lpips::Lpips;
 use self::metrics::{psnr, ssim, LatentStats};
 use self::reconstruct::{raw_latents, Decoder};
-use self::shards::{ShardSet, StoredRow};
 use crate::batch::{Batch, Batcher, RowMeta};
 use crate::config::LatentMode;
 use crate::encode::Encoder;
@@ -42,6 +40,7 @@ use crate::model::ModelCard;
 use crate::progress::Progress;
 use crate::resize::Prepared;
 use crate::rows::RowMaker;
+use crate::shards::{ShardSet, StoredRow};
 use crate::source::{FolderSource, SampleRef, Source};
 
 /// One image's scores for one model: a row of `metrics.parquet`.

@@ -1,6 +1,7 @@
-//! `--shards`: reads a shard set written by `precompute`. Takes the shard folder, hands on how
-//! its latents were made (model, normalization, resize) and its rows (key, source hash, crop,
-//! stored latent as `f32`) in shard order, so the report can decode exactly what was stored.
+//! Shard sets as their readers in this tool see them (`report --shards`, `convert`). Takes a
+//! `precompute --out` folder, hands on how its latents were made (metadata and identity) and
+//! its rows (key, source hash, geometry, caption, stored latents as `f32`) in shard order, a
+//! batch at a time. The format itself is `format`'s.
 
 use std::path::{Path, PathBuf};
 
@@ -31,10 +32,12 @@ pub struct ShardSet {
     pub complete: bool,
 }
 
-/// One stored row, with what is needed to re-read and check its source image.
+/// One stored row.
 pub struct StoredRow {
     pub key: String,
     pub source_sha256: [u8; 32],
+    pub orig_width: i32,
+    pub orig_height: i32,
     pub crop_top: i32,
     pub crop_left: i32,
     /// The window the encoder saw (the row's bucket).
@@ -44,6 +47,9 @@ pub struct StoredRow {
     pub shape: [usize; 3],
     /// The stored (normalized) latent, widened to f32.
     pub latent: Vec<f32>,
+    /// `latent_flip`, when the set has it.
+    pub latent_flip: Option<Vec<f32>>,
+    pub caption: Option<String>,
 }
 
 impl ShardSet {
@@ -118,6 +124,12 @@ impl ShardSet {
     fn rows_of(&self, batch: &RecordBatch) -> Result<Vec<StoredRow>> {
         let keys: &StringArray = column(batch, "key")?;
         let hashes: &FixedSizeBinaryArray = column(batch, "source_sha256")?;
+        let orig_widths: &Int32Array = column(batch, "orig_width")?;
+        let orig_heights: &Int32Array = column(batch, "orig_height")?;
+        let captions: &StringArray = column(batch, "caption")?;
+        let flips = batch
+            .column_by_name("latent_flip")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
         let tops: &Int32Array = column(batch, "crop_top")?;
         let lefts: &Int32Array = column(batch, "crop_left")?;
         let widths: &Int32Array = column(batch, "width")?;
@@ -135,8 +147,15 @@ impl ShardSet {
                     latent.len()
                 );
             }
+            let latent_flip = flips
+                .map(|f| format::widen(f.value(i).as_ref(), self.info.metadata.dtype))
+                .transpose()?;
             rows.push(StoredRow {
                 key: keys.value(i).to_string(),
+                orig_width: orig_widths.value(i),
+                orig_height: orig_heights.value(i),
+                latent_flip,
+                caption: captions.is_valid(i).then(|| captions.value(i).to_string()),
                 source_sha256: hashes
                     .value(i)
                     .try_into()
