@@ -1,0 +1,297 @@
+"""`vae-pipeline convert`: trainers' own caches, read back by independent code.
+
+The trainers' rules are transcribed here from their sources (kohya sd-scripts
+library/model_util.py `make_bucket_resolutions`, library/train_util.py `BucketManager.select_bucket`
+and `get_crop_ltrb`; musubi-tuner dataset/bucket.py `BucketSelector`), independently of the Rust
+code. Files are read with numpy (npz), safetensors and Hugging Face datasets. The encoders are
+real ONNX graphs: avgpool8 from ../shared, and 16- and 32-channel pooling encoders built here
+with onnx's own helpers to stand in for the FLUX.1 and FLUX.2 autoencoders' channel counts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from onnx import TensorProto, helper
+
+from vp_helpers import require, run_precompute, tensor
+
+KODAK = [f"kodim{i:02d}.png" for i in range(1, 25)]
+
+
+def convert(binary, *args, ok=True):
+    r = subprocess.run([str(binary), "convert", *map(str, args)], capture_output=True, text=True, timeout=600)
+    if ok:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def rows_by_key(out):
+    files = sorted(out.glob("*/part-*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    rows = {}
+    for t in tables:
+        lat = tensor(t, "latent")
+        flip = tensor(t, "latent_flip") if "latent_flip" in t.column_names else None
+        for i, key in enumerate(t.column("key").to_pylist()):
+            rows[key] = {c: t.column(c)[i].as_py() for c in ("orig_width", "orig_height", "crop_top", "crop_left", "width", "height", "caption")}
+            rows[key]["latent"] = lat[i].astype(np.float32)
+            rows[key]["flip"] = None if flip is None else flip[i].astype(np.float32)
+    return rows
+
+
+# ------------------------------------------------------------- the trainers' rules, transcribed
+
+def kohya_buckets(res, min_reso=256, max_reso=1024, steps=64):
+    """model_util.make_bucket_resolutions after train_util's adjust_min_max_bucket_reso_by_steps."""
+    min_reso -= min_reso % steps
+    max_reso = math.ceil(max_reso / steps) * steps
+    max_area = res[0] * res[1]
+    resos = set()
+    width = int(math.sqrt(max_area) // steps) * steps
+    resos.add((width, width))
+    width = min_reso
+    while width <= max_reso:
+        height = min(max_reso, int((max_area // width) // steps) * steps)
+        if height >= min_reso:
+            resos.add((width, height))
+            resos.add((height, width))
+        width += steps
+    return sorted(resos)
+
+
+def kohya_select(resos, w, h):
+    """BucketManager.select_bucket (predefined buckets, no bucket_no_upscale)."""
+    if (w, h) in resos:
+        reso = (w, h)
+    else:
+        ars = np.array([bw / bh for bw, bh in resos])
+        reso = resos[int(np.argmin(np.abs(ars - w / h)))]
+    scale = reso[1] / h if w / h > reso[0] / reso[1] else reso[0] / w
+    resized = (int(w * scale + 0.5), int(h * scale + 0.5))
+    return reso, resized, ((resized[0] - reso[0]) // 2, (resized[1] - reso[1]) // 2)
+
+
+def kohya_crop_ltrb(bucket, size):
+    """BucketManager.get_crop_ltrb."""
+    bucket_ar = bucket[0] / bucket[1]
+    image_ar = size[0] / size[1]
+    if bucket_ar > image_ar:
+        rw, rh = bucket[1] * image_ar, bucket[1]
+    else:
+        rw, rh = bucket[0], bucket[0] / image_ar
+    left = (bucket[0] - rw) // 2
+    top = (bucket[1] - rh) // 2
+    return [left, top, left + rw, top + rh]
+
+
+# ------------------------------------------------------------------------- encoders and cards
+
+def pooling_encoder(path, channels, seed):
+    """x [N,3,H,W] -> AveragePool 8x8 -> 1x1 conv to `channels` (fixed random weights)."""
+    w = np.random.default_rng(seed).standard_normal((channels, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
+         helper.make_node("Conv", ["pooled", "w"], ["latent"])],
+        "pooling_encoder",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["n", channels, "h8", "w8"])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def card(path, name, encoder, channels, scale, shift=0.0, extra=""):
+    path.write_text(
+        f'name = "{name}"\nencoder = "{encoder}"\ninput_range = [-1.0, 1.0]\noutput = "latent"\n'
+        f"latent_channels = {channels}\nspatial_factor = 8\nscaling_factor = {scale!r}\n"
+        f"shift_factor = {shift!r}\n{extra}"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def kodak(shared, tmp_path_factory):
+    d = tmp_path_factory.mktemp("kodak")
+    for name in KODAK:
+        shutil.copyfile(require(shared / "data" / "kodak" / name, "Kodak photo"), d / name)
+    (d / "kodim03.txt").write_text("parrots")
+    return d
+
+
+@pytest.fixture(scope="module")
+def sdxl_like(shared, tmp_path_factory):
+    """avgpool8 (4 channels) with SDXL's scaling, so the unscaling is checked."""
+    d = tmp_path_factory.mktemp("sdxl-card")
+    enc = require(shared / "models" / "avgpool8_encoder.onnx", "avgpool8")
+    return card(d / "sdxl-like.toml", "sdxl-like", enc.resolve(), 4, 0.13025)
+
+
+# ------------------------------------------------------------------------------------ kohya
+
+@pytest.fixture(scope="module")
+def bucketed(binary, kodak, sdxl_like, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bucketed") / "shards"
+    run_precompute(binary, ["--input", kodak, "--out", out, "--model", sdxl_like, "--size", 1024,
+                            "--resize", "bucket", "--flip", "--dtype", "f32", "--threads", 2])
+    return out
+
+
+def test_kohya_sdxl_round_trip_on_kodak_buckets(binary, bucketed, kodak, tmp_path):
+    cache = tmp_path / "cache"
+    convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", bucketed, "--out", cache,
+            "--resolution", 1024, "--enable-bucket", "--max-bucket-reso", 2048)
+    resos = kohya_buckets((1024, 1024), max_reso=2048)
+    rows = rows_by_key(bucketed)
+    assert len(rows) == 24
+    for key, row in rows.items():
+        w, h = row["orig_width"], row["orig_height"]
+        bucket, _, crop = kohya_select(resos, w, h)
+        npz = np.load(cache / f"{key[:-4]}_{w:04d}x{h:04d}_sdxl.npz")
+        assert sorted(npz.files) == ["crop_ltrb", "latents", "latents_flipped", "original_size"], npz.files
+        lat = npz["latents"]
+        assert lat.dtype == np.float32 and lat.shape == (4, bucket[1] // 8, bucket[0] // 8), (key, lat.shape, bucket)
+        assert (row["width"], row["height"]) == bucket and (row["crop_left"], row["crop_top"]) == crop, key
+        # kohya caches SDXL latents unscaled: the stored z * 0.13025 divided back.
+        np.testing.assert_allclose(lat, row["latent"] / np.float32(0.13025), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(npz["latents_flipped"], row["flip"] / np.float32(0.13025), rtol=1e-6, atol=1e-6)
+        assert npz["original_size"].dtype == np.int64 and npz["original_size"].tolist() == [w, h]
+        assert npz["crop_ltrb"].dtype == np.float64
+        np.testing.assert_allclose(npz["crop_ltrb"], kohya_crop_ltrb(bucket, (w, h)), rtol=0, atol=1e-9)
+
+    again = convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", bucketed, "--out", cache,
+                    "--resolution", 1024, "--enable-bucket", "--max-bucket-reso", 2048)
+    assert "wrote 0 file(s), 24 already up to date" in again.stderr, again.stderr
+
+
+def test_kohya_refuses_buckets_it_would_not_make(binary, bucketed, tmp_path):
+    # kohya's default --max_bucket_reso 1024 puts a 768x512 photo in 1024x704, not 1216x832.
+    r = convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", bucketed, "--out", tmp_path / "c",
+                "--resolution", 1024, "--enable-bucket", ok=False)
+    assert r.returncode == 2
+    assert "puts a 768x512 image in bucket 1024x704, the shards hold a 1216x832 window" in r.stderr, r.stderr
+    assert "nothing was written" in r.stderr and not (tmp_path / "c").exists()
+    r = convert(binary, "--to", "kohya", "--arch", "sd3", "--shards", bucketed, "--out", tmp_path / "c",
+                "--resolution", 1024, "--enable-bucket", "--max-bucket-reso", 2048, ok=False)
+    assert "4 latent channels; sd3 latents have 16" in r.stderr, r.stderr
+
+
+def test_kohya_flux_keys_carry_the_latent_size(binary, kodak, shared, tmp_path):
+    enc = pooling_encoder(tmp_path / "pool16.onnx", 16, seed=1)
+    flux_like = card(tmp_path / "flux-like.toml", "flux-like", enc, 16, 0.3611, 0.1159)
+    out = tmp_path / "shards"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in KODAK[:3]:
+        shutil.copyfile(kodak / name, inp / name)
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", flux_like, "--size", 256, "--dtype", "f32"])
+    cache = tmp_path / "cache"
+    convert(binary, "--to", "kohya", "--arch", "flux", "--shards", out, "--images", inp)
+    for key, row in rows_by_key(out).items():
+        w, h = row["orig_width"], row["orig_height"]
+        # kohya without --enable_bucket: one bucket, the resolution (the shards' size here).
+        _, _, crop = kohya_select([(256, 256)], w, h)
+        assert (row["crop_left"], row["crop_top"]) == crop
+        npz = np.load(inp / f"{key[:-4]}_{w:04d}x{h:04d}_flux.npz")
+        assert sorted(npz.files) == ["crop_ltrb_32x32", "latents_32x32", "original_size_32x32"], npz.files
+        # kohya's FLUX cache holds 0.3611 * (z - 0.1159): what these shards store.
+        np.testing.assert_allclose(npz["latents_32x32"], row["latent"], rtol=1e-5, atol=1e-5)
+    assert not cache.exists()
+
+
+def test_unsafe_keys_and_dist_latents_are_refused(binary, bucketed, kodak, shared, tmp_path):
+    hostile = tmp_path / "hostile"
+    shutil.copytree(bucketed, hostile)
+    part = sorted(hostile.glob("*/part-*.parquet"))[0]
+    t = pq.read_table(part)
+    keys = t.column("key").to_pylist()
+    keys[0] = "../../escaped.png"
+    t = t.set_column(t.column_names.index("key"), "key", pa.array(keys))
+    pq.write_table(t, part)
+    r = convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", hostile, "--out", tmp_path / "c",
+                "--resolution", 1024, "--enable-bucket", "--max-bucket-reso", 2048, ok=False)
+    assert r.returncode == 2 and "is not a safe relative path" in r.stderr, r.stderr
+    assert not list(tmp_path.rglob("escaped*"))
+
+    kl = require(shared / "models" / "tiny_kl_encoder.onnx", "tiny KL")
+    kl_card = tmp_path / "kl.toml"
+    kl_card.write_text(f'name = "sd15"\nencoder = "{kl.resolve()}"\ninput_range = [-1.0, 1.0]\noutput = "moments"\n'
+                       "latent_channels = 4\nspatial_factor = 2\nscaling_factor = 0.18215\n")
+    dist = tmp_path / "dist"
+    run_precompute(binary, ["--input", kodak, "--out", dist, "--model", kl_card, "--size", 64,
+                            "--latent-mode", "dist", "--limit", 2])
+    r = convert(binary, "--to", "kohya", "--shards", dist, "--out", tmp_path / "d", ok=False)
+    assert r.returncode == 2 and "`dist` latents" in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------------- musubi
+
+def test_musubi_flux2_safetensors(binary, kodak, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    enc = pooling_encoder(tmp_path / "pool32.onnx", 32, seed=2)
+    rng = np.random.default_rng(3)
+    mean, var = rng.standard_normal(128) * 0.1, rng.uniform(0.5, 2.0, 128)
+    bn = ("[batch_norm]\npatch_size = 2\neps = 1e-4\n"
+          f"running_mean = {json.dumps(mean.tolist())}\nrunning_var = {json.dumps(var.tolist())}\n")
+    flux2_like = card(tmp_path / "flux2-like.toml", "flux2-like", enc, 32, 1.0, extra=bn)
+    inp = tmp_path / "in"
+    (inp / "sub").mkdir(parents=True)
+    for name in KODAK[:3]:
+        shutil.copyfile(kodak / name, inp / name)
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", flux2_like, "--size", 256, "--dtype", "f32"])
+    cache = tmp_path / "cache"
+    convert(binary, "--to", "musubi", "--shards", out, "--out", cache, "--resolution", 256)
+    for key, row in rows_by_key(out).items():
+        w, h = row["orig_width"], row["orig_height"]
+        path = cache / f"{key[:-4]}_{w:04d}x{h:04d}_f2d.safetensors"
+        tensors = load_file(path)
+        assert list(tensors) == ["latents_16x16_float32"], list(tensors)
+        np.testing.assert_array_equal(tensors["latents_16x16_float32"], row["latent"])
+        with safe_open(path, "np") as f:
+            assert f.metadata() == {"architecture": "flux_2_dev", "width": str(w), "height": str(h),
+                                    "format_version": "1.0.1"}
+
+    # musubi reads one flat cache folder by base name: two images named alike are refused.
+    shutil.copyfile(kodak / KODAK[0], inp / "sub" / KODAK[0])
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", flux2_like, "--size", 256, "--dtype", "f32"])
+    r = convert(binary, "--to", "musubi", "--shards", out, "--out", tmp_path / "c2", "--resolution", 256, ok=False)
+    assert r.returncode == 2 and "both become" in r.stderr, r.stderr
+
+
+# -------------------------------------------------------------------------------- diffusers
+
+def test_diffusers_dataset_loads_with_datasets(binary, kodak, sdxl_like, tmp_path):
+    from datasets import load_dataset
+
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--input", kodak, "--out", out, "--model", sdxl_like, "--size", 256,
+                            "--dtype", "f32", "--limit", 5])
+    ds_dir = tmp_path / "ds"
+    convert(binary, "--to", "diffusers", "--arch", "sdxl", "--shards", out, "--out", ds_dir)
+    ds = load_dataset("parquet", data_dir=str(ds_dir), split="train", cache_dir=str(tmp_path / "hf"))
+    ds = ds.with_format("numpy")
+    rows = rows_by_key(out)
+    assert sorted(ds["key"]) == sorted(rows)
+    for i, key in enumerate(ds["key"]):
+        row = rows[key]
+        model_input = ds[i]["model_input"]
+        # compute_vae_encodings stores sample * vae.config.scaling_factor (0.13025 for SDXL).
+        assert model_input.shape == (4, 32, 32) and model_input.dtype == np.float32
+        np.testing.assert_allclose(model_input, row["latent"], rtol=1e-6, atol=1e-6)
+        assert ds[i]["original_sizes"].tolist() == [row["orig_height"], row["orig_width"]]
+        assert ds[i]["crop_top_lefts"].tolist() == [row["crop_top"], row["crop_left"]]
+        assert ds[i]["text"] == row["caption"]
