@@ -14,7 +14,7 @@ DEMO_OUT    := demo-out/kodak-taef2-256
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export VAE_PIPELINE_PYTHON := $(abspath $(PY))
 
-.PHONY: setup build models build-tools chromium demo dataset test bench gpu-check-prepare fuzz fmt lint clean
+.PHONY: setup build models build-tools chromium demo dataset test wheel bench gpu-check-prepare fuzz fmt lint clean
 
 setup: build-tools $(ORT_LIB) $(VENV)/.installed models chromium
 
@@ -80,9 +80,20 @@ $(DATASET_OUT)/report/summary.json: $(DATASET_OUT)/shards/.verified
 $(BIN):
 	cargo build $(CARGO_FLAGS)
 
-# `cargo test` builds the release binary too (one build, one profile) for the Python tests.
+# The wheel for `pip install`: maturin links the same release build (`cargo test` built it
+# already, so only the binary is relinked, stripped), the shipped cards travel as wheel data
+# into <prefix>/share/vae-pipeline/models. Platform tag: see README "Install with pip".
+WHEEL_DATA := target/wheel-data/data/share/vae-pipeline/models
+wheel: $(VENV)/.installed
+	rm -rf target/wheel-data target/wheels && mkdir -p $(WHEEL_DATA)
+	cp models/*.toml $(WHEEL_DATA)/
+	$(VENV)/bin/maturin build --release --locked --compatibility manylinux_2_34 --out target/wheels
+
+# `cargo test` builds the release binary too (one build, one profile) for the Python tests; the
+# wheel reuses it, and the Python tests install it into a fresh venv.
 test: setup
 	cargo test $(CARGO_FLAGS)
+	$(MAKE) wheel
 	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
 
 # Ours vs the Python peer (benches/reference_pipeline.py) on generated JPEGs, peak RSS at 200 vs

@@ -14,6 +14,7 @@ pub mod captions;
 pub mod config;
 pub mod convert;
 pub mod decode;
+pub mod doctor;
 pub mod encode;
 pub mod export;
 pub mod failure;

@@ -47,6 +47,9 @@ enum Command {
     /// Encoder-only throughput on synthetic batches (no files, decoding or writing): the ceiling
     /// for `precompute`. Prints one JSON line.
     BenchEncoder(BenchEncoderArgs),
+    /// Show what this binary finds: the ONNX Runtime library and its execution providers, CUDA,
+    /// and the model card folders it searches.
+    Doctor,
     /// Write a trainer's own latent cache from a shard set: kohya sd-scripts .npz, musubi-tuner
     /// .safetensors, or a Parquet dataset for the diffusers SDXL script.
     Convert(ConvertArgs),
@@ -275,6 +278,10 @@ fn run() -> Result<()> {
                 a.images,
             )?;
             println!("{}", serde_json::to_string(&t)?);
+            Ok(())
+        }
+        Command::Doctor => {
+            print_out(&vae_pipeline::doctor::report());
             Ok(())
         }
         Command::Convert(args) => {

@@ -79,8 +79,8 @@ impl ModelCard {
         let mut card: ModelCard = toml::from_str(&text)
             .with_context(|| format!("invalid model card {}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        card.encoder = dir.join(&card.encoder);
-        card.decoder = card.decoder.map(|d| dir.join(d));
+        card.encoder = onnx_path(dir, &card.encoder);
+        card.decoder = card.decoder.map(|d| onnx_path(dir, &d));
         card.card_path = path.to_path_buf();
         card.check_values()?;
         Ok(card)
@@ -187,19 +187,50 @@ impl ModelCard {
     }
 }
 
-/// Folders that hold shipped cards: `models/` in the working directory, then the repo that
-/// built this binary (`<repo>/target/<profile>/vae-pipeline`); each folder once.
+/// Folders searched for `--model NAME`, in order: each folder of `$VAE_PIPELINE_MODELS`
+/// (`:`-separated), the user folder (`$XDG_CONFIG_HOME/vae-pipeline/models`, else
+/// `~/.config/vae-pipeline/models`), `models/` in the working directory (a checkout), and the
+/// cards installed with the package (`<prefix>/share/vae-pipeline/models`); each folder once.
 pub fn card_dirs() -> Vec<PathBuf> {
-    let mut dirs = vec![PathBuf::from("models")];
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(repo) = exe.ancestors().nth(3) {
-            dirs.push(repo.join("models"));
-        }
+    let mut dirs = model_path();
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(config) = config {
+        dirs.push(config.join("vae-pipeline").join("models"));
     }
-    dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
+    dirs.push(PathBuf::from("models"));
+    if let Some(prefix) = crate::runtime::installed_prefix() {
+        dirs.push(prefix.join("share").join("vae-pipeline").join("models"));
+    }
     let mut seen = std::collections::HashSet::new();
     dirs.retain(|d| seen.insert(std::fs::canonicalize(d).unwrap_or_else(|_| d.clone())));
     dirs
+}
+
+/// The folders of `$VAE_PIPELINE_MODELS`.
+fn model_path() -> Vec<PathBuf> {
+    std::env::var_os("VAE_PIPELINE_MODELS")
+        .map(|v| {
+            std::env::split_paths(&v)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An ONNX path a card names: relative to the card's folder, else (for a shipped card whose
+/// weights live elsewhere) relative to a folder of `$VAE_PIPELINE_MODELS`.
+fn onnx_path(card_dir: &Path, named: &Path) -> PathBuf {
+    let beside = card_dir.join(named);
+    if beside.is_file() || named.is_absolute() {
+        return beside;
+    }
+    model_path()
+        .into_iter()
+        .map(|d| d.join(named))
+        .find(|p| p.is_file())
+        .unwrap_or(beside)
 }
 
 /// Whether `--model` names a card file rather than a card name.

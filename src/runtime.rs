@@ -43,45 +43,116 @@ fn load() -> Result<Environment> {
         .map_err(|e| anyhow!("cannot start ONNX Runtime from {}: {e}", path.display()))
 }
 
-/// `ORT_DYLIB_PATH`, else `.ort/` where `make setup` puts it (in the working directory or the
-/// repo that built this binary), else an installed Python `onnxruntime` package.
+/// Where the library was found and by which rule.
+pub struct Located {
+    pub path: PathBuf,
+    pub rule: &'static str,
+}
+
+/// In order: `ORT_DYLIB_PATH`; the `onnxruntime` (or `onnxruntime-gpu`) package of the Python
+/// environment this binary is installed in (`pip install vae-pipeline`: `<prefix>/bin/` beside
+/// `<prefix>/lib/python3.*/site-packages/`); `.ort/` in the working directory (a checkout after
+/// `make setup`); the `onnxruntime` package of `python3` on the PATH.
 pub fn locate() -> Result<PathBuf> {
+    Ok(locate_with_rule()?.path)
+}
+
+pub fn locate_with_rule() -> Result<Located> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         let p = PathBuf::from(p);
         if p.is_file() {
-            return Ok(p);
+            return Ok(Located {
+                path: p,
+                rule: "ORT_DYLIB_PATH",
+            });
         }
         bail!(
             "ORT_DYLIB_PATH is set to {}, which is not a file. Point it at libonnxruntime.so \
-             (from `pip download --no-deps onnxruntime==1.31.1`, unzip onnxruntime/capi/) or unset it \
-             and run `make setup`",
+             (from `pip download --no-deps onnxruntime==1.31.1`, unzip onnxruntime/capi/), or unset \
+             it to use the onnxruntime package installed with vae-pipeline (`pip install \
+             onnxruntime`) or, in a checkout, `.ort/` after `make setup`",
             p.display()
         );
     }
     let mut looked = vec!["ORT_DYLIB_PATH (not set)".to_string()];
-    let mut dirs = vec![PathBuf::from(".ort")];
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(repo) = exe.ancestors().nth(3) {
-            dirs.push(repo.join(".ort"));
+    match installed_prefix() {
+        Some(prefix) => {
+            if let Some(p) = onnxruntime_in(&prefix) {
+                return Ok(Located {
+                    path: p,
+                    rule: "the onnxruntime package installed with vae-pipeline",
+                });
+            }
+            looked.push(format!(
+                "{}/lib/python3.*/site-packages/onnxruntime/capi/",
+                prefix.display()
+            ));
         }
+        None => looked.push("the environment of this binary (it is not in a bin/ folder)".into()),
     }
-    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ort"));
-    for dir in dirs {
-        let candidate = dir.join(ORT_LIBRARY);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-        looked.push(candidate.display().to_string());
+    let checkout = Path::new(".ort").join(ORT_LIBRARY);
+    if checkout.is_file() {
+        return Ok(Located {
+            path: checkout,
+            rule: ".ort/ in the working directory (make setup)",
+        });
     }
+    looked.push(checkout.display().to_string());
     match python_onnxruntime() {
-        Some(p) => return Ok(p),
+        Some(p) => {
+            return Ok(Located {
+                path: p,
+                rule: "the onnxruntime package of python3",
+            })
+        }
         None => looked.push("the `onnxruntime` package of python3 (not installed)".into()),
     }
     bail!(
-        "ONNX Runtime library not found. Looked in:\n  {}\nFix: run `make setup` in the vae-pipeline \
-         repo, or `pip install onnxruntime`, or set ORT_DYLIB_PATH to a libonnxruntime.so (1.24 or newer)",
+        "ONNX Runtime library not found. Looked in:\n  {}\nFix: `pip install onnxruntime` (or \
+         onnxruntime-gpu) into the environment vae-pipeline is installed in, run `make setup` in a \
+         checkout, or set ORT_DYLIB_PATH to a libonnxruntime.so (1.24 or newer)",
         looked.join("\n  ")
     )
+}
+
+/// The install prefix of this binary: `<prefix>/bin/vae-pipeline`.
+pub fn installed_prefix() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?;
+    (bin.file_name()? == "bin").then(|| bin.parent().map(Path::to_path_buf))?
+}
+
+/// `libonnxruntime.so*` of the `onnxruntime` package under `<prefix>/lib*/python3*/site-packages`.
+fn onnxruntime_in(prefix: &Path) -> Option<PathBuf> {
+    let mut found = Vec::new();
+    for lib in ["lib", "lib64"] {
+        for entry in std::fs::read_dir(prefix.join(lib)).ok()?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("python3") {
+                found.extend(libraries_in(
+                    &entry.path().join("site-packages/onnxruntime/capi"),
+                ));
+            }
+        }
+    }
+    found.sort();
+    found.pop()
+}
+
+fn libraries_in(capi: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(capi)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn python_onnxruntime() -> Option<PathBuf> {
@@ -96,16 +167,7 @@ fn python_onnxruntime() -> Option<PathBuf> {
         return None;
     }
     let capi = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("capi");
-    let mut libs: Vec<PathBuf> = std::fs::read_dir(&capi)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
-        })
-        .collect();
+    let mut libs = libraries_in(&capi);
     libs.sort();
     libs.pop()
 }

@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn copy_kodak(input: &Path, names: &[&str]) {
-    std::fs::create_dir_all(input).unwrap();
-    for n in names {
-        std::fs::copy(
-            shared(&format!("data/kodak/{n}.png")),
-            input.join(format!("{n}.png")),
-        )
-        .unwrap();
-    }
-}
-
 fn verify(out: &Path) -> (bool, String) {
     let v = vae_pipeline(&["verify", s(out)]);
     (

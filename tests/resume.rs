@@ -8,17 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-fn copy_kodak(input: &Path, names: &[&str]) {
-    std::fs::create_dir_all(input).unwrap();
-    for n in names {
-        std::fs::copy(
-            shared(&format!("data/kodak/{n}.png")),
-            input.join(format!("{n}.png")),
-        )
-        .unwrap();
-    }
-}
-
 fn precompute(input: &Path, out: &Path, card: &Path) -> std::process::Output {
     precompute_f32(input, out, card, "64", &["--shard-rows", "2"])
 }

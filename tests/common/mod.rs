@@ -180,6 +180,18 @@ fn walk_parquet(out: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Copies Kodak photos (`kodim01`, …) into `input` as PNG files.
+pub fn copy_kodak(input: &Path, names: &[&str]) {
+    std::fs::create_dir_all(input).unwrap();
+    for n in names {
+        std::fs::copy(
+            shared(&format!("data/kodak/{n}.png")),
+            input.join(format!("{n}.png")),
+        )
+        .unwrap();
+    }
+}
+
 /// A folder with the first `n` Kodak images (symlinked).
 pub fn kodak_subset(dir: &Path, n: usize) -> PathBuf {
     let input = dir.join("input");

@@ -1,4 +1,4 @@
-"""pipelines/latents_dataset.py on shard sets the binary just wrote.
+"""vae_pipeline.dataset (the loader in the Python package) on shard sets the binary just wrote.
 
 Runs (all cheap): the 24 Kodak photos bucketed at 256 with avgpool8 and --flip, in f32 (several
 shards per bucket) and in bf16; and tiny-kl in dist mode with --flip at 64 on a few photos.
@@ -20,10 +20,10 @@ import bucket_reference as br
 from test_buckets import all_kodak, avgpool8, copy_kodak, pillow_window, read_bucketed
 from vp_helpers import REPO, require, run_precompute, tensor
 
-sys.path.insert(0, str(require(REPO / "pipelines" / "latents_dataset.py", "the dataset module").parent))
+sys.path.insert(0, str(require(REPO / "python" / "vae_pipeline" / "dataset.py", "the dataset module").parents[1]))
 _dont_write = sys.dont_write_bytecode
 sys.dont_write_bytecode = True  # no pipelines/__pycache__ in the source tree
-import latents_dataset as lds  # noqa: E402
+import vae_pipeline.dataset as lds  # noqa: E402
 
 sys.dont_write_bytecode = _dont_write
 

@@ -5,7 +5,7 @@ so `torch.utils.data.DataLoader` takes it as it is, and `as_torch=True` returns 
 
 A shard set is the `--out` folder of `vae-pipeline precompute`: one `<W>x<H>/` folder per input
 shape (one per bucket with `--resize bucket`), each holding `part-*.parquet` files whose `latent`
-column is an `arrow.fixed_shape_tensor` [C, H/f, W/f]. See README.md, "The shards".
+column is an `arrow.fixed_shape_tensor` [C, H/f, W/f]. See FORMAT.md in the repository.
 
 Each item is a dict:
 
@@ -20,7 +20,7 @@ Each item is a dict:
 
 Training loop (SDXL-style micro-conditioning; batches never mix shapes):
 
-    from latents_dataset import LatentsDataset, BucketBatchSampler, collate, worker_init_fn
+    from vae_pipeline.dataset import LatentsDataset, BucketBatchSampler, collate, worker_init_fn
 
     ds = LatentsDataset("shards/", flip=True, seed=0, as_torch=True)
     sampler = BucketBatchSampler(ds, batch_size=16, shuffle=True, seed=0)
@@ -74,14 +74,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vae_pipeline import FORMAT_VERSION  # the shard format this loader reads (FORMAT.md "Versions")
+
 __all__ = ["LatentsDataset", "BucketBatchSampler", "collate", "worker_init_fn", "decode_latents"]
 
 _BUCKET_DIR = re.compile(r"^(\d+)x(\d+)$")
 _TENSOR_COLUMNS = ("latent", "latent_std", "latent_flip", "latent_flip_std")
 _SCALAR_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left", "width", "height")
 _META = "vae_pipeline."
-#: The shard format this loader reads (FORMAT.md "Versions").
-FORMAT_VERSION = "2"
 
 
 def decode_latents(stored: np.ndarray, dtype: str) -> np.ndarray:
@@ -420,7 +420,7 @@ def worker_init_fn(worker_id: int) -> None:
         info.dataset.reseed([info.seed % (1 << 63), worker_id])
 
 
-if __name__ == "__main__":  # python latents_dataset.py SHARDS: a short description of a shard set
+if __name__ == "__main__":  # python -m vae_pipeline.dataset SHARDS: a short description of a shard set
     import sys
 
     ds = LatentsDataset(sys.argv[1])
