@@ -95,22 +95,8 @@ fn a_second_writer_is_refused_and_kill_9_leaves_no_lock() {
     let input = kodak_subset(&dir, 24);
     let out = dir.join("out");
     let card = card_file(&dir, "taef2");
-    let mut first = Command::new(env!("CARGO_BIN_EXE_vae-pipeline"))
-        .args([
-            "precompute",
-            "--input",
-            s(&input),
-            "--out",
-            s(&out),
-            "--model",
-            s(&card),
-            "--size",
-            "256",
-            "--shard-rows",
-            "4",
-            "--threads",
-            "1",
-        ])
+    let run = |extra: &[&str]| precompute_command(&input, &out, &card, "256", extra);
+    let mut first = run(&["--shard-rows", "4", "--threads", "1"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -118,19 +104,7 @@ fn a_second_writer_is_refused_and_kill_9_leaves_no_lock() {
         || out.join("_runs.jsonl").exists(),
         "the first run to start writing",
     );
-    let second = vae_pipeline(&[
-        "precompute",
-        "--input",
-        s(&input),
-        "--out",
-        s(&out),
-        "--model",
-        s(&card),
-        "--size",
-        "256",
-        "--shard-rows",
-        "4",
-    ]);
+    let second = run(&["--shard-rows", "4"]).output().unwrap();
     let err = stderr(&second);
     assert_eq!(second.status.code(), Some(2), "{err}");
     assert!(
@@ -148,19 +122,7 @@ fn a_second_writer_is_refused_and_kill_9_leaves_no_lock() {
     );
     first.kill().unwrap();
     first.wait().unwrap();
-    let rerun = vae_pipeline(&[
-        "precompute",
-        "--input",
-        s(&input),
-        "--out",
-        s(&out),
-        "--model",
-        s(&card),
-        "--size",
-        "256",
-        "--shard-rows",
-        "4",
-    ]);
+    let rerun = run(&["--shard-rows", "4"]).output().unwrap();
     ok(&rerun);
     let (good, text) = verify(&out);
     assert!(good, "{text}");
@@ -441,34 +403,20 @@ fn a_signal_stops_gracefully_and_the_rerun_completes() {
     let input = kodak_subset(&dir, 24);
     let out = dir.join("out");
     let card = card_file(&dir, "taef2");
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "precompute",
-            "--input",
-            s(&input),
-            "--out",
-            s(out),
-            "--model",
-            s(&card),
-            "--size",
-            "256",
+    let run = |out: &Path| {
+        let extra = [
             "--dtype",
             "f32",
             "--shard-rows",
             "1000",
             "--batch-size",
             "2",
-        ]
-        .map(String::from)
-        .to_vec()
+        ];
+        precompute_command(&input, out, &card, "256", &extra)
     };
     for signal in ["TERM", "USR1"] {
         let _ = std::fs::remove_dir_all(&out);
-        let child = Command::new(env!("CARGO_BIN_EXE_vae-pipeline"))
-            .args(args(&out))
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = run(&out).stderr(Stdio::piped()).spawn().unwrap();
         wait_for(|| out.join("_runs.jsonl").exists(), "the run to start");
         std::thread::sleep(Duration::from_millis(1500));
         let kill = Command::new("kill")
@@ -489,7 +437,7 @@ fn a_signal_stops_gracefully_and_the_rerun_completes() {
             "SIG{signal}: the open shard ({committed} rows) is committed, not everything ran"
         );
         assert!(!out.join("_SUCCESS").exists());
-        let rerun = vae_pipeline(&args(&out).iter().map(String::as_str).collect::<Vec<_>>());
+        let rerun = run(&out).output().unwrap();
         let err = ok(&rerun);
         assert!(
             err.contains(&format!("{committed} already committed")),
@@ -499,9 +447,7 @@ fn a_signal_stops_gracefully_and_the_rerun_completes() {
         assert!(good, "{text}");
     }
     let fresh = dir.join("fresh");
-    ok(&vae_pipeline(
-        &args(&fresh).iter().map(String::as_str).collect::<Vec<_>>(),
-    ));
+    ok(&run(&fresh).output().unwrap());
     let (resumed, expected) = (read_latents(&out), read_latents(&fresh));
     assert_eq!(resumed.len(), 24);
     for (key, latent) in &expected {
@@ -510,11 +456,7 @@ fn a_signal_stops_gracefully_and_the_rerun_completes() {
 
     // Two signals: the second ends the run at once.
     let _ = std::fs::remove_dir_all(&out);
-    let child = Command::new(env!("CARGO_BIN_EXE_vae-pipeline"))
-        .args(args(&out))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = run(&out).stderr(Stdio::null()).spawn().unwrap();
     wait_for(|| out.join("_runs.jsonl").exists(), "the run to start");
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..2 {

@@ -204,23 +204,35 @@ pub fn kodak_subset(dir: &Path, n: usize) -> PathBuf {
     input
 }
 
+/// The binary's `precompute` of `input` into `out` with `card` at `size`², then `extra` flags,
+/// as a command to run or spawn.
+pub fn precompute_command(
+    input: &Path,
+    out: &Path,
+    card: &Path,
+    size: &str,
+    extra: &[&str],
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vae-pipeline"));
+    command
+        .args(["precompute", "--input", s(input), "--out", s(out)])
+        .args(["--model", s(card), "--size", size])
+        .args(extra);
+    command
+}
+
 /// `precompute` of `input` into `out` with `card` at `size`² and f32 storage (the tests' usual
 /// run), then `extra` flags.
 pub fn precompute_f32(input: &Path, out: &Path, card: &Path, size: &str, extra: &[&str]) -> Output {
-    let base = [
-        "precompute",
-        "--input",
-        s(input),
-        "--out",
-        s(out),
-        "--model",
-        s(card),
-        "--size",
+    precompute_command(
+        input,
+        out,
+        card,
         size,
-        "--dtype",
-        "f32",
-    ];
-    vae_pipeline(&[&base[..], extra].concat())
+        &[&["--dtype", "f32"], extra].concat(),
+    )
+    .output()
+    .expect("binary runs")
 }
 
 /// Row metadata for a hand-built batch: only the key matters.

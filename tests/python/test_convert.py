@@ -1,7 +1,7 @@
 """`vae-pipeline convert`: trainers' own caches, read back by independent code.
 
-The trainers' rules are transcribed here from their sources (kohya sd-scripts
-library/model_util.py `make_bucket_resolutions`, library/train_util.py `BucketManager.select_bucket`
+The trainers' rules are transcribed in Python from their sources (kohya sd-scripts
+library/model_util.py `make_bucket_resolutions` in bucket_reference.py, library/train_util.py `BucketManager.select_bucket`
 and `get_crop_ltrb`; musubi-tuner dataset/bucket.py `BucketSelector`), independently of the Rust
 code. Files are read with numpy (npz), safetensors and Hugging Face datasets. The encoders are
 real ONNX graphs: avgpool8 from ../shared, and 16- and 32-channel pooling encoders built here
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper
 
+import bucket_reference as br
 from vp_helpers import require, run_precompute, tensor
 
 KODAK = [f"kodim{i:02d}.png" for i in range(1, 25)]
@@ -50,21 +51,8 @@ def rows_by_key(out):
 # ------------------------------------------------------------- the trainers' rules, transcribed
 
 def kohya_buckets(res, min_reso=256, max_reso=1024, steps=64):
-    """model_util.make_bucket_resolutions after train_util's adjust_min_max_bucket_reso_by_steps."""
-    min_reso -= min_reso % steps
-    max_reso = math.ceil(max_reso / steps) * steps
-    max_area = res[0] * res[1]
-    resos = set()
-    width = int(math.sqrt(max_area) // steps) * steps
-    resos.add((width, width))
-    width = min_reso
-    while width <= max_reso:
-        height = min(max_reso, int((max_area // width) // steps) * steps)
-        if height >= min_reso:
-            resos.add((width, height))
-            resos.add((height, width))
-        width += steps
-    return sorted(resos)
+    """make_bucket_resolutions after train_util's adjust_min_max_bucket_reso_by_steps."""
+    return br.kohya_make_bucket_resolutions(res, min_reso - min_reso % steps, math.ceil(max_reso / steps) * steps, steps)
 
 
 def kohya_select(resos, w, h):
