@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use arrow_array::{
     Array, FixedSizeBinaryArray, FixedSizeListArray, Int32Array, RecordBatch, StringArray,
 };
+use parquet::arrow::ProjectionMask;
 
 use crate::format::{self, ShardMetadata};
 use crate::identity::RunIdentity;
@@ -94,24 +95,40 @@ impl ShardSet {
     }
 
     /// Calls `each` with up to `chunk` rows at a time, in shard order, for the first `limit` rows.
+    /// Without `tensors` the latent columns are not read (`latent` is empty, `shape` still set):
+    /// a pass over geometry and keys alone.
     pub fn for_each_chunk(
         &self,
         chunk: usize,
         limit: usize,
+        tensors: bool,
         mut each: impl FnMut(Vec<StoredRow>) -> Result<()>,
     ) -> Result<()> {
         let mut left = limit;
         for file in &self.files {
-            let reader = format::open(file)?
-                .with_batch_size(chunk.min(left).max(1))
-                .build()?;
+            let builder = format::open(file)?;
+            let shape = format::tensor_shape(builder.schema().field_with_name("latent")?)?;
+            let builder = if tensors {
+                builder
+            } else {
+                let names: Vec<&str> = builder
+                    .schema()
+                    .fields()
+                    .iter()
+                    .filter(|f| !format::is_tensor_field(f))
+                    .map(|f| f.name().as_str())
+                    .collect();
+                let mask = ProjectionMask::columns(builder.parquet_schema(), names);
+                builder.with_projection(mask)
+            };
+            let reader = builder.with_batch_size(chunk.min(left).max(1)).build()?;
             for batch in reader {
                 if left == 0 {
                     return Ok(());
                 }
                 let batch = batch.with_context(|| format!("reading {}", file.display()))?;
                 let mut rows = self
-                    .rows_of(&batch)
+                    .rows_of(&batch, shape)
                     .with_context(|| format!("reading {}", file.display()))?;
                 rows.truncate(left);
                 left -= rows.len();
@@ -121,7 +138,7 @@ impl ShardSet {
         Ok(())
     }
 
-    fn rows_of(&self, batch: &RecordBatch) -> Result<Vec<StoredRow>> {
+    fn rows_of(&self, batch: &RecordBatch, shape: [usize; 3]) -> Result<Vec<StoredRow>> {
         let keys: &StringArray = column(batch, "key")?;
         let hashes: &FixedSizeBinaryArray = column(batch, "source_sha256")?;
         let orig_widths: &Int32Array = column(batch, "orig_width")?;
@@ -134,13 +151,16 @@ impl ShardSet {
         let lefts: &Int32Array = column(batch, "crop_left")?;
         let widths: &Int32Array = column(batch, "width")?;
         let heights: &Int32Array = column(batch, "height")?;
-        let latents: &FixedSizeListArray = column(batch, "latent")?;
-        let shape = format::tensor_shape(batch.schema().field_with_name("latent")?)?;
+        let latents = batch
+            .column_by_name("latent")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
         let mut rows = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
-            let values = latents.value(i);
-            let latent = format::widen(values.as_ref(), self.info.metadata.dtype)?;
-            if latent.len() != shape.iter().product::<usize>() {
+            let latent = match latents {
+                Some(l) => format::widen(l.value(i).as_ref(), self.info.metadata.dtype)?,
+                None => Vec::new(),
+            };
+            if latents.is_some() && latent.len() != shape.iter().product::<usize>() {
                 bail!(
                     "latent of {} has {} values, not {shape:?}",
                     keys.value(i),

@@ -263,12 +263,12 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
         bail!("--images is for --to kohya (npz files beside the images)");
     }
 
-    // Check every row before writing anything.
+    // Check every row before writing anything: keys and geometry only, no latents.
     let plan = Plan::new(args, arch, resolution, &out)?;
     let mut names: HashMap<PathBuf, String> = HashMap::new();
     let mut problems = Vec::new();
     let mut shapes = std::collections::BTreeSet::new();
-    set.for_each_chunk(256, usize::MAX, |rows| {
+    set.for_each_chunk(4096, usize::MAX, false, |rows| {
         for row in rows {
             shapes.insert((row.width, row.height));
             if let Err(e) = plan.check(&row) {
@@ -329,7 +329,7 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
     };
     if args.to == Trainer::Diffusers {
         let mut part = 0;
-        set.for_each_chunk(1024, usize::MAX, |rows| {
+        set.for_each_chunk(1024, usize::MAX, true, |rows| {
             let bytes = diffusers_part(&rows, rescale)?;
             let path = out.join(format!("train-{part:05}.parquet"));
             part += 1;
@@ -342,7 +342,7 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
         })?;
         return Ok(summary);
     }
-    set.for_each_chunk(64, usize::MAX, |rows| {
+    set.for_each_chunk(64, usize::MAX, true, |rows| {
         let written: Vec<bool> = pool.install(|| {
             rows.par_iter()
                 .map(|row| {

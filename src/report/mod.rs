@@ -388,7 +388,7 @@ impl Scorer {
     /// Shard rows → re-read and check their sources (parallel) → decode → score.
     fn score_shards(&mut self, plan: &Plan, set: &ShardSet, chunk: usize) -> Result<()> {
         let source = FolderSource::new(&plan.input);
-        set.for_each_chunk(chunk, plan.limit, |rows| {
+        set.for_each_chunk(chunk, plan.limit, true, |rows| {
             let checked: Vec<Result<(StoredRow, Vec<f32>), Skipped>> = self.pool.install(|| {
                 rows.into_par_iter()
                     .map(|row| reread(row, &source, &plan.rows))
