@@ -62,8 +62,6 @@ pub enum MetadataRead {
 
 /// Where samples come from.
 pub trait Source: Sync {
-    /// For messages: the folder, file or URL.
-    fn describe(&self) -> String;
     /// Every sample in key order, or a `Failure` for what cannot be one. Streams.
     fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_>;
     /// Reads one sample (bytes, hash, caption, metadata); runs on the decode pool.
@@ -111,10 +109,6 @@ impl FolderSource {
 }
 
 impl Source for FolderSource {
-    fn describe(&self) -> String {
-        self.root.display().to_string()
-    }
-
     fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_> {
         Box::new(
             WalkDir::new(&self.root)

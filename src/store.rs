@@ -25,12 +25,6 @@ pub trait PendingFile: Write + Send {
 pub trait ShardStore: Send + Sync {
     /// Starts `rel`; nothing appears under that name until the file is committed.
     fn create(&self, rel: &str) -> Result<Box<dyn PendingFile>>;
-    /// Writes `bytes` to `rel` whole or not at all.
-    fn put(&self, rel: &str, bytes: &[u8]) -> Result<()>;
-    /// Removes `rel` if present.
-    fn remove(&self, rel: &str) -> Result<()>;
-    /// The set's root, for messages.
-    fn root(&self) -> String;
 }
 
 /// A shard set in a local folder.
@@ -62,18 +56,6 @@ impl ShardStore for LocalStore {
         let file =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         Ok(Box::new(LocalPending { file, tmp, path }))
-    }
-
-    fn put(&self, rel: &str, bytes: &[u8]) -> Result<()> {
-        write_atomic(&self.path(rel), bytes)
-    }
-
-    fn remove(&self, rel: &str) -> Result<()> {
-        remove_if_present(&self.path(rel))
-    }
-
-    fn root(&self) -> String {
-        self.root.display().to_string()
     }
 }
 
