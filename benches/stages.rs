@@ -182,6 +182,7 @@ fn parquet_write(c: &mut Criterion) {
                     metadata.clone(),
                     TensorColumns::default(),
                     Vec::new(),
+                    1,
                 )
                 .unwrap();
                 writer.write(batch).unwrap();

@@ -31,6 +31,7 @@ pub mod resize;
 pub mod resume;
 pub mod rows;
 pub mod runtime;
+pub mod shard_file;
 pub mod shards;
 pub mod sidecar;
 pub mod source;

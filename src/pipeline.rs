@@ -36,6 +36,8 @@ pub use crate::plan::thread_split;
 const ENCODE_QUEUE: usize = 2;
 /// Messages waiting for the writer.
 const WRITE_QUEUE: usize = 4;
+/// Threads encoding Parquet row groups: enough to keep ahead of a GPU (see `shard_file`).
+const WRITE_THREADS: usize = 8;
 
 /// What the run did, as the final summary prints it and `_SUCCESS` records it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -255,6 +257,7 @@ fn run(plan: RunPlan, committed: &Committed, stop: &AtomicBool) -> Result<RunSum
         metadata.clone(),
         tensors,
         rows.sidecars.columns(),
+        config.thread_budget().min(WRITE_THREADS),
     )?;
 
     let start = Instant::now();

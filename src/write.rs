@@ -11,13 +11,14 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use arrow_array::{ArrayRef, FixedSizeBinaryArray, Int32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, SchemaRef};
-use parquet::arrow::ArrowWriter;
+use rayon::ThreadPool;
 use serde::Serialize;
 
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
 use crate::format::{self, ShardMetadata, StorageDType, TensorColumns, ERRORS, MANIFEST, SUCCESS};
-use crate::store::{self, PendingFile, ShardStore};
+use crate::shard_file::ShardFile;
+use crate::store::{self, ShardStore};
 
 /// One committed shard, as `_manifest.jsonl` lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -53,11 +54,6 @@ pub fn seal(out: &Path, entries: &[ManifestEntry], summary: &serde_json::Value) 
         &out.join(SUCCESS),
         serde_json::to_string_pretty(summary)?.as_bytes(),
     )
-}
-
-struct OpenShard {
-    writer: ArrowWriter<Box<dyn PendingFile>>,
-    rows: usize,
 }
 
 /// Counts a finished run hands to its summary.
@@ -96,7 +92,9 @@ pub struct ShardWriter {
     tensors: TensorColumns,
     /// Metadata columns (nullable), after `caption`.
     extra_columns: Vec<(String, DataType)>,
-    open: HashMap<(u32, u32), OpenShard>,
+    open: HashMap<(u32, u32), ShardFile>,
+    /// Encodes row groups (see `shard_file`).
+    pool: Arc<ThreadPool>,
     next_part: HashMap<(u32, u32), usize>,
     schemas: HashMap<(u32, u32), SchemaRef>,
     errors: BufWriter<File>,
@@ -105,13 +103,20 @@ pub struct ShardWriter {
 
 impl ShardWriter {
     /// `metadata` goes into every shard; `tensors` and `extra_columns` fix every shard's columns.
+    /// Row groups are encoded on `threads` threads.
     pub fn new(
         out: &Path,
         shard_rows: usize,
         metadata: ShardMetadata,
         tensors: TensorColumns,
         extra_columns: Vec<(String, DataType)>,
+        threads: usize,
     ) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("write-{i}"))
+            .build()
+            .context("cannot start the write thread pool")?;
         let errors_path = out.join(ERRORS);
         let errors = File::create(&errors_path)
             .with_context(|| format!("cannot create {}", errors_path.display()))?;
@@ -124,6 +129,7 @@ impl ShardWriter {
             tensors,
             extra_columns,
             open: HashMap::new(),
+            pool: Arc::new(pool),
             next_part: HashMap::new(),
             schemas: HashMap::new(),
             errors: BufWriter::new(errors),
@@ -161,16 +167,12 @@ impl ShardWriter {
             }
             let shard = self.open.get_mut(&shape).expect("opened above");
             let take = (self.shard_rows - shard.rows).min(record.num_rows() - offset);
-            shard
-                .writer
-                .write(&record.slice(offset, take))
-                .with_context(|| {
-                    format!(
+            shard.write(&record.slice(offset, take)).with_context(|| {
+                format!(
                     "cannot write {} (disk full?); free space and rerun the same command to resume",
-                    shard.writer.inner().describe()
+                    shard.describe()
                 )
-                })?;
-            shard.rows += take;
+            })?;
             offset += take;
             if shard.rows == self.shard_rows {
                 let shard = self.open.remove(&shape).expect("present");
@@ -181,7 +183,7 @@ impl ShardWriter {
         Ok(())
     }
 
-    fn open_shard(&mut self, shape: (u32, u32), schema: SchemaRef) -> Result<OpenShard> {
+    fn open_shard(&mut self, shape: (u32, u32), schema: SchemaRef) -> Result<ShardFile> {
         let dir_name = format::shape_dir_name(shape.0, shape.1);
         let part = match self.next_part.get_mut(&shape) {
             Some(part) => part,
@@ -195,14 +197,13 @@ impl ShardWriter {
         let pending = self.store.create(&rel)?;
         let group = format::group_rows(format::row_tensor_bytes(&schema), self.shard_rows);
         let props = format::writer_properties(&self.metadata, group)?;
-        let writer = ArrowWriter::try_new(pending, schema, Some(props))?;
-        Ok(OpenShard { writer, rows: 0 })
+        ShardFile::new(pending, schema, props, group, self.pool.clone())
     }
 
     /// Finishes and commits a shard; on failure nothing of it is left behind.
-    fn close_shard(&mut self, shard: OpenShard) -> Result<()> {
-        let describe = shard.writer.inner().describe();
-        let pending = shard.writer.into_inner().with_context(|| {
+    fn close_shard(&mut self, shard: ShardFile) -> Result<()> {
+        let describe = shard.describe();
+        let pending = shard.finish().with_context(|| {
             format!("cannot finish {describe} (disk full?); free space and rerun the same command to resume")
         })?;
         pending.commit().with_context(|| {
@@ -220,7 +221,7 @@ impl ShardWriter {
         while let Some((_, shard)) = open.next() {
             if let Err(e) = self.close_shard(shard) {
                 for (_, rest) in open {
-                    abort(rest);
+                    rest.abort();
                 }
                 return Err(e);
             }
@@ -233,7 +234,7 @@ impl ShardWriter {
     /// After a failure: drops the unfinished shards, so nothing partial is left behind.
     pub fn abort(self) {
         for shard in self.open.into_values() {
-            abort(shard);
+            shard.abort();
         }
     }
 
@@ -285,13 +286,6 @@ impl ShardWriter {
             ));
         }
         Ok(RecordBatch::try_new(schema, columns)?)
-    }
-}
-
-fn abort(shard: OpenShard) {
-    let pending = shard.writer.into_inner();
-    if let Ok(p) = pending {
-        p.abort();
     }
 }
 
