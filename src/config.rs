@@ -104,7 +104,12 @@ pub use crate::format::StorageDType;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrecomputeConfig {
+    /// A folder, a file, a glob or a brace range (see `source::open`).
     pub input: PathBuf,
+    /// Parquet inputs: the image, key and caption columns (None = detect).
+    pub image_column: Option<String>,
+    pub key_column: Option<String>,
+    pub caption_column: Option<String>,
     pub out: PathBuf,
     /// Card name in `models/` or a path to a card TOML.
     pub model: String,
@@ -169,6 +174,9 @@ impl Default for PrecomputeConfig {
     fn default() -> Self {
         PrecomputeConfig {
             input: PathBuf::new(),
+            image_column: None,
+            key_column: None,
+            caption_column: None,
             out: PathBuf::new(),
             model: "taef2".into(),
             size: 256,
@@ -268,7 +276,7 @@ impl PrecomputeConfig {
     pub fn validate(&self) -> Result<()> {
         let k = |f: &str| self.knob(f);
         if self.input.as_os_str().is_empty() {
-            bail!("no input folder: pass --input DIR");
+            bail!("no input: pass --input DIR (or a file, a glob or a brace range)");
         }
         if self.out.as_os_str().is_empty() {
             bail!("no output folder: pass --out DIR");

@@ -25,6 +25,9 @@ pub enum FailureKind {
     Duplicate,
     /// `report --shards`: the source changed since its row was written.
     Stale,
+    /// An archive member or sample this tool will not use: an unsafe name, a link or device, a
+    /// duplicate key, no image.
+    Refused,
 }
 
 impl FailureKind {
@@ -39,6 +42,7 @@ impl FailureKind {
             FailureKind::Nonfinite => "nonfinite",
             FailureKind::Duplicate => "duplicate",
             FailureKind::Stale => "stale",
+            FailureKind::Refused => "refused",
         }
     }
 }

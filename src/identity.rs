@@ -70,6 +70,9 @@ impl RunIdentity {
         // Every field is named: the identity or the run settings, never forgotten.
         let PrecomputeConfig {
             input: _,
+            image_column: _,
+            key_column: _,
+            caption_column: _,
             out: _,
             model: _,
             size: _,
@@ -100,7 +103,8 @@ impl RunIdentity {
             dedupe,
         } = config;
         // model, size, resize and the bucket settings are in `model` and `framing`; alpha and
-        // the size limits in `decode`; captions are data (each row's digest), the rest run settings.
+        // the size limits in `decode`; captions are data (each row's digest), the rest run settings
+        // (the Parquet columns pick bytes and keys, which each committed row's sha256 and key check).
         RunIdentity {
             format_version: FORMAT_VERSION,
             latent_mode: *latent_mode,

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Encode every image under --input into latent shards under --out.
-    Precompute(PrecomputeArgs),
+    Precompute(Box<PrecomputeArgs>),
     /// Encode and decode images (or decode stored shards) and report reconstruction quality:
     /// PSNR, SSIM, latent statistics and a self-contained HTML page under --out.
     Report(ReportArgs),
@@ -82,9 +82,18 @@ struct BenchEncoderArgs {
 /// Flags override the preset (--pipeline), which overrides the defaults shown here.
 #[derive(Args)]
 struct PrecomputeArgs {
-    /// Folder of images (walked recursively; symlinks followed).
+    /// Folder of images (walked recursively; symlinks followed), or an image, WebDataset tar (.tar, .tar.gz) or Parquet file, a glob ('data/*.tar') or a brace range ('data/{00000..00099}.tar').
     #[arg(long)]
     input: Option<PathBuf>,
+    /// Parquet inputs: the image column (an Image struct {bytes, path} or binary) [default: detected].
+    #[arg(long)]
+    image_column: Option<String>,
+    /// Parquet inputs: the column whose values key the rows [default: `key` if present, else the row index].
+    #[arg(long)]
+    key_column: Option<String>,
+    /// Parquet inputs: the caption column [default: `caption` or `text` if present].
+    #[arg(long)]
+    caption_column: Option<String>,
     /// Output folder for shards, _errors.jsonl, _manifest.jsonl and _SUCCESS.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -217,6 +226,16 @@ impl PrecomputeArgs {
         if self.captions.is_some() {
             c.captions = self.captions;
             c.set_by_flag("captions");
+        }
+        for (value, field, name) in [
+            (self.image_column, &mut c.image_column, "image_column"),
+            (self.key_column, &mut c.key_column, "key_column"),
+            (self.caption_column, &mut c.caption_column, "caption_column"),
+        ] {
+            if value.is_some() {
+                *field = value;
+                c.origin.preset_keys.remove(name);
+            }
         }
         for (on, field) in [
             (self.no_upscale, "no_upscale"),

@@ -476,7 +476,7 @@ fn produce(
                     .map(|item| {
                         let t = Instant::now();
                         let row = match item {
-                            Ok(sample) => prepare_row(source, rows, &sample, committed),
+                            Ok(sample) => prepare_row(source, rows, sample, committed),
                             Err(failure) => unusable(failure, committed),
                         };
                         (row, t.elapsed())
@@ -516,7 +516,7 @@ fn produce(
 fn prepare_row(
     source: &(dyn Source + Send),
     rows: &RowMaker,
-    sample: &SampleRef,
+    sample: SampleRef,
     committed: &Committed,
 ) -> PreparedRow {
     let loaded = match source.load(sample) {

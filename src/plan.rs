@@ -17,7 +17,7 @@ use crate::resume::{self, OutputState};
 use crate::rows::RowMaker;
 use crate::runtime::Device;
 use crate::sidecar::SidecarSchema;
-use crate::source::{FolderSource, Source};
+use crate::source::{ParquetColumns, Source};
 
 /// A batch's input tensor may take at most this many bytes; more is a configuration mistake
 /// (an allocation failure mid-run otherwise).
@@ -26,7 +26,7 @@ const MAX_BATCH_BYTES: u64 = 4 << 30;
 /// Everything a run needs, checked.
 pub struct RunPlan {
     pub config: PrecomputeConfig,
-    /// `--input`, absolute.
+    /// `--input` as given.
     pub input: PathBuf,
     pub source: Box<dyn Source + Send>,
     pub card: ModelCard,
@@ -57,11 +57,13 @@ pub fn thread_split(budget: usize, device: &Device) -> (usize, usize) {
 /// Checks everything before any work; writes nothing.
 pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
     config.validate()?;
-    let input = std::fs::canonicalize(&config.input)
-        .with_context(|| format!("--input {} does not exist", config.input.display()))?;
-    if !input.is_dir() {
-        bail!("--input {} is not a folder", config.input.display());
-    }
+    let columns = ParquetColumns {
+        image: config.image_column.clone(),
+        key: config.key_column.clone(),
+        caption: config.caption_column.clone(),
+    };
+    let source = crate::source::open(&config.input, &columns)?;
+    let input = config.input.clone();
     let card = ModelCard::resolve(&config.model).with_context(|| config.knob("model"))?;
     card.check_size(config.size)?;
     let framing = Framing::new(config).with_context(|| config.knob("buckets"))?;
@@ -70,7 +72,6 @@ pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
         Some(path) => crate::captions::load(path).with_context(|| config.knob("captions"))?,
         None => Default::default(),
     };
-    let source: Box<dyn Source + Send> = Box::new(FolderSource::new(&input));
     // Metadata columns are the same in every shard, so the schema is inferred before any work;
     // the same pass counts the inputs.
     let limit = if config.limit > 0 {
@@ -90,7 +91,7 @@ pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
     if inputs == 0 {
         bail!(
             "--input {} holds no images (jpg, png, webp, gif, bmp or tiff files, searched \
-             recursively): nothing to do",
+             recursively, or samples in tar or Parquet files): nothing to do",
             config.input.display()
         );
     }

@@ -269,13 +269,19 @@ mod tests {
             .collect();
 
         let mut expected = Vec::new();
-        let mut writer = ArrowWriter::try_new(&mut expected, schema.clone(), Some(props())).unwrap();
+        let mut writer =
+            ArrowWriter::try_new(&mut expected, schema.clone(), Some(props())).unwrap();
         for b in &batches {
             writer.write(b).unwrap();
         }
         writer.close().unwrap();
 
-        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap());
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap(),
+        );
         let out = Arc::new(Mutex::new(Vec::new()));
         let pending = Box::new(Memory(Vec::new(), out.clone()));
         let mut shard = ShardFile::new(pending, schema.clone(), props(), 7, pool).unwrap();
@@ -286,6 +292,9 @@ mod tests {
         shard.finish().unwrap().commit().unwrap();
         let got = out.lock().unwrap().clone();
         assert_eq!(got.len(), expected.len());
-        assert!(got == expected, "the parallel writer's file differs from ArrowWriter's");
+        assert!(
+            got == expected,
+            "the parallel writer's file differs from ArrowWriter's"
+        );
     }
 }

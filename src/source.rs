@@ -1,7 +1,18 @@
 //! Source: where samples come from. A `Source` lists keyed samples in a fixed order and loads
 //! each one's bytes and metadata (caption, JSON fields); the decode stage takes the bytes and
-//! never learns where they came from. The folder walker is the first source: keys are paths
-//! relative to the folder, escaped so that any file name gives a unique, reversible key.
+//! never learns where they came from. `open` turns `--input` into one: a folder walker (keys are
+//! paths relative to the folder, escaped so that any file name gives a unique, reversible key), or
+//! a list of files (named, globbed or brace-expanded) of images, WebDataset tars and Parquet files,
+//! whose samples are streamed by one reader thread ahead of the decode pool.
+
+mod files;
+mod parquet;
+mod spec;
+mod webdataset;
+
+pub use files::FilesSource;
+pub use parquet::ParquetColumns;
+pub use spec::open;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,21 +25,38 @@ use crate::failure::{Failure, FailureKind};
 use crate::pool;
 
 /// Extensions this tool decodes (matched case-insensitively).
-const DECODED: &[&str] = &[
+pub(crate) const DECODED: &[&str] = &[
     "jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff",
 ];
 /// Image formats users have that this tool does not decode: reported, never ignored.
-const NOT_DECODED: &[&str] = &[
+pub(crate) const NOT_DECODED: &[&str] = &[
     "heic", "heif", "avif", "jxl", "svg", "psd", "cr2", "cr3", "nef", "arw", "dng", "raf", "orf",
     "exr",
 ];
 
-/// One listed sample, not yet read: its key and where its bytes are.
-#[derive(Debug, Clone)]
+/// One listed sample: its key and where its bytes are.
 pub struct SampleRef {
     /// The row's identity: unique in the source, stable across runs.
     pub key: String,
-    pub path: PathBuf,
+    pub at: Location,
+}
+
+/// Where a listed sample's bytes are.
+pub enum Location {
+    /// A file, read on the decode pool.
+    File(PathBuf),
+    /// Already read by a streaming reader (a tar member, a Parquet cell).
+    Read(Box<Sample>),
+}
+
+impl SampleRef {
+    /// Where the sample came from, for messages.
+    pub fn describe(&self) -> String {
+        match &self.at {
+            Location::File(path) => path.display().to_string(),
+            Location::Read(_) => self.key.clone(),
+        }
+    }
 }
 
 /// A source's bytes and their sha256 (in a pooled buffer).
@@ -65,7 +93,7 @@ pub trait Source: Sync {
     /// Every sample in key order, or a `Failure` for what cannot be one. Streams.
     fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_>;
     /// Reads one sample (bytes, hash, caption, metadata); runs on the decode pool.
-    fn load(&self, sample: &SampleRef) -> Result<Sample, Failure>;
+    fn load(&self, sample: SampleRef) -> Result<Sample, Failure>;
     /// The sample's JSON metadata alone, for the run-wide column schema inferred before work.
     fn metadata(&self, sample: &SampleRef) -> MetadataRead;
     /// The sample a key names, to read it again (`report --shards`); None for a key this
@@ -92,7 +120,7 @@ impl FolderSource {
         if DECODED.contains(&ext.as_str()) {
             Some(Ok(SampleRef {
                 key,
-                path: path.to_path_buf(),
+                at: Location::File(path.to_path_buf()),
             }))
         } else if NOT_DECODED.contains(&ext.as_str()) {
             Some(Err(Failure::new(
@@ -134,35 +162,73 @@ impl Source for FolderSource {
         )
     }
 
-    fn load(&self, sample: &SampleRef) -> Result<Sample, Failure> {
-        let bytes = read_file(&sample.key, &sample.path)?;
-        Ok(Sample {
-            key: sample.key.clone(),
-            bytes,
-            caption: read_caption(&sample.path),
-            metadata: match self.metadata(sample) {
-                MetadataRead::Object(map) => Some(map),
-                _ => None,
-            },
-        })
+    fn load(&self, sample: SampleRef) -> Result<Sample, Failure> {
+        load_file(sample)
     }
 
     fn metadata(&self, sample: &SampleRef) -> MetadataRead {
-        let Ok(text) = std::fs::read_to_string(sample.path.with_extension("json")) else {
-            return MetadataRead::Absent;
-        };
-        match serde_json::from_str(&text) {
-            Ok(Value::Object(map)) => MetadataRead::Object(map),
-            _ => MetadataRead::Unreadable,
-        }
+        metadata_of(sample)
     }
 
     fn locate(&self, key: &str) -> Option<SampleRef> {
         Some(SampleRef {
             key: key.to_string(),
-            path: path_of(&self.root, key)?,
+            at: Location::File(path_of(&self.root, key)?),
         })
     }
+}
+
+/// Loads a listed sample: an image file with its sidecars, or what a reader already read.
+pub(crate) fn load_file(sample: SampleRef) -> Result<Sample, Failure> {
+    let path = match sample.at {
+        Location::Read(sample) => return Ok(*sample),
+        Location::File(path) => path,
+    };
+    let bytes = read_file(&sample.key, &path)?;
+    Ok(Sample {
+        bytes,
+        caption: read_caption(&path),
+        metadata: match json_sidecar(&path) {
+            MetadataRead::Object(map) => Some(map),
+            _ => None,
+        },
+        key: sample.key,
+    })
+}
+
+/// A listed sample's JSON metadata: its `.json` sidecar, or what a reader read.
+pub(crate) fn metadata_of(sample: &SampleRef) -> MetadataRead {
+    match &sample.at {
+        Location::File(path) => json_sidecar(path),
+        Location::Read(read) => match &read.metadata {
+            Some(map) => MetadataRead::Object(map.clone()),
+            None => MetadataRead::Absent,
+        },
+    }
+}
+
+fn json_sidecar(image: &Path) -> MetadataRead {
+    let Ok(text) = std::fs::read_to_string(image.with_extension("json")) else {
+        return MetadataRead::Absent;
+    };
+    json_object(text.as_bytes())
+}
+
+/// A JSON document that should be an object.
+pub(crate) fn json_object(bytes: &[u8]) -> MetadataRead {
+    match serde_json::from_slice(bytes) {
+        Ok(Value::Object(map)) => MetadataRead::Object(map),
+        _ => MetadataRead::Unreadable,
+    }
+}
+
+/// Hashes bytes read by a streaming reader (in a pooled buffer); zero bytes are a failure.
+pub(crate) fn source_bytes(key: &str, bytes: Vec<u8>) -> Result<SourceBytes, Failure> {
+    if bytes.is_empty() {
+        return Err(Failure::new(key, FailureKind::Empty, "zero-byte image"));
+    }
+    let sha256 = Sha256::digest(&bytes).into();
+    Ok(SourceBytes { bytes, sha256 })
 }
 
 /// Reads a file whole (into a pooled buffer) and hashes it; unreadable and zero-byte files are
@@ -214,7 +280,11 @@ fn os_bytes(name: &std::ffi::OsStr) -> std::borrow::Cow<'_, [u8]> {
 }
 
 fn escape(name: &std::ffi::OsStr) -> String {
-    let bytes = os_bytes(name);
+    escape_bytes(&os_bytes(name))
+}
+
+/// A key component for arbitrary bytes (a tar member's name, a Parquet key cell): as `key_of`.
+pub(crate) fn escape_bytes(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {

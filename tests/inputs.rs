@@ -10,16 +10,16 @@ use std::process::Command;
 use common::*;
 use vae_pipeline::decode::{decode_sample, DecodeOptions};
 use vae_pipeline::failure::Failure;
-use vae_pipeline::source::{FolderSource, SampleRef, Source};
+use vae_pipeline::source::{FolderSource, Location, SampleRef, Source};
 
 /// Loads and decodes one listed sample at full size, as the pipeline's decode stage does.
 fn decode(
     source: &FolderSource,
-    sample: &SampleRef,
+    sample: SampleRef,
     options: &DecodeOptions,
 ) -> Result<vae_pipeline::decode::Decoded, Failure> {
     let loaded = source.load(sample)?;
-    decode_sample(&sample.key, &loaded.bytes.bytes, options, None)
+    decode_sample(&loaded.key, &loaded.bytes.bytes, options, None)
 }
 
 /// Generates the fixtures once per test binary run into `dir`; returns the expected outcomes.
@@ -46,8 +46,10 @@ fn every_fixture_decodes_like_pillow_or_is_refused_with_its_kind() {
     let mut seen = BTreeMap::new();
     let source = FolderSource::new(&input);
     for item in source.list() {
-        let outcome = item
-            .and_then(|sample| decode(&source, &sample, &options).map(|d| (sample.key.clone(), d)));
+        let outcome = item.and_then(|sample| {
+            let key = sample.key.clone();
+            decode(&source, sample, &options).map(|d| (key, d))
+        });
         match outcome {
             Ok((key, decoded)) => {
                 let want = &expected
@@ -215,9 +217,9 @@ fn alpha_policy_picks_the_background() {
     let path = dir.join("a.png");
     img.save(&path).unwrap();
     let source = FolderSource::new(&dir);
-    let sample = SampleRef {
+    let sample = || SampleRef {
         key: "a.png".into(),
-        path,
+        at: Location::File(path.clone()),
     };
     for (alpha, bg) in [
         (vae_pipeline::config::AlphaPolicy::White, 255),
@@ -225,7 +227,7 @@ fn alpha_policy_picks_the_background() {
     ] {
         let d = decode(
             &source,
-            &sample,
+            sample(),
             &DecodeOptions {
                 alpha,
                 ..DecodeOptions::default()

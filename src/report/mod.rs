@@ -315,7 +315,7 @@ impl Scorer {
             let prepared: Vec<Result<(Prepared, RowMeta), Failure>> = self.pool.install(|| {
                 items
                     .into_par_iter()
-                    .map(|item| item.and_then(|s| load_row(&source, &plan.rows, &s)))
+                    .map(|item| item.and_then(|s| load_row(&source, &plan.rows, s)))
                     .collect()
             });
             let mut images = Vec::with_capacity(prepared.len());
@@ -507,7 +507,7 @@ impl Scorer {
 fn load_row(
     source: &dyn Source,
     rows: &RowMaker,
-    sample: &SampleRef,
+    sample: SampleRef,
 ) -> Result<(Prepared, RowMeta), Failure> {
     let loaded = source.load(sample)?;
     let text = rows.text(&loaded);
@@ -529,8 +529,9 @@ fn reread(
             message: format!("key {:?} names no file under --input", row.key),
         });
     };
+    let origin = sample.describe();
     let (image, meta) =
-        load_row(source, rows, &sample).map_err(|f| Skipped::from_failure(f, None))?;
+        load_row(source, rows, sample).map_err(|f| Skipped::from_failure(f, None))?;
     let stale = |message: String| Skipped {
         key: row.key.clone(),
         model: None,
@@ -539,8 +540,7 @@ fn reread(
     };
     if meta.source_sha256 != row.source_sha256 {
         return Err(stale(format!(
-            "{} changed since the shards were written (its sha256 differs from source_sha256)",
-            sample.path.display()
+            "{origin} changed since the shards were written (its sha256 differs from source_sha256)"
         )));
     }
     if (meta.crop_top, meta.crop_left) != (row.crop_top, row.crop_left) {

@@ -1,0 +1,244 @@
+"""Inputs other than a folder: WebDataset tars (made with Python's tarfile), Parquet with a Hugging
+Face `Image` column (made with `datasets`), globs and brace ranges. The same Kodak photos three
+ways must give identical latents and identical caption and metadata columns; hostile or broken
+containers give error lines while the rest is still encoded."""
+import gzip
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vp_helpers import read_shards, require, run_precompute, tensor
+
+SIZE = 128
+STEMS = [f"kodim{i:02d}" for i in range(1, 9)]
+
+
+def meta(i: int) -> dict:
+    return {"idx": i, "score": i * 0.5, "tag": f"t{i}"}
+
+
+@pytest.fixture(scope="module")
+def photos(shared) -> dict[str, bytes]:
+    return {s: require(shared / "data" / "kodak" / f"{s}.png", "Kodak photo").read_bytes() for s in STEMS}
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes, kind=tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.type = kind
+    info.linkname = link
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+@pytest.fixture(scope="module")
+def inputs(photos, tmp_path_factory) -> Path:
+    """The same samples as a folder with sidecars, two tars, one .tar.gz and one Parquet file."""
+    d = tmp_path_factory.mktemp("sources")
+    (d / "folder").mkdir()
+    (d / "tars").mkdir()
+    for i, stem in enumerate(STEMS):
+        (d / "folder" / f"{stem}.png").write_bytes(photos[stem])
+        (d / "folder" / f"{stem}.txt").write_text(f"caption {stem}\n")
+        (d / "folder" / f"{stem}.json").write_text(json.dumps(meta(i)))
+    for shard, stems in enumerate([STEMS[:4], STEMS[4:]]):
+        with tarfile.open(d / "tars" / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for stem in stems:
+                i = STEMS.index(stem)
+                add(tar, f"{stem}.png", photos[stem])
+                add(tar, f"{stem}.txt", f"caption {stem}\n".encode())
+                add(tar, f"{stem}.json", json.dumps(meta(i)).encode())
+    (d / "gz").mkdir()
+    (d / "gz" / "00000.tar.gz").write_bytes(gzip.compress((d / "tars" / "00000.tar").read_bytes()))
+
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {
+            "key": STEMS,
+            "image": [{"bytes": photos[s], "path": f"{s}.png"} for s in STEMS],
+            "caption": [f"caption {s}" for s in STEMS],
+            "idx": [meta(i)["idx"] for i in range(len(STEMS))],
+            "score": [meta(i)["score"] for i in range(len(STEMS))],
+            "tag": [meta(i)["tag"] for i in range(len(STEMS))],
+        }
+    ).cast_column("image", datasets.Image())
+    (d / "pq").mkdir()
+    ds.to_parquet(str(d / "pq" / "train.parquet"))
+    image_type = pq.read_schema(d / "pq" / "train.parquet").field("image").type
+    assert pa.types.is_struct(image_type) and image_type.field("bytes").type == pa.binary(), image_type
+    assert pq.read_table(d / "pq" / "train.parquet").column("image")[0].as_py()["bytes"] == photos[STEMS[0]]
+    return d
+
+
+def encode(binary, cards, input_spec, out: Path, *extra) -> pa.Table:
+    run_precompute(binary, ["--input", input_spec, "--out", out, "--model", cards["taef2"], "--size", SIZE, *extra])
+    return read_shards(out, SIZE)
+
+
+def by_stem(table: pa.Table, stem_of) -> dict:
+    rows = {}
+    latents = tensor(table, "latent")
+    for i, key in enumerate(table.column("key").to_pylist()):
+        rows[stem_of(key)] = {
+            "latent": latents[i],
+            "sha": table.column("source_sha256")[i].as_py(),
+            "caption": table.column("caption")[i].as_py(),
+            **{c: table.column(c)[i].as_py() for c in ("idx", "score", "tag")},
+        }
+    return rows
+
+
+def test_folder_tars_and_parquet_give_identical_rows(binary, cards, inputs, tmp_path):
+    folder = by_stem(encode(binary, cards, inputs / "folder", tmp_path / "folder"), lambda k: k.removesuffix(".png"))
+    tars_table = encode(binary, cards, f"{inputs}/tars/*.tar", tmp_path / "glob")
+    assert sorted(tars_table.column("key").to_pylist()) == sorted(
+        [f"00000.tar/{s}" for s in STEMS[:4]] + [f"00001.tar/{s}" for s in STEMS[4:]]
+    )
+    tars = by_stem(tars_table, lambda k: k.split("/")[1])
+    parquet_table = encode(binary, cards, inputs / "pq" / "train.parquet", tmp_path / "pq")
+    assert sorted(parquet_table.column("key").to_pylist()) == [f"train.parquet/{s}" for s in STEMS]
+    parquet = by_stem(parquet_table, lambda k: k.split("/")[1])
+    assert set(folder) == set(tars) == set(parquet) == set(STEMS)
+    for stem in STEMS:
+        want = folder[stem]
+        assert want["caption"] == f"caption {stem}"
+        assert want["idx"] == STEMS.index(stem)
+        for name, got in (("tars", tars[stem]), ("parquet", parquet[stem])):
+            assert np.array_equal(got["latent"], want["latent"]), f"{name} {stem}: latents differ"
+            for field in ("sha", "caption", "idx", "score", "tag"):
+                assert got[field] == want[field], f"{name} {stem}: {field} {got[field]!r} != {want[field]!r}"
+    for table in (tars_table, parquet_table):
+        assert table.schema.field("idx").type == pa.int64()
+        assert table.schema.field("score").type == pa.float64()
+
+
+def test_brace_range_and_gzip_name_the_same_samples(binary, cards, inputs, tmp_path):
+    brace = encode(binary, cards, f"{inputs}/tars/{{00000..00001}}.tar", tmp_path / "brace")
+    glob = encode(binary, cards, f"{inputs}/tars/0000[01].tar", tmp_path / "glob")
+    assert brace.column("key").to_pylist() == glob.column("key").to_pylist()
+    assert np.array_equal(tensor(brace, "latent"), tensor(glob, "latent"))
+    gz = encode(binary, cards, inputs / "gz" / "00000.tar.gz", tmp_path / "gz")
+    assert gz.column("key").to_pylist() == [f"00000.tar.gz/{s}" for s in STEMS[:4]]
+    assert np.array_equal(tensor(gz, "latent"), tensor(brace, "latent")[:4])
+
+
+def test_resume_reencodes_only_changed_tar_samples(binary, cards, inputs, photos, tmp_path):
+    tars = tmp_path / "tars"
+    shutil.copytree(inputs / "tars", tars)
+    out = tmp_path / "out"
+    first = encode(binary, cards, f"{tars}/*.tar", out)
+    # Rewrite 00001.tar with one changed caption and one changed image.
+    with tarfile.open(tars / "00001.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for stem in STEMS[4:]:
+            image = photos["kodim01"] if stem == "kodim05" else photos[stem]
+            caption = "new caption" if stem == "kodim06" else f"caption {stem}"
+            add(tar, f"{stem}.png", image)
+            add(tar, f"{stem}.txt", caption.encode())
+            add(tar, f"{stem}.json", json.dumps(meta(STEMS.index(stem))).encode())
+    proc = run_precompute(binary, ["--input", f"{tars}/*.tar", "--out", out, "--model", cards["taef2"], "--size", SIZE])
+    assert "encoded 2 images" in proc.stderr and "6 already committed" in proc.stderr, proc.stderr[-2000:]
+    second = read_shards(out, SIZE)
+    assert second.num_rows == first.num_rows == 8
+    changed = {k: c for k, c in zip(second.column("key").to_pylist(), second.column("caption").to_pylist())}
+    assert changed["00001.tar/kodim06"] == "new caption"
+    lat = dict(zip(second.column("key").to_pylist(), tensor(second, "latent")))
+    assert np.array_equal(lat["00001.tar/kodim05"], lat["00000.tar/kodim01"])
+
+
+def errors(out: Path) -> dict[str, str]:
+    lines = (out / "_errors.jsonl").read_text().splitlines()
+    return {e["key"]: e["kind"] for e in map(json.loads, lines)}
+
+
+def test_hostile_and_broken_tars_give_error_lines(binary, cards, photos, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    with tarfile.open(d / "00000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        add(tar, "kodim01.png", photos["kodim01"])
+        add(tar, "kodim01.txt", b"kept")
+        add(tar, "notes.md", b"# not an image")
+        add(tar, "kodim02.png", photos["kodim02"])
+        add(tar, "kodim03.png", photos["kodim03"])
+        add(tar, "kodim02.png", photos["kodim04"])
+        add(tar, "../evil.png", photos["kodim05"])
+        add(tar, "/abs.png", photos["kodim05"])
+        add(tar, "link.png", b"", tarfile.SYMTYPE, "/etc/passwd")
+        add(tar, "hard.png", b"", tarfile.LNKTYPE, "kodim01.png")
+        add(tar, "dev.png", b"", tarfile.CHRTYPE)
+    good = io.BytesIO()
+    with tarfile.open(fileobj=good, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for stem in ("kodim06", "kodim07", "kodim08"):
+            add(tar, f"{stem}.png", photos[stem])
+    raw = good.getvalue()
+    third = raw.index(b"kodim08.png")
+    (d / "00001.tar").write_bytes(raw[: third + 512 + 1000])  # cut inside kodim08's bytes
+    out = tmp_path / "out"
+    table = encode(binary, cards, f"{d}/*.tar", out)
+    assert table.column("key").to_pylist() == [
+        "00000.tar/kodim01", "00000.tar/kodim02", "00000.tar/kodim03", "00001.tar/kodim06", "00001.tar/kodim07"
+    ]
+    assert table.column("caption")[0].as_py() == "kept"
+    lat = dict(zip(table.column("key").to_pylist(), tensor(table, "latent")))
+    ref = encode(binary, cards, _folder(tmp_path, photos), tmp_path / "ref")
+    ref_lat = dict(zip(ref.column("key").to_pylist(), tensor(ref, "latent")))
+    assert np.array_equal(lat["00000.tar/kodim02"], ref_lat["kodim02.png"]), "the first kodim02 group is kept"
+    errs = errors(out)
+    assert errs.get("00000.tar/notes") == "refused", errs
+    assert errs.get("00000.tar/kodim02") == "refused", errs
+    for name in ("../evil.png", "/abs.png", "link.png", "hard.png", "dev.png"):
+        assert errs.get(f"00000.tar/{name}") == "refused", (name, errs)
+    assert any(k.startswith("00001.tar") and v == "corrupt" for k, v in errs.items()), errs
+    assert not (tmp_path / "evil.png").exists() and not (out.parent / "evil.png").exists()
+
+
+def _folder(tmp_path: Path, photos) -> Path:
+    d = tmp_path / "reference"
+    d.mkdir(exist_ok=True)
+    (d / "kodim02.png").write_bytes(photos["kodim02"])
+    return d
+
+
+def test_parquet_null_image_and_corrupt_row_group(binary, cards, photos, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": photos[s], "path": f"{s}.png"} for s in STEMS[:6]]
+    cells[1] = {"bytes": None, "path": "missing.png"}
+    table = pa.table({"image": pa.array(cells, image), "key": STEMS[:6]})
+    pq.write_table(table, d / "a.parquet", row_group_size=2, compression="snappy", use_dictionary=False)
+    raw = bytearray((d / "a.parquet").read_bytes())
+    # Garbage over the page header of the third row group's image bytes.
+    start = pq.ParquetFile(d / "a.parquet").metadata.row_group(2).column(0).data_page_offset
+    raw[start : start + 24] = b"\xff" * 24
+    (d / "b.parquet").write_bytes(bytes(raw))
+    (d / "a.parquet").unlink()
+    out = tmp_path / "out"
+    got = encode(binary, cards, d / "b.parquet", out)
+    assert got.column("key").to_pylist() == [f"b.parquet/{s}" for s in ("kodim01", "kodim03", "kodim04")]
+    errs = errors(out)
+    assert errs.get("b.parquet/kodim02") == "empty", errs
+    assert errs.get("b.parquet/row-group-2") == "corrupt", errs
+
+
+def test_bad_specs_fail_before_work(binary, cards, inputs, tmp_path):
+    import subprocess
+
+    def fails(spec, *extra):
+        cmd = [str(binary), "precompute", "--input", str(spec), "--out", str(tmp_path / "o"), "--model", str(cards["taef2"]), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode != 0, proc.stderr
+        assert not (tmp_path / "o").exists(), "work started"
+        return proc.stderr
+
+    assert "2 named file(s) do not exist" in fails(f"{inputs}/tars/{{00001..00003}}.tar")
+    assert "matches no image" in fails(f"{inputs}/tars/*.zip")
+    assert "no such column" in fails(inputs / "pq" / "train.parquet", "--image-column", "pixels")
+    assert "apply to Parquet inputs" in fails(f"{inputs}/tars/*.tar", "--key-column", "key")
+    assert "not read yet" in fails("s3://bucket/data/*.tar")
