@@ -6,6 +6,7 @@
 //! whose samples are streamed by one reader thread ahead of the decode pool.
 
 mod files;
+mod object;
 mod parquet;
 mod spec;
 mod webdataset;

@@ -1,21 +1,27 @@
-//! A list of input files: images, WebDataset tars and Parquet files, read in the listed order by
-//! one reader thread that streams the containers' samples ahead of the decode pool.
+//! A list of inputs: images, WebDataset tars and Parquet files, local or in object storage, read
+//! in the listed order by one reader thread that streams the containers' samples (and fetches
+//! single-image objects many at a time) ahead of the decode pool.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crossbeam_channel::bounded;
 
+use super::object::{Bucket, ObjectFile, FETCH_AHEAD};
 use super::parquet::{self, ParquetColumns};
 use super::webdataset;
-use super::{key_of, load_file, metadata_of, path_of, Location, MetadataRead, Sample, SampleRef};
-use super::{Source, DECODED};
+use super::{json_object, load_file, metadata_of, path_of, source_bytes, Location, MetadataRead};
+use super::{Sample, SampleRef, Source, DECODED};
 use crate::failure::{Failure, FailureKind};
+use crate::pool;
 
 /// Samples read ahead of the decode pool: enough to keep it fed while a container is read, few
 /// enough that memory does not depend on a container's size.
 const READ_AHEAD: usize = 64;
 
-/// What an input file holds, by its name.
+/// What an input holds, by its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
     Image,
@@ -24,8 +30,8 @@ pub enum FileKind {
 }
 
 impl FileKind {
-    pub fn of(path: &Path) -> Option<FileKind> {
-        let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+    pub fn of(name: &str) -> Option<FileKind> {
+        let name = name.rsplit('/').next()?.to_ascii_lowercase();
         if name.ends_with(".tar") {
             Some(FileKind::Tar { gzip: false })
         } else if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
@@ -37,60 +43,90 @@ impl FileKind {
             DECODED.contains(&ext).then_some(FileKind::Image)
         }
     }
+
+    pub fn of_path(path: &Path) -> Option<FileKind> {
+        FileKind::of(&path.file_name()?.to_string_lossy())
+    }
 }
 
-/// Files under `root` (keys are relative to it), each an image or a container of samples.
+/// Where an input's bytes are.
+#[derive(Debug, Clone)]
+pub enum Place {
+    Local(PathBuf),
+    /// An object of the source's bucket, with its sidecar objects (single images only).
+    Object {
+        key: String,
+        size: u64,
+        caption: Option<String>,
+        json: Option<String>,
+    },
+}
+
+/// One input: the key its samples' keys start with, what it holds and where.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub key: String,
+    pub kind: FileKind,
+    pub place: Place,
+}
+
+/// Inputs named by a list, a glob or a brace range, or an object-storage prefix.
 pub struct FilesSource {
-    root: PathBuf,
-    files: Vec<(PathBuf, FileKind)>,
+    /// The local folder keys are relative to (for `locate`), if local.
+    root: Option<PathBuf>,
+    bucket: Option<Arc<Bucket>>,
+    units: Vec<Unit>,
+    /// Inputs refused while listing (object keys that are not plain relative paths).
+    refused: Vec<Failure>,
     columns: ParquetColumns,
 }
 
 impl FilesSource {
-    pub fn new(root: PathBuf, files: Vec<(PathBuf, FileKind)>, columns: ParquetColumns) -> Self {
+    pub fn new(
+        root: Option<PathBuf>,
+        bucket: Option<Arc<Bucket>>,
+        units: Vec<Unit>,
+        refused: Vec<Failure>,
+        columns: ParquetColumns,
+    ) -> Self {
         FilesSource {
             root,
-            files,
+            bucket,
+            units,
+            refused,
             columns,
         }
     }
 }
 
+type Send_<'a> = &'a mut dyn FnMut(Result<SampleRef, Failure>) -> bool;
+
 impl Source for FilesSource {
     fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_> {
         let (tx, rx) = bounded(READ_AHEAD);
-        let (root, files, columns) = (self.root.clone(), self.files.clone(), self.columns.clone());
-        std::thread::Builder::new()
+        let units = self.units.clone();
+        let (bucket, columns) = (self.bucket.clone(), self.columns.clone());
+        let refused = self.refused.clone();
+        let spawned = std::thread::Builder::new()
             .name("read".into())
             .spawn(move || {
                 // A send fails once the consumer stopped (a limit, a signal): then stop reading.
                 let mut send = |item| tx.send(item).is_ok();
-                for (path, kind) in files {
-                    let unit = key_of(&root, &path);
-                    let more = match kind {
-                        FileKind::Image => send(Ok(SampleRef {
-                            key: unit,
-                            at: Location::File(path),
-                        })),
-                        FileKind::Tar { gzip } => webdataset::stream(&unit, &path, gzip, &mut send),
-                        FileKind::Parquet => parquet::stream(&unit, &path, &columns, &mut send),
-                    };
-                    if !more {
+                for failure in refused {
+                    if !send(Err(failure)) {
                         return;
                     }
                 }
-            })
-            .map_or_else(
-                |e| {
-                    let failure = Failure::new(
-                        "<input>",
-                        FailureKind::Io,
-                        format!("cannot start the reader thread: {e}"),
-                    );
-                    Box::new(std::iter::once(Err(failure))) as Box<dyn Iterator<Item = _> + Send>
-                },
-                |_| Box::new(rx.into_iter()),
-            )
+                read_units(&units, bucket.as_ref(), &columns, &mut send);
+            });
+        match spawned {
+            Ok(_) => Box::new(rx.into_iter()),
+            Err(e) => Box::new(std::iter::once(Err(Failure::new(
+                "<input>",
+                FailureKind::Io,
+                format!("cannot start the reader thread: {e}"),
+            )))),
+        }
     }
 
     fn load(&self, sample: SampleRef) -> Result<Sample, Failure> {
@@ -101,12 +137,121 @@ impl Source for FilesSource {
         metadata_of(sample)
     }
 
-    /// Image files only: a container's sample is found by reading the container again.
+    /// Local image files only: a container's sample is found by reading the container again.
     fn locate(&self, key: &str) -> Option<SampleRef> {
-        let path = path_of(&self.root, key)?;
-        (FileKind::of(&path) == Some(FileKind::Image) && path.is_file()).then(|| SampleRef {
+        let path = path_of(self.root.as_ref()?, key)?;
+        (FileKind::of_path(&path) == Some(FileKind::Image) && path.is_file()).then(|| SampleRef {
             key: key.to_string(),
             at: Location::File(path),
         })
     }
+}
+
+/// Reads every unit in order into `send`; stops when `send` refuses.
+fn read_units(units: &[Unit], bucket: Option<&Arc<Bucket>>, columns: &ParquetColumns, send: Send_) {
+    let mut objects: Vec<&Unit> = Vec::new();
+    for unit in units {
+        let is_object_image =
+            unit.kind == FileKind::Image && matches!(unit.place, Place::Object { .. });
+        if !is_object_image
+            && !objects.is_empty()
+            && !fetch_images(&std::mem::take(&mut objects), bucket, send)
+        {
+            return;
+        }
+        let more = match (&unit.place, unit.kind) {
+            (Place::Local(path), FileKind::Image) => send(Ok(SampleRef {
+                key: unit.key.clone(),
+                at: Location::File(path.clone()),
+            })),
+            (Place::Object { .. }, FileKind::Image) => {
+                objects.push(unit);
+                objects.len() < FETCH_AHEAD
+                    || fetch_images(&std::mem::take(&mut objects), bucket, send)
+            }
+            (place, FileKind::Tar { gzip }) => {
+                let reader: std::io::Result<Box<dyn Read + Send>> = match place {
+                    Place::Local(path) => File::open(path).map(|f| Box::new(f) as _),
+                    Place::Object { key, .. } => bucket
+                        .expect("objects have a bucket")
+                        .reader(key, 0)
+                        .map(|r| Box::new(r) as _),
+                };
+                webdataset::stream(&unit.key, reader, gzip, send)
+            }
+            (Place::Local(path), FileKind::Parquet) => {
+                parquet::stream(&unit.key, &|| File::open(path), columns, send)
+            }
+            (Place::Object { key, size, .. }, FileKind::Parquet) => {
+                let file = ObjectFile {
+                    bucket: bucket.expect("objects have a bucket").clone(),
+                    key: key.clone(),
+                    size: *size,
+                };
+                parquet::stream(&unit.key, &|| Ok(file.clone()), columns, send)
+            }
+        };
+        if !more {
+            return;
+        }
+    }
+    if !objects.is_empty() {
+        fetch_images(&objects, bucket, send);
+    }
+}
+
+/// Fetches single-image objects and their sidecars concurrently; a missing or unreadable object
+/// is an `io` line.
+fn fetch_images(units: &[&Unit], bucket: Option<&Arc<Bucket>>, send: Send_) -> bool {
+    let bucket = bucket.expect("objects have a bucket");
+    let mut keys = Vec::new();
+    for unit in units {
+        if let Place::Object {
+            key, caption, json, ..
+        } = &unit.place
+        {
+            keys.push(key.clone());
+            keys.extend(caption.clone());
+            keys.extend(json.clone());
+        }
+    }
+    let mut fetched = bucket.get_all(&keys).into_iter();
+    for unit in units {
+        let Place::Object { caption, json, .. } = &unit.place else {
+            continue;
+        };
+        let image = fetched.next().expect("one result per key");
+        let caption = caption
+            .as_ref()
+            .map(|_| fetched.next().expect("one result per key"));
+        let json = json
+            .as_ref()
+            .map(|_| fetched.next().expect("one result per key"));
+        let sample = image
+            .map_err(|e| Failure::new(&unit.key, FailureKind::Io, format!("cannot fetch: {e}")))
+            .and_then(|body| {
+                let mut bytes = pool::BYTES.take(body.len());
+                bytes.extend_from_slice(&body);
+                source_bytes(&unit.key, bytes)
+            })
+            .map(|bytes| Sample {
+                key: unit.key.clone(),
+                bytes,
+                caption: caption
+                    .and_then(|c| c.ok())
+                    .map(|c| String::from_utf8_lossy(&c).trim().to_string()),
+                metadata: match json.and_then(|j| j.ok()).map(|j| json_object(&j)) {
+                    Some(MetadataRead::Object(map)) => Some(map),
+                    _ => None,
+                },
+            });
+        let item = sample.map(|sample| SampleRef {
+            key: unit.key.clone(),
+            at: Location::Read(Box::new(sample)),
+        });
+        if !send(item) {
+            return false;
+        }
+    }
+    true
 }

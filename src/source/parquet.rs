@@ -4,8 +4,6 @@
 //! sidecars are.
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use arrow_array::cast::AsArray;
@@ -13,6 +11,7 @@ use arrow_array::types::*;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Schema};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
+use parquet::file::reader::ChunkReader;
 use serde_json::{Map, Value};
 
 use super::{escape_bytes, source_bytes, Location, Sample, SampleRef};
@@ -42,13 +41,12 @@ struct Chosen {
     metadata: Vec<usize>,
 }
 
-/// Checks that `path` is a Parquet file with the columns `columns` asks for (or detects), before
-/// any work.
-pub fn check(path: &Path, columns: &ParquetColumns) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let meta = ArrowReaderMetadata::load(&file, Default::default())
-        .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
-    choose(meta.schema(), columns).with_context(|| format!("in {}", path.display()))?;
+/// Checks that `file` (called `name`) is a Parquet file with the columns `columns` asks for (or
+/// detects), before any work.
+pub fn check<T: ChunkReader>(file: &T, name: &str, columns: &ParquetColumns) -> Result<()> {
+    let meta = ArrowReaderMetadata::load(file, Default::default())
+        .with_context(|| format!("{name} is not a readable Parquet file"))?;
+    choose(meta.schema(), columns).with_context(|| format!("in {name}"))?;
     Ok(())
 }
 
@@ -136,16 +134,16 @@ fn choose(schema: &Schema, columns: &ParquetColumns) -> Result<Chosen> {
     })
 }
 
-/// Streams the rows of the Parquet file at `path` (keys `UNIT/KEY`, or `UNIT/ROW` without a key
-/// column) into `send`; false once `send` refused one.
-pub fn stream(
+/// Streams the rows of the Parquet file `open` opens (keys `UNIT/KEY`, or `UNIT/ROW` without a
+/// key column) into `send`; false once `send` refused one.
+pub fn stream<T: ChunkReader + 'static>(
     unit: &str,
-    path: &Path,
+    open: &dyn Fn() -> std::io::Result<T>,
     columns: &ParquetColumns,
     send: &mut dyn FnMut(Result<SampleRef, Failure>) -> bool,
 ) -> bool {
     let fail = |kind, message: String| Err(Failure::new(unit, kind, message));
-    let file = match File::open(path) {
+    let file = match open() {
         Ok(file) => file,
         Err(e) => return send(fail(FailureKind::Io, format!("cannot open: {e}"))),
     };
@@ -166,7 +164,7 @@ pub fn stream(
     let mut first_row = 0usize;
     for group in 0..meta.metadata().num_row_groups() {
         let rows = meta.metadata().row_group(group).num_rows() as usize;
-        let reader = file.try_clone().map_err(|e| e.to_string()).and_then(|f| {
+        let reader = open().map_err(|e| e.to_string()).and_then(|f| {
             ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta.clone())
                 .with_row_groups(vec![group])
                 .with_batch_size(BATCH_ROWS)

@@ -1,13 +1,18 @@
 //! `--input` → a `Source`: a folder (walked), one file, a glob (`data/*.tar`) or a brace range as
-//! WebDataset users write it (`data/{00000..00099}.tar`, `{a,b}`), checked before any work.
+//! WebDataset users write it (`data/{00000..00099}.tar`, `{a,b}`), locally or under `s3://`;
+//! checked before any work (missing files, credentials, buckets, Parquet columns).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::files::{FileKind, FilesSource};
+use std::sync::Arc;
+
+use super::files::{FileKind, FilesSource, Place, Unit};
+use super::object::{self, Bucket, ObjectFile};
 use super::parquet::{self, ParquetColumns};
-use super::{FolderSource, Source};
+use super::{escape_bytes, key_of, FolderSource, Source};
+use crate::failure::{Failure, FailureKind};
 
 /// Brace expansions beyond this many names are refused (a typo, not a dataset).
 const MAX_EXPANDED: usize = 10_000_000;
@@ -15,14 +20,13 @@ const MAX_EXPANDED: usize = 10_000_000;
 /// The source `--input` names, with Parquet files' columns checked.
 pub fn open(input: &Path, columns: &ParquetColumns) -> Result<Box<dyn Source + Send>> {
     let text = input.to_string_lossy();
-    if let Some((scheme, _)) = text.split_once("://") {
-        bail!(
-            "--input {text}: {scheme}:// inputs are not read yet; copy or mount the data locally \
-             (object storage is planned)"
-        );
+    if text.starts_with("s3://") {
+        return open_objects(&text, columns);
     }
-    let special = |c: char| matches!(c, '*' | '?' | '[' | '{');
-    let (root, files) = if !text.contains(special) {
+    if let Some((scheme, _)) = text.split_once("://") {
+        bail!("--input {text}: {scheme}:// is not read; s3:// (and S3-compatible stores) is");
+    }
+    let (root, files) = if !text.contains(SPECIAL) {
         let meta = std::fs::metadata(input)
             .with_context(|| format!("--input {} does not exist", input.display()))?;
         if meta.is_dir() {
@@ -31,7 +35,7 @@ pub fn open(input: &Path, columns: &ParquetColumns) -> Result<Box<dyn Source + S
                 .with_context(|| format!("cannot resolve --input {}", input.display()))?;
             return Ok(Box::new(FolderSource::new(&root)));
         }
-        let kind = FileKind::of(input).with_context(|| {
+        let kind = FileKind::of_path(input).with_context(|| {
             format!(
                 "--input {} is neither a folder, an image, a tar (.tar, .tar.gz) nor a Parquet file",
                 input.display()
@@ -42,20 +46,194 @@ pub fn open(input: &Path, columns: &ParquetColumns) -> Result<Box<dyn Source + S
     } else {
         matched(&text)?
     };
-    if files.iter().any(|(_, k)| *k == FileKind::Parquet) {
-        for (path, _) in files.iter().filter(|(_, k)| *k == FileKind::Parquet) {
-            parquet::check(path, columns)?;
+    let parquet = files.iter().filter(|(_, k)| *k == FileKind::Parquet);
+    if parquet.clone().count() > 0 {
+        for (path, _) in parquet {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            parquet::check(&file, &path.display().to_string(), columns)?;
         }
     } else {
         check_columns_unused(columns)?;
     }
-    Ok(Box::new(FilesSource::new(root, files, columns.clone())))
+    let units = files
+        .into_iter()
+        .map(|(path, kind)| Unit {
+            key: key_of(&root, &path),
+            kind,
+            place: Place::Local(path),
+        })
+        .collect();
+    Ok(Box::new(FilesSource::new(
+        Some(root),
+        None,
+        units,
+        Vec::new(),
+        columns.clone(),
+    )))
+}
+
+const SPECIAL: [char; 4] = ['*', '?', '[', '{'];
+
+/// `s3://bucket/…`: a prefix (its images and their sidecars, like a folder), one object, or a glob
+/// or brace pattern over object keys (images, tars and Parquet files).
+fn open_objects(url: &str, columns: &ParquetColumns) -> Result<Box<dyn Source + Send>> {
+    let (name, pattern) = object::split_url(url)?;
+    let bucket = Arc::new(Bucket::open(name)?);
+    let head = &pattern[..pattern.find(SPECIAL).unwrap_or(pattern.len())];
+    let root = head.rsplit_once('/').map_or("", |(dir, _)| dir).to_string();
+    let mut found: Vec<(String, u64, FileKind)> = Vec::new();
+    let mut folder = false;
+    if !pattern.contains(SPECIAL) {
+        let single = match pattern {
+            "" => None,
+            p if p.ends_with('/') => None,
+            p => bucket.size(p)?,
+        };
+        match single {
+            Some(size) => {
+                let kind = FileKind::of(pattern).with_context(|| {
+                    format!("--input {url} is neither an image, a tar nor a Parquet file")
+                })?;
+                found.push((pattern.to_string(), size, kind));
+            }
+            None => folder = true,
+        }
+    } else {
+        let listed = bucket.list(&root)?;
+        let options = glob::MatchOptions {
+            require_literal_separator: true,
+            ..Default::default()
+        };
+        let mut missing = Vec::new();
+        for p in expand_braces(pattern)? {
+            if p.contains(['*', '?', '[']) {
+                let glob = glob::Pattern::new(&p)
+                    .with_context(|| format!("--input {url}: bad glob {p}"))?;
+                for (key, size) in &listed {
+                    if glob.matches_with(key, options) {
+                        if let Some(kind) = FileKind::of(key) {
+                            found.push((key.clone(), *size, kind));
+                        }
+                    }
+                }
+            } else {
+                match listed.iter().find(|(key, _)| *key == p) {
+                    Some((key, size)) => {
+                        let kind = FileKind::of(key).with_context(|| {
+                            format!("{p} (named by --input) is neither an image, a tar nor a Parquet file")
+                        })?;
+                        found.push((key.clone(), *size, kind));
+                    }
+                    None => missing.push(p),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            bail!(
+                "--input {url}: {} named object(s) do not exist, e.g. {}",
+                missing.len(),
+                missing[..missing.len().min(3)].join(", ")
+            );
+        }
+        if found.is_empty() {
+            bail!("--input {url} matches no image, tar or Parquet object");
+        }
+    }
+    let root = if folder {
+        pattern.trim_end_matches('/').to_string()
+    } else {
+        root
+    };
+    let listed = if folder {
+        bucket.list(&root)?
+    } else {
+        Vec::new()
+    };
+    let names: std::collections::HashSet<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+    let sidecar = |key: &str, ext: &str| {
+        let stem = key.rsplit_once('.').map_or(key, |(s, _)| s);
+        let name = format!("{stem}.{ext}");
+        names.contains(name.as_str()).then_some(name)
+    };
+    if folder {
+        found = listed
+            .iter()
+            .filter(|(key, _)| FileKind::of(key) == Some(FileKind::Image))
+            .map(|(key, size)| (key.clone(), *size, FileKind::Image))
+            .collect();
+    }
+    if found.iter().any(|(_, _, k)| *k == FileKind::Parquet) {
+        for (key, size, _) in found.iter().filter(|(_, _, k)| *k == FileKind::Parquet) {
+            let file = ObjectFile {
+                bucket: bucket.clone(),
+                key: key.clone(),
+                size: *size,
+            };
+            parquet::check(&file, &format!("{}/{key}", bucket.url), columns)?;
+        }
+    } else {
+        check_columns_unused(columns)?;
+    }
+    let mut units = Vec::new();
+    let mut refused = Vec::new();
+    for (key, size, kind) in found {
+        let rel = match root.as_str() {
+            "" => key.as_str(),
+            root => key
+                .strip_prefix(root)
+                .and_then(|k| k.strip_prefix('/'))
+                .unwrap_or(&key),
+        };
+        let components: Vec<&str> = rel.split('/').collect();
+        let escaped: Vec<String> = components
+            .iter()
+            .map(|c| escape_bytes(c.as_bytes()))
+            .collect();
+        let unit_key = escaped.join("/");
+        if components
+            .iter()
+            .any(|c| c.is_empty() || *c == "." || *c == "..")
+        {
+            refused.push(Failure::new(
+                unit_key,
+                FailureKind::Refused,
+                "object key has an empty, `.` or `..` component: refused",
+            ));
+            continue;
+        }
+        let (caption, json) = if kind == FileKind::Image {
+            (
+                sidecar(&key, "txt").or_else(|| sidecar(&key, "caption")),
+                sidecar(&key, "json"),
+            )
+        } else {
+            (None, None)
+        };
+        units.push(Unit {
+            key: unit_key,
+            kind,
+            place: Place::Object {
+                key,
+                size,
+                caption,
+                json,
+            },
+        });
+    }
+    Ok(Box::new(FilesSource::new(
+        None,
+        Some(bucket),
+        units,
+        refused,
+        columns.clone(),
+    )))
 }
 
 /// The files a glob or brace pattern names, in the pattern's order (numeric for ranges, name
 /// order within a glob), and the folder keys are relative to: the pattern's literal head.
 fn matched(text: &str) -> Result<(PathBuf, Vec<(PathBuf, FileKind)>)> {
-    let head = &text[..text.find(['*', '?', '[', '{']).unwrap_or(text.len())];
+    let head = &text[..text.find(SPECIAL).unwrap_or(text.len())];
     let root = PathBuf::from(head.rsplit_once('/').map_or("", |(dir, _)| dir));
     let mut files = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -70,7 +248,7 @@ fn matched(text: &str) -> Result<(PathBuf, Vec<(PathBuf, FileKind)>)> {
             paths.sort();
             for path in paths {
                 // Sidecars and other files a glob catches are not inputs.
-                if let Some(kind) = FileKind::of(&path) {
+                if let Some(kind) = FileKind::of_path(&path) {
                     if seen.insert(path.clone()) {
                         files.push((path, kind));
                     }
@@ -82,7 +260,7 @@ fn matched(text: &str) -> Result<(PathBuf, Vec<(PathBuf, FileKind)>)> {
                 missing.push(pattern);
                 continue;
             }
-            let kind = FileKind::of(&path).with_context(|| {
+            let kind = FileKind::of_path(&path).with_context(|| {
                 format!(
                     "{pattern} (named by --input) is neither an image, a tar nor a Parquet file"
                 )

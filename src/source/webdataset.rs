@@ -5,9 +5,7 @@
 //! header's size claim is allocated before the bytes arrive.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::{BufReader, Read};
-use std::path::Path;
 
 use flate2::read::GzDecoder;
 
@@ -32,15 +30,15 @@ struct Group {
     failure: Option<Failure>,
 }
 
-/// Streams the samples of the tar at `path` (keys `UNIT/KEY`) into `send`; false once `send`
+/// Streams the samples of the tar `reader` reads (keys `UNIT/KEY`) into `send`; false once `send`
 /// refused one (the consumer stopped).
 pub fn stream(
     unit: &str,
-    path: &Path,
+    reader: std::io::Result<Box<dyn Read + Send>>,
     gzip: bool,
     send: &mut dyn FnMut(Result<SampleRef, Failure>) -> bool,
 ) -> bool {
-    let file = match File::open(path) {
+    let file = match reader {
         Ok(file) => file,
         Err(e) => {
             return send(Err(Failure::new(

@@ -241,4 +241,101 @@ def test_bad_specs_fail_before_work(binary, cards, inputs, tmp_path):
     assert "matches no image" in fails(f"{inputs}/tars/*.zip")
     assert "no such column" in fails(inputs / "pq" / "train.parquet", "--image-column", "pixels")
     assert "apply to Parquet inputs" in fails(f"{inputs}/tars/*.tar", "--key-column", "key")
-    assert "not read yet" in fails("s3://bucket/data/*.tar")
+    assert "is not read" in fails("gs://bucket/data/*.tar")
+
+
+@pytest.fixture(scope="module")
+def s3(inputs):
+    """moto_server on a free loopback port with bucket `data` holding the fixtures (uploaded with
+    boto3); yields the environment a client needs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server_bin = Path(sys.executable).with_name("moto_server")
+    server = subprocess.Popen(
+        [str(require(server_bin, "moto_server (tests/requirements.txt)")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket="data")
+        for path in sorted(inputs.rglob("*")):
+            if path.is_file():
+                client.upload_file(str(path), "data", f"in/{path.relative_to(inputs).as_posix()}")
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        yield client
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_s3_inputs_give_the_local_rows(binary, cards, inputs, s3, tmp_path):
+    local = encode(binary, cards, inputs / "folder", tmp_path / "local")
+    want = by_stem(local, lambda k: k.removesuffix(".png"))
+    runs = {
+        "prefix": ("s3://data/in/folder/", lambda k: k.removesuffix(".png"), [f"{s}.png" for s in STEMS]),
+        "glob": ("s3://data/in/tars/*.tar", lambda k: k.split("/")[1], None),
+        "brace": ("s3://data/in/tars/{00000..00001}.tar", lambda k: k.split("/")[1], None),
+        "parquet": ("s3://data/in/pq/train.parquet", lambda k: k.split("/")[1], [f"train.parquet/{s}" for s in STEMS]),
+    }
+    for name, (url, stem_of, keys) in runs.items():
+        table = encode(binary, cards, url, tmp_path / name)
+        if keys is not None:
+            assert sorted(table.column("key").to_pylist()) == keys, name
+        got = by_stem(table, stem_of)
+        assert set(got) == set(STEMS), name
+        for stem in STEMS:
+            assert np.array_equal(got[stem]["latent"], want[stem]["latent"]), f"{name} {stem}"
+            for field in ("sha", "caption", "idx", "score", "tag"):
+                assert got[stem][field] == want[stem][field], f"{name} {stem} {field}"
+
+
+def test_s3_bad_bucket_and_missing_objects_fail_before_work(binary, cards, s3, tmp_path):
+    import subprocess
+
+    def fails(url):
+        cmd = [str(binary), "precompute", "--input", url, "--out", str(tmp_path / "o"), "--model", str(cards["taef2"])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode != 0, proc.stderr
+        assert not (tmp_path / "o").exists(), "work started"
+        return proc.stderr
+
+    assert "cannot list s3://nosuchbucket" in fails("s3://nosuchbucket/in/*.tar")
+    assert "1 named object(s) do not exist" in fails("s3://data/in/tars/{00001..00002}.tar")
+    assert "matches no image" in fails("s3://data/in/tars/*.zip")
