@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use super::wan::WanConfig;
+
 /// The VAE families whose latent normalization is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Family {
@@ -152,18 +154,43 @@ fn two_by_two() -> Vec<usize> {
     vec![2, 2]
 }
 
-impl VaeConfig {
+/// A diffusers VAE config, by the architecture its `_class_name` names.
+pub enum Architecture {
+    /// `AutoencoderKL`, `AutoencoderKLFlux2`.
+    Kl(VaeConfig),
+    /// `AutoencoderKLWan` (Wan 2.1, Wan 2.2), `AutoencoderKLQwenImage`.
+    Wan(WanConfig),
+}
+
+/// The one field that picks the architecture.
+#[derive(Deserialize)]
+struct ClassName {
+    #[serde(rename = "_class_name", default = "autoencoder_kl")]
+    class_name: String,
+}
+
+impl Architecture {
+    /// Reads a diffusers `config.json` and parses it as its `_class_name` says.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read VAE config {}", path.display()))?;
-        let config: VaeConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a diffusers VAE config.json", path.display()))?;
-        config
-            .check()
-            .with_context(|| format!("VAE config {}", path.display()))?;
-        Ok(config)
+        let not_config = || format!("{} is not a diffusers VAE config.json", path.display());
+        let class: ClassName = serde_json::from_str(&text).with_context(not_config)?;
+        let at = || format!("VAE config {}", path.display());
+        match class.class_name.as_str() {
+            "AutoencoderKLWan" | "AutoencoderKLQwenImage" => {
+                Ok(Architecture::Wan(WanConfig::parse(&text).with_context(at)?))
+            }
+            _ => {
+                let config: VaeConfig = serde_json::from_str(&text).with_context(not_config)?;
+                config.check().with_context(at)?;
+                Ok(Architecture::Kl(config))
+            }
+        }
     }
+}
 
+impl VaeConfig {
     pub fn is_flux2(&self) -> bool {
         self.class_name == "AutoencoderKLFlux2"
     }
@@ -180,7 +207,8 @@ impl VaeConfig {
             "AutoencoderKL" | "AutoencoderKLFlux2"
         ) {
             bail!(
-                "_class_name {:?}: export builds AutoencoderKL and AutoencoderKLFlux2",
+                "_class_name {:?}: export builds AutoencoderKL, AutoencoderKLFlux2, \
+                 AutoencoderKLWan and AutoencoderKLQwenImage",
                 self.class_name
             );
         }
