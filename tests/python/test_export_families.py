@@ -1,0 +1,207 @@
+"""`vae-pipeline export` of the 2025-2026 VAE families against diffusers' own outputs.
+
+For each tiny random-weight checkpoint in ../shared/models/families (see its README.md), the
+exported graphs, run here with the `onnxruntime` Python package, must reproduce the goldens
+diffusers 0.42.1 computed for every case of golden.npz:
+- `encoder_output` (moments) and `decoded` (decoder of the golden mean), f32 within 1e-4 of the
+  tensor's scale (max |a - b| / max |golden|), f16 within F16_TOL (measured, see below);
+- `latent_normalized`: the normalization the exported card states, applied in numpy.
+Then end to end through the binary: `precompute` with the exported card stores the golden
+normalized latents, `precompute` with the shipped card (models/<name>.toml, ONNX paths swapped
+for the export) stores the golden mean under the shipped card's own statistics, `report`
+(from the images and from the shards) reconstructs exactly the golden decoded image, and a size
+that is not a multiple of the factor is refused with the sizes to use.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow.parquet as pq
+import pytest
+
+from vp_helpers import REPO, read_shards, require, run_precompute, tensor
+
+F32_TOL = 1e-4
+# fp16 weights and I/O (norms, softmax and linear-attention sums in f32): the largest error
+# measured over every case of every family was 4.3e-3 of the tensor's scale (Qwen-Image's
+# decoder); 1e-2 leaves room for other CPUs' kernels.
+F16_TOL = 1e-2
+
+# folder -> (shipped card, latent channels, spatial factor)
+FAMILIES = {
+    "qwen-image": ("qwen-image", 16, 8),
+    "wan2.2": ("wan2.2", 48, 16),
+}
+
+# The golden cases whose input image the binary reads unchanged: a 64x64 PNG at --size 64.
+PNG_CASES = ("gradient_shapes_64x64", "grayscale_64x64")
+
+
+def family_dir(shared: Path, family: str) -> Path:
+    return require(shared / "models" / "families" / family, f"tiny {family} checkpoint folder")
+
+
+def goldens(shared: Path, family: str) -> dict[str, dict[str, np.ndarray]]:
+    npz = np.load(require(family_dir(shared, family) / "golden.npz", f"{family} golden.npz"))
+    cases: dict[str, dict[str, np.ndarray]] = {}
+    for key in npz.files:
+        case, name = key.split("/")
+        cases.setdefault(case, {})[name] = npz[key]
+    return cases
+
+
+def export(binary: Path, checkpoint: Path, out: Path, dtype: str) -> None:
+    cmd = [str(binary), "export", "--checkpoint", str(checkpoint), "--out", str(out), "--dtype", dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def exports(binary, shared, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    out = {}
+    for family in FAMILIES:
+        for dtype in ("f32", "f16"):
+            d = tmp_path_factory.mktemp(f"{family}-{dtype}")
+            export(binary, family_dir(shared, family), d, dtype)
+            out[family, dtype] = d
+    return out
+
+
+def scaled_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+
+def normalize(card: dict, z: np.ndarray) -> np.ndarray:
+    """The card's normalization of a [N, C, h, w] raw latent, in float64."""
+    z = z.astype(np.float64)
+    if "latents_mean" in card:
+        mean = np.array(card["latents_mean"], np.float64)[None, :, None, None]
+        std = np.array(card["latents_std"], np.float64)[None, :, None, None]
+        z = (z - mean) / std
+    return (z - card["shift_factor"]) * card["scaling_factor"]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_graphs_match_diffusers_for_every_case(family, dtype, exports, shared):
+    d = exports[family, dtype]
+    card = tomllib.loads((d / "card.toml").read_text())
+    _, channels, factor = FAMILIES[family]
+    assert (card["latent_channels"], card["spatial_factor"]) == (channels, factor)
+    enc = ort.InferenceSession(str(d / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(d / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    io = np.float16 if dtype == "f16" else np.float32
+    tol = F16_TOL if dtype == "f16" else F32_TOL
+    errors = []
+    for case, g in goldens(shared, family).items():
+        x = (g["input"] * 2.0 - 1.0).astype(io)
+        moments = enc.run(["moments"], {"image": x})[0]
+        assert moments.shape == g["encoder_output"].shape, f"{case}: moments {moments.shape}"
+        mean = g["encoder_output"][:, :channels]
+        image = dec.run(["image"], {"latent": mean.astype(io)})[0]
+        assert image.shape == g["decoded"].shape, f"{case}: image {image.shape}"
+        for name, got, want in [
+            ("encoder_output", moments, g["encoder_output"]),
+            ("latent_normalized", normalize(card, moments[:, :channels]), g["latent_normalized"]),
+            ("decoded", image, g["decoded"]),
+        ]:
+            errors.append((scaled_error(got, want), case, name))
+    worst = max(errors)
+    assert worst[0] <= tol, f"{family} {dtype}: {worst[1]} {worst[2]} off by {worst[0]:.3g} of its scale"
+
+
+@pytest.fixture(scope="module")
+def pngs(shared, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("family-pngs")
+    for case in PNG_CASES:
+        src = require(shared / "models" / "golden" / "inputs" / f"{case}.png", "golden input image")
+        shutil.copyfile(src, d / src.name)
+    return d
+
+
+def precompute(binary, pngs: Path, card: Path, out: Path) -> np.ndarray:
+    run_precompute(binary, ["--input", pngs, "--out", out, "--model", card, "--size", 64,
+                            "--dtype", "f32", "--threads", 2])
+    table = read_shards(out, 64)
+    assert table.column("key").to_pylist() == [f"{c}.png" for c in PNG_CASES]
+    return tensor(table, "latent")
+
+
+def shipped_card_on(export_dir: Path, name: str, out: Path) -> Path:
+    """The shipped card models/<name>.toml with its ONNX paths pointing at `export_dir`."""
+    text = require(REPO / "models" / f"{name}.toml", f"shipped card {name}").read_text()
+    text = re.sub(r'(?m)^encoder = .*$', f'encoder = "{export_dir / "encoder.onnx"}"', text)
+    text = re.sub(r'(?m)^decoder = .*$', f'decoder = "{export_dir / "decoder.onnx"}"', text)
+    out.write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_precompute_stores_the_normalized_latents(family, exports, shared, binary, pngs, tmp_path):
+    d = exports[family, "f32"]
+    g = goldens(shared, family)
+    channels = FAMILIES[family][1]
+    latents = precompute(binary, pngs, d / "card.toml", tmp_path / "exported")
+    for i, case in enumerate(PNG_CASES):
+        want = g[f"{case}_64x64"]["latent_normalized"][0]
+        err = scaled_error(latents[i], want)
+        assert err <= F32_TOL, f"{case}: stored latent off by {err:.3g} of its scale"
+
+    shipped = shipped_card_on(d, FAMILIES[family][0], tmp_path / "shipped.toml")
+    card = tomllib.loads(shipped.read_text())
+    assert len(card["latents_mean"]) == len(card["latents_std"]) == channels
+    latents = precompute(binary, pngs, shipped, tmp_path / "shipped")
+    for i, case in enumerate(PNG_CASES):
+        want = normalize(card, g[f"{case}_64x64"]["encoder_output"][:, :channels])[0]
+        err = scaled_error(latents[i], want)
+        assert err <= F32_TOL, f"{case}: shipped-card latent off by {err:.3g} of its scale"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10.0 * math.log10(1.0 / mse)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_report_reconstructs_the_golden_decoded_image(family, exports, shared, binary, pngs, tmp_path):
+    """The report undoes the card's normalization before decoding: its PSNR per image is that of
+    diffusers' decoded golden against the input, from the images and from the shards."""
+    d = exports[family, "f32"]
+    g = goldens(shared, family)
+    want = {}
+    for case in PNG_CASES:
+        c = g[f"{case}_64x64"]
+        want[f"{case}.png"] = psnr(np.clip((c["decoded"] + 1.0) / 2.0, 0.0, 1.0), c["input"])
+    shards = tmp_path / "shards"
+    precompute(binary, pngs, d / "card.toml", shards)
+    runs = {
+        "images": ["--input", pngs, "--model", d / "card.toml", "--size", 64],
+        "shards": ["--shards", shards, "--input", pngs, "--model", d / "card.toml"],
+    }
+    for origin, args in runs.items():
+        out = tmp_path / f"report-{origin}"
+        cmd = [str(binary), "report", *map(str, args), "--out", str(out), "--threads", "2"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
+        rows = pq.read_table(out / "metrics.parquet").to_pylist()
+        assert sorted(r["key"] for r in rows) == sorted(want)
+        for r in rows:
+            assert r["psnr"] == pytest.approx(want[r["key"]], abs=1e-3), f"{origin} {r['key']}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sizes_off_the_factor_are_refused_with_the_sizes_to_use(family, exports, binary, pngs, tmp_path):
+    factor = FAMILIES[family][2]
+    size = 4 * factor + factor // 2
+    cmd = [str(binary), "precompute", "--input", str(pngs), "--out", str(tmp_path / "out"),
+           "--model", str(exports[family, "f32"] / "card.toml"), "--size", str(size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert f"use {4 * factor} or {5 * factor}" in proc.stderr, proc.stderr
