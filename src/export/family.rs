@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use super::dcae::DcConfig;
 use super::wan::WanConfig;
 
 /// The VAE families whose latent normalization is known.
@@ -160,6 +161,8 @@ pub enum Architecture {
     Kl(VaeConfig),
     /// `AutoencoderKLWan` (Wan 2.1, Wan 2.2), `AutoencoderKLQwenImage`.
     Wan(WanConfig),
+    /// `AutoencoderDC` (Sana's DC-AE and its `-in` / `-mix` variants).
+    Dc(DcConfig),
 }
 
 /// The one field that picks the architecture.
@@ -181,6 +184,7 @@ impl Architecture {
             "AutoencoderKLWan" | "AutoencoderKLQwenImage" => {
                 Ok(Architecture::Wan(WanConfig::parse(&text).with_context(at)?))
             }
+            "AutoencoderDC" => Ok(Architecture::Dc(DcConfig::parse(&text).with_context(at)?)),
             _ => {
                 let config: VaeConfig = serde_json::from_str(&text).with_context(not_config)?;
                 config.check().with_context(at)?;
@@ -208,7 +212,7 @@ impl VaeConfig {
         ) {
             bail!(
                 "_class_name {:?}: export builds AutoencoderKL, AutoencoderKLFlux2, \
-                 AutoencoderKLWan and AutoencoderKLQwenImage",
+                 AutoencoderKLWan, AutoencoderKLQwenImage and AutoencoderDC",
                 self.class_name
             );
         }

@@ -3,11 +3,13 @@
 //! `--inspect` drafts a card for an ONNX encoder someone else exported.
 //!
 //! [`checkpoint`] reads and renames tensors, [`family`] holds configs and normalizations,
-//! [`vae`] (AutoencoderKL) and [`wan`] (Wan / Qwen-Image) build the graphs on [`graph`], [`card`] writes and drafts cards. [`onnx_pb`] is the
+//! [`vae`] (AutoencoderKL), [`wan`] (Wan / Qwen-Image) and [`dcae`] (DC-AE) build the graphs on
+//! [`graph`] (with [`ops`]' layout helpers), [`card`] writes and drafts cards. [`onnx_pb`] is the
 //! ONNX protobuf schema as Rust types.
 
 pub mod card;
 pub mod checkpoint;
+pub mod dcae;
 pub mod family;
 pub mod graph;
 #[allow(clippy::all, missing_docs)]
@@ -23,6 +25,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use checkpoint::Weights;
+use dcae::DcConfig;
 use family::{Architecture, Family, VaeConfig};
 use graph::ExportDType;
 use onnx_pb::ModelProto;
@@ -125,6 +128,7 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
     let built = match &architecture {
         Architecture::Kl(config) => build_kl(config, &weights_path, args)?,
         Architecture::Wan(config) => build_wan(config, &weights_path, args)?,
+        Architecture::Dc(config) => build_dc(config, &weights_path, args)?,
     };
 
     std::fs::create_dir_all(out)
@@ -166,6 +170,16 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
             card::Normalization::PerChannel {
                 mean: &c.latents_mean,
                 std: &c.latents_std,
+            },
+        ),
+        Architecture::Dc(c) => (
+            c.class_name.as_str(),
+            c.latent_channels,
+            c.spatial_factor(),
+            EncoderOutput::Latent,
+            card::Normalization::ScaleShift {
+                scaling: c.scaling_factor,
+                shift: 0.0,
             },
         ),
     };
@@ -258,18 +272,41 @@ fn build_kl(config: &VaeConfig, weights_path: &Path, args: &ExportArgs) -> Resul
     })
 }
 
+/// `--family` names AutoencoderKL families only.
+fn no_kl_family(args: &ExportArgs, class_name: &str) -> Result<()> {
+    match args.family {
+        Some(f) => bail!(
+            "--family {} is an AutoencoderKL family, but the config's _class_name is {class_name}",
+            f.name()
+        ),
+        None => Ok(()),
+    }
+}
+
 /// `AutoencoderKLWan` (Wan 2.1, Wan 2.2) and `AutoencoderKLQwenImage`.
 fn build_wan(config: &WanConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
-    if let Some(f) = args.family {
-        bail!(
-            "--family {} is an AutoencoderKL family, but the config's _class_name is {}",
-            f.name(),
-            config.class_name
-        );
-    }
+    no_kl_family(args, &config.class_name)?;
     let mut weights = Weights::load(weights_path, config.dim_mult.len())?;
     let encoder = wan::encoder(config, &mut weights, args.dtype)?;
     let decoder = wan::decoder(config, &mut weights, args.dtype)?;
+    let naming = weights.naming;
+    weights.finish()?;
+    Ok(Built {
+        encoder,
+        decoder,
+        naming,
+        family: None,
+        batch_norm: None,
+        warnings: Vec::new(),
+    })
+}
+
+/// `AutoencoderDC`.
+fn build_dc(config: &DcConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
+    no_kl_family(args, &config.class_name)?;
+    let mut weights = Weights::load(weights_path, config.decoder_block_out_channels.len())?;
+    let encoder = dcae::encoder(config, &mut weights, args.dtype)?;
+    let decoder = dcae::decoder(config, &mut weights, args.dtype)?;
     let naming = weights.naming;
     weights.finish()?;
     Ok(Built {

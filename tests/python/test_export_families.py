@@ -3,7 +3,7 @@
 For each tiny random-weight checkpoint in ../shared/models/families (see its README.md), the
 exported graphs, run here with the `onnxruntime` Python package, must reproduce the goldens
 diffusers 0.42.1 computed for every case of golden.npz:
-- `encoder_output` (moments) and `decoded` (decoder of the golden mean), f32 within 1e-4 of the
+- `encoder_output` (moments, or DC-AE's latent) and `decoded` (decoder of the golden mean), f32 within 1e-4 of the
   tensor's scale (max |a - b| / max |golden|), f16 within F16_TOL (measured, see below);
 - `latent_normalized`: the normalization the exported card states, applied in numpy.
 Then end to end through the binary: `precompute` with the exported card stores the golden
@@ -34,10 +34,12 @@ F32_TOL = 1e-4
 # decoder); 1e-2 leaves room for other CPUs' kernels.
 F16_TOL = 1e-2
 
-# folder -> (shipped card, latent channels, spatial factor)
+# folder -> (shipped card or None, latent channels, spatial factor)
 FAMILIES = {
     "qwen-image": ("qwen-image", 16, 8),
     "wan2.2": ("wan2.2", 48, 16),
+    "dc-ae-f32c32-sana": ("sana", 32, 32),
+    "dc-ae-f32c32-in": (None, 32, 32),
 }
 
 # The golden cases whose input image the binary reads unchanged: a 64x64 PNG at --size 64.
@@ -95,6 +97,8 @@ def test_graphs_match_diffusers_for_every_case(family, dtype, exports, shared):
     card = tomllib.loads((d / "card.toml").read_text())
     _, channels, factor = FAMILIES[family]
     assert (card["latent_channels"], card["spatial_factor"]) == (channels, factor)
+    output = card["output"]
+    assert output == ("latent" if family.startswith("dc-ae") else "moments")
     enc = ort.InferenceSession(str(d / "encoder.onnx"), providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(d / "decoder.onnx"), providers=["CPUExecutionProvider"])
     io = np.float16 if dtype == "f16" else np.float32
@@ -102,14 +106,14 @@ def test_graphs_match_diffusers_for_every_case(family, dtype, exports, shared):
     errors = []
     for case, g in goldens(shared, family).items():
         x = (g["input"] * 2.0 - 1.0).astype(io)
-        moments = enc.run(["moments"], {"image": x})[0]
-        assert moments.shape == g["encoder_output"].shape, f"{case}: moments {moments.shape}"
+        encoded = enc.run([output], {"image": x})[0]
+        assert encoded.shape == g["encoder_output"].shape, f"{case}: {output} {encoded.shape}"
         mean = g["encoder_output"][:, :channels]
         image = dec.run(["image"], {"latent": mean.astype(io)})[0]
         assert image.shape == g["decoded"].shape, f"{case}: image {image.shape}"
         for name, got, want in [
-            ("encoder_output", moments, g["encoder_output"]),
-            ("latent_normalized", normalize(card, moments[:, :channels]), g["latent_normalized"]),
+            ("encoder_output", encoded, g["encoder_output"]),
+            ("latent_normalized", normalize(card, encoded[:, :channels]), g["latent_normalized"]),
             ("decoded", image, g["decoded"]),
         ]:
             errors.append((scaled_error(got, want), case, name))
@@ -154,9 +158,12 @@ def test_precompute_stores_the_normalized_latents(family, exports, shared, binar
         err = scaled_error(latents[i], want)
         assert err <= F32_TOL, f"{case}: stored latent off by {err:.3g} of its scale"
 
+    if FAMILIES[family][0] is None:
+        return
     shipped = shipped_card_on(d, FAMILIES[family][0], tmp_path / "shipped.toml")
     card = tomllib.loads(shipped.read_text())
-    assert len(card["latents_mean"]) == len(card["latents_std"]) == channels
+    if "latents_mean" in card:
+        assert len(card["latents_mean"]) == len(card["latents_std"]) == channels
     latents = precompute(binary, pngs, shipped, tmp_path / "shipped")
     for i, case in enumerate(PNG_CASES):
         want = normalize(card, g[f"{case}_64x64"]["encoder_output"][:, :channels])[0]
