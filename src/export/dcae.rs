@@ -424,38 +424,6 @@ impl Builder<'_> {
         self.g.node("Slice", &[x, &starts, &ends], vec![])
     }
 
-    /// Channels `start..end` of `x` along `axis`.
-    fn slice_axis(&mut self, x: &str, axis: i64, start: usize, end: usize) -> String {
-        let starts = self.g.ints(&[start as i64]);
-        let ends = self.g.ints(&[end as i64]);
-        let axes = self.g.ints(&[axis]);
-        self.g.node("Slice", &[x, &starts, &ends, &axes], vec![])
-    }
-
-    /// `x.unflatten(1, (out, group)).mean(2)`: each output channel the mean of `group`
-    /// consecutive channels of `x` (which has `cin` channels); `like` gives the output shape.
-    fn group_mean(&mut self, x: &str, cin: usize, cout: usize, like: &str) -> String {
-        let group = cin / cout;
-        if group == 1 {
-            return x.to_string();
-        }
-        let grouped = self.g.ints(&[0, cout as i64, group as i64, -1]);
-        let h = self.g.node("Reshape", &[x, &grouped], vec![]);
-        let mean = self.g.node(
-            "ReduceMean",
-            &[&h],
-            vec![ints("axes", &[2]), int("keepdims", 0)],
-        );
-        let shape = self.shape_with_channels(like, cout);
-        self.g.node("Reshape", &[&mean, &shape], vec![])
-    }
-
-    /// `repeat_interleave(repeats, dim=1)`: channel k of the output is channel k / repeats.
-    fn repeat_channels(&mut self, x: &str, cout: usize, repeats: usize) -> String {
-        let indices: Vec<usize> = (0..cout).map(|k| k / repeats).collect();
-        self.gather_channels(x, &indices)
-    }
-
     /// `ResBlock`: conv1 → act → conv2 (no bias) → norm, plus the input.
     fn dc_resblock(&mut self, prefix: &str, x: &str, stage: &Stage) -> Result<String> {
         let c = stage.channels;

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use super::dcae::DcConfig;
+use super::hunyuan::HunyuanConfig;
 use super::wan::WanConfig;
 
 /// The VAE families whose latent normalization is known.
@@ -163,6 +164,8 @@ pub enum Architecture {
     Wan(WanConfig),
     /// `AutoencoderDC` (Sana's DC-AE and its `-in` / `-mix` variants).
     Dc(DcConfig),
+    /// `AutoencoderKLHunyuanImage` (HunyuanImage 2.1).
+    Hunyuan(HunyuanConfig),
 }
 
 /// The one field that picks the architecture.
@@ -185,6 +188,9 @@ impl Architecture {
                 Ok(Architecture::Wan(WanConfig::parse(&text).with_context(at)?))
             }
             "AutoencoderDC" => Ok(Architecture::Dc(DcConfig::parse(&text).with_context(at)?)),
+            "AutoencoderKLHunyuanImage" => Ok(Architecture::Hunyuan(
+                HunyuanConfig::parse(&text).with_context(at)?,
+            )),
             _ => {
                 let config: VaeConfig = serde_json::from_str(&text).with_context(not_config)?;
                 config.check().with_context(at)?;
@@ -212,7 +218,8 @@ impl VaeConfig {
         ) {
             bail!(
                 "_class_name {:?}: export builds AutoencoderKL, AutoencoderKLFlux2, \
-                 AutoencoderKLWan, AutoencoderKLQwenImage and AutoencoderDC",
+                 AutoencoderKLWan, AutoencoderKLQwenImage, AutoencoderDC and \
+                 AutoencoderKLHunyuanImage",
                 self.class_name
             );
         }

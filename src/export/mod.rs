@@ -3,7 +3,8 @@
 //! `--inspect` drafts a card for an ONNX encoder someone else exported.
 //!
 //! [`checkpoint`] reads and renames tensors, [`family`] holds configs and normalizations,
-//! [`vae`] (AutoencoderKL), [`wan`] (Wan / Qwen-Image) and [`dcae`] (DC-AE) build the graphs on
+//! [`vae`] (AutoencoderKL), [`wan`] (Wan / Qwen-Image), [`dcae`] (DC-AE) and [`hunyuan`]
+//! (HunyuanImage 2.1) build the graphs on
 //! [`graph`] (with [`ops`]' layout helpers), [`card`] writes and drafts cards. [`onnx_pb`] is the
 //! ONNX protobuf schema as Rust types.
 
@@ -12,6 +13,7 @@ pub mod checkpoint;
 pub mod dcae;
 pub mod family;
 pub mod graph;
+pub mod hunyuan;
 #[allow(clippy::all, missing_docs)]
 pub mod onnx_pb;
 mod ops;
@@ -28,6 +30,7 @@ use checkpoint::Weights;
 use dcae::DcConfig;
 use family::{Architecture, Family, VaeConfig};
 use graph::ExportDType;
+use hunyuan::HunyuanConfig;
 use onnx_pb::ModelProto;
 use wan::WanConfig;
 
@@ -129,6 +132,7 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
         Architecture::Kl(config) => build_kl(config, &weights_path, args)?,
         Architecture::Wan(config) => build_wan(config, &weights_path, args)?,
         Architecture::Dc(config) => build_dc(config, &weights_path, args)?,
+        Architecture::Hunyuan(config) => build_hunyuan(config, &weights_path, args)?,
     };
 
     std::fs::create_dir_all(out)
@@ -177,6 +181,16 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
             c.latent_channels,
             c.spatial_factor(),
             EncoderOutput::Latent,
+            card::Normalization::ScaleShift {
+                scaling: c.scaling_factor,
+                shift: 0.0,
+            },
+        ),
+        Architecture::Hunyuan(c) => (
+            c.class_name.as_str(),
+            c.latent_channels,
+            c.spatial_factor(),
+            EncoderOutput::Moments,
             card::Normalization::ScaleShift {
                 scaling: c.scaling_factor,
                 shift: 0.0,
@@ -307,6 +321,24 @@ fn build_dc(config: &DcConfig, weights_path: &Path, args: &ExportArgs) -> Result
     let mut weights = Weights::load(weights_path, config.decoder_block_out_channels.len())?;
     let encoder = dcae::encoder(config, &mut weights, args.dtype)?;
     let decoder = dcae::decoder(config, &mut weights, args.dtype)?;
+    let naming = weights.naming;
+    weights.finish()?;
+    Ok(Built {
+        encoder,
+        decoder,
+        naming,
+        family: None,
+        batch_norm: None,
+        warnings: Vec::new(),
+    })
+}
+
+/// `AutoencoderKLHunyuanImage`.
+fn build_hunyuan(config: &HunyuanConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
+    no_kl_family(args, &config.class_name)?;
+    let mut weights = Weights::load(weights_path, config.block_out_channels.len())?;
+    let encoder = hunyuan::encoder(config, &mut weights, args.dtype)?;
+    let decoder = hunyuan::decoder(config, &mut weights, args.dtype)?;
     let naming = weights.naming;
     weights.finish()?;
     Ok(Built {

@@ -93,7 +93,7 @@ impl Builder<'_> {
     /// Reshape to [N, groups, -1], InstanceNormalization, Reshape back, per-channel affine. In
     /// fp16 graphs the statistics are computed in f32: the sum of squares of a VAE activation
     /// overflows fp16 long before the activation does.
-    fn group_norm(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
+    pub(super) fn group_norm(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
         let f16 = self.g.dtype() == ExportDType::F16;
         let shape = self.g.node("Shape", &[x], vec![]);
         let input = if f16 {
@@ -132,7 +132,13 @@ impl Builder<'_> {
 
     /// `ResnetBlock2D` without time embedding: norm1 → SiLU → conv1 → norm2 → SiLU → conv2,
     /// plus the input (through a 1×1 `conv_shortcut` when the channels change).
-    fn resnet(&mut self, prefix: &str, x: &str, cin: usize, cout: usize) -> Result<String> {
+    pub(super) fn resnet(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        cin: usize,
+        cout: usize,
+    ) -> Result<String> {
         let h = self.group_norm(&format!("{prefix}.norm1"), x, cin)?;
         let h = self.silu(&h);
         let h = self.conv3(&format!("{prefix}.conv1"), &h, cin, cout)?;

@@ -245,7 +245,6 @@ impl Builder<'_> {
     /// `WanAttentionBlock`: RMS norm, one 1×1 conv to q‖k‖v, single-head attention over the
     /// frame's H·W positions (scale 1/√C; softmax in f32 in fp16 graphs), 1×1 `proj`, residual.
     fn wan_attention(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
-        let f16 = self.g.dtype() == ExportDType::F16;
         let h = self.rms_norm(&format!("{prefix}.norm"), x, c, &[c, 1, 1])?;
         // The checkpoint reader stores every `attentions.0.to_*` 1×1 conv as a linear [out, in]
         // (the original-naming rule); it is a 1×1 Conv2d here.
@@ -256,40 +255,10 @@ impl Builder<'_> {
         )?;
         let qkv_b = self.param(&format!("{prefix}.to_qkv.bias"), &[3 * c], None)?;
         let qkv = self.g.node("Conv", &[&h, &qkv_w, &qkv_b], vec![]);
-        let flat_shape = self.g.ints(&[0, 3 * c as i64, -1]);
-        let flat = self.g.node("Reshape", &[&qkv, &flat_shape], vec![]);
-        let tokens = self
-            .g
-            .node("Transpose", &[&flat], vec![ints("perm", &[0, 2, 1])]);
-        let mut part = |i: i64| {
-            let starts = self.g.ints(&[i * c as i64]);
-            let ends = self.g.ints(&[(i + 1) * c as i64]);
-            let axes = self.g.ints(&[2]);
-            self.g
-                .node("Slice", &[&tokens, &starts, &ends, &axes], vec![])
-        };
-        let (q, k, v) = (part(0), part(1), part(2));
-        let kt = self
-            .g
-            .node("Transpose", &[&k], vec![ints("perm", &[0, 2, 1])]);
-        let mut scores = self.g.node("MatMul", &[&q, &kt], vec![]);
-        if f16 {
-            scores = self.g.cast(&scores, ExportDType::F32);
-        }
-        let scale = self
-            .g
-            .floats(&[], &[1.0 / (c as f32).sqrt()], ExportDType::F32);
-        let scores = self.g.node("Mul", &[&scores, &scale], vec![]);
-        let mut probs = self.g.node("Softmax", &[&scores], vec![int("axis", -1)]);
-        if f16 {
-            probs = self.g.cast(&probs, ExportDType::F16);
-        }
-        let mixed = self.g.node("MatMul", &[&probs, &v], vec![]);
-        let mixed = self
-            .g
-            .node("Transpose", &[&mixed], vec![ints("perm", &[0, 2, 1])]);
-        let shape = self.g.node("Shape", &[x], vec![]);
-        let mixed = self.g.node("Reshape", &[&mixed, &shape], vec![]);
+        let q = self.slice_axis(&qkv, 1, 0, c);
+        let k = self.slice_axis(&qkv, 1, c, 2 * c);
+        let v = self.slice_axis(&qkv, 1, 2 * c, 3 * c);
+        let mixed = self.spatial_attention((&q, &k, &v), c, x);
         let out = self.conv(&format!("{prefix}.proj"), &mixed, (c, c), 1, 1, [0; 4])?;
         Ok(self.g.node("Add", &[&out, x], vec![]))
     }

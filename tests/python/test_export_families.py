@@ -40,6 +40,17 @@ FAMILIES = {
     "wan2.2": ("wan2.2", 48, 16),
     "dc-ae-f32c32-sana": ("sana", 32, 32),
     "dc-ae-f32c32-in": (None, 32, 32),
+    "hunyuanimage-2.1": ("hunyuanimage-2.1", 32, 32),
+}
+
+# shipped card -> (latent channels, spatial factor, output, scaling factor, per-channel values)
+# of the real models (their diffusers vae/config.json).
+SHIPPED = {
+    "qwen-image": (16, 8, "moments", 1.0, 16),
+    "wan2.1": (16, 8, "moments", 1.0, 16),
+    "wan2.2": (48, 16, "moments", 1.0, 48),
+    "sana": (32, 32, "latent", 0.41407, None),
+    "hunyuanimage-2.1": (64, 32, "moments", 0.75289, None),
 }
 
 # The golden cases whose input image the binary reads unchanged: a 64x64 PNG at --size 64.
@@ -158,17 +169,31 @@ def test_precompute_stores_the_normalized_latents(family, exports, shared, binar
         err = scaled_error(latents[i], want)
         assert err <= F32_TOL, f"{case}: stored latent off by {err:.3g} of its scale"
 
-    if FAMILIES[family][0] is None:
+    name = FAMILIES[family][0]
+    if name is None or SHIPPED[name][0] != channels:
+        # No shipped card, or the real model's channels differ from the tiny checkpoint's
+        # (HunyuanImage 2.1: 64, here 32).
         return
-    shipped = shipped_card_on(d, FAMILIES[family][0], tmp_path / "shipped.toml")
+    shipped = shipped_card_on(d, name, tmp_path / "shipped.toml")
     card = tomllib.loads(shipped.read_text())
-    if "latents_mean" in card:
-        assert len(card["latents_mean"]) == len(card["latents_std"]) == channels
     latents = precompute(binary, pngs, shipped, tmp_path / "shipped")
     for i, case in enumerate(PNG_CASES):
         want = normalize(card, g[f"{case}_64x64"]["encoder_output"][:, :channels])[0]
         err = scaled_error(latents[i], want)
         assert err <= F32_TOL, f"{case}: shipped-card latent off by {err:.3g} of its scale"
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_shipped_cards_state_the_real_models_contracts(name):
+    card = tomllib.loads(require(REPO / "models" / f"{name}.toml", f"shipped card {name}").read_text())
+    channels, factor, output, scaling, per_channel = SHIPPED[name]
+    assert (card["latent_channels"], card["spatial_factor"], card["output"]) == (channels, factor, output)
+    assert (card["scaling_factor"], card["shift_factor"]) == (scaling, 0.0)
+    if per_channel is None:
+        assert "latents_mean" not in card and "latents_std" not in card
+    else:
+        assert len(card["latents_mean"]) == len(card["latents_std"]) == per_channel
+        assert min(card["latents_std"]) > 0
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
