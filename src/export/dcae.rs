@@ -234,7 +234,9 @@ impl DcConfig {
                 );
             }
             Activation::parse(&stage.act)?;
-            if stage.block == "EfficientViTBlock" && stage.channels % self.attention_head_dim != 0 {
+            if stage.block == "EfficientViTBlock"
+                && !stage.channels.is_multiple_of(self.attention_head_dim)
+            {
                 bail!(
                     "{} channels are not a whole number of {}-channel attention heads",
                     stage.channels,

@@ -74,11 +74,11 @@ impl HunyuanConfig {
             // which only runs when no channels change; no published checkpoint does this.
             bail!("downsample_match_channel and upsample_match_channel must be true");
         }
-        if let Some(c) = channels.iter().find(|&&c| c % GROUPS != 0) {
+        if let Some(c) = channels.iter().find(|&&c| !c.is_multiple_of(GROUPS)) {
             bail!("block_out_channels {c} is not a multiple of the 32 norm groups");
         }
         let top = channels[channels.len() - 1];
-        if top % (2 * self.latent_channels) != 0 || top % self.latent_channels != 0 {
+        if !top.is_multiple_of(2 * self.latent_channels) {
             bail!(
                 "the last block_out_channels {top} must be a multiple of 2 × latent_channels {}",
                 self.latent_channels

@@ -10,7 +10,8 @@ Then end to end through the binary: `precompute` with the exported card stores t
 normalized latents, `precompute` with the shipped card (models/<name>.toml, ONNX paths swapped
 for the export) stores the golden mean under the shipped card's own statistics, `report`
 (from the images and from the shards) reconstructs exactly the golden decoded image, and a size
-that is not a multiple of the factor is refused with the sizes to use.
+that is not a multiple of the factor is refused with the sizes to use; a checkpoint with a
+tensor missing or left over is refused naming it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from vp_helpers import REPO, read_shards, require, run_precompute, tensor
 
@@ -226,6 +228,27 @@ def test_report_reconstructs_the_golden_decoded_image(family, exports, shared, b
         assert sorted(r["key"] for r in rows) == sorted(want)
         for r in rows:
             assert r["psnr"] == pytest.approx(want[r["key"]], abs=1e-3), f"{origin} {r['key']}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_checkpoint_that_is_not_the_configs_vae_is_refused_naming_the_tensor(family, shared, binary, tmp_path):
+    src = family_dir(shared, family)
+    state = load_file(str(src / "diffusion_pytorch_model.safetensors"))
+    dropped = sorted(k for k in state if k.startswith("decoder."))[-1]
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != dropped}, dropped),
+        "left-over": ({**state, "decoder.extra.weight": np.zeros(3, np.float32)}, "decoder.extra.weight"),
+    }
+    for what, (tensors, name) in cases.items():
+        vae = tmp_path / what
+        vae.mkdir()
+        shutil.copyfile(src / "config.json", vae / "config.json")
+        save_file(tensors, str(vae / "diffusion_pytorch_model.safetensors"))
+        cmd = [str(binary), "export", "--checkpoint", str(vae), "--out", str(tmp_path / f"{what}-out")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0, f"{what} tensor {name} was not refused"
+        assert name in proc.stderr, proc.stderr
+        assert not (tmp_path / f"{what}-out" / "card.toml").exists()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
