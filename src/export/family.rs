@@ -25,6 +25,11 @@ pub enum Family {
     Flux1,
     /// FLUX.2 (`AutoencoderKLFlux2`): 32 channels, 2×2 patchify and batch-norm statistics.
     Flux2,
+    /// Qwen-Image (`AutoencoderKLQwenImage`): 16 channels, per-channel statistics.
+    QwenImage,
+    /// Wan 2.1 (`AutoencoderKLWan`): the Qwen-Image architecture and statistics.
+    #[value(name = "wan2.1")]
+    Wan21,
 }
 
 impl Family {
@@ -36,11 +41,19 @@ impl Family {
             Family::Sd3 => "sd3",
             Family::Flux1 => "flux1",
             Family::Flux2 => "flux2",
+            Family::QwenImage => "qwen-image",
+            Family::Wan21 => "wan2.1",
         }
     }
 
-    /// The family's published config (the `vae/config.json` of its reference repository).
-    pub fn defaults(self) -> VaeConfig {
+    /// Whether the family is a Wan / Qwen-Image VAE rather than an AutoencoderKL.
+    pub fn is_wan(self) -> bool {
+        matches!(self, Family::QwenImage | Family::Wan21)
+    }
+
+    /// The family's published config (the `vae/config.json` of its reference repository), for
+    /// a single file that carries none.
+    pub fn architecture(self) -> Architecture {
         let kl = |latent_channels, quant, scaling_factor, shift_factor, force_upcast| VaeConfig {
             class_name: "AutoencoderKL".into(),
             in_channels: 3,
@@ -61,7 +74,7 @@ impl Family {
             batch_norm_eps: 1e-4,
             patch_size: vec![2, 2],
         };
-        match self {
+        Architecture::Kl(match self {
             Family::Sd15 | Family::Sd2 => kl(4, true, 0.18215, None, true),
             Family::Sdxl => kl(4, true, 0.13025, None, true),
             Family::Sd3 => kl(16, false, 1.5305, Some(0.0609), true),
@@ -70,7 +83,11 @@ impl Family {
                 class_name: "AutoencoderKLFlux2".into(),
                 ..kl(32, true, 1.0, None, true)
             },
-        }
+            Family::QwenImage => {
+                return Architecture::Wan(WanConfig::published("AutoencoderKLQwenImage"))
+            }
+            Family::Wan21 => return Architecture::Wan(WanConfig::published("AutoencoderKLWan")),
+        })
     }
 
     /// The family a config most likely belongs to, from its class, channels and normalization.

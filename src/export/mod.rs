@@ -26,7 +26,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use checkpoint::Weights;
+use checkpoint::{Layout, Naming, Weights};
 use dcae::DcConfig;
 use family::{Architecture, Family, VaeConfig};
 use graph::ExportDType;
@@ -120,7 +120,7 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
         args.family,
     ) {
         (Some(path), _) => Architecture::load(path)?,
-        (None, Some(family)) => Architecture::Kl(family.defaults()),
+        (None, Some(family)) => family.architecture(),
         (None, None) => bail!(
             "{} is a single file and carries no config: pass --config (the VAE's diffusers \
              config.json) or --family ({})",
@@ -239,7 +239,7 @@ struct Built {
 fn build_kl(config: &VaeConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
     let family = args.family.or_else(|| Family::guess(config));
     if let Some(f) = args.family {
-        if (f == Family::Flux2) != config.is_flux2() {
+        if f.is_wan() || (f == Family::Flux2) != config.is_flux2() {
             bail!(
                 "--family {} does not match the config's _class_name {}",
                 f.name(),
@@ -262,7 +262,10 @@ fn build_kl(config: &VaeConfig, weights_path: &Path, args: &ExportArgs) -> Resul
         });
     }
 
-    let mut weights = Weights::load(weights_path, config.block_out_channels.len())?;
+    let layout = Layout::Kl {
+        up_blocks: config.block_out_channels.len(),
+    };
+    let mut weights = Weights::load(weights_path, layout)?;
     let encoder = vae::encoder(config, &mut weights, args.dtype)?;
     let decoder = vae::decoder(config, &mut weights, args.dtype)?;
     let batch_norm = if config.is_flux2() {
@@ -286,11 +289,11 @@ fn build_kl(config: &VaeConfig, weights_path: &Path, args: &ExportArgs) -> Resul
     })
 }
 
-/// `--family` names AutoencoderKL families only.
-fn no_kl_family(args: &ExportArgs, class_name: &str) -> Result<()> {
+/// `--family` names AutoencoderKL and Wan families only.
+fn no_family(args: &ExportArgs, class_name: &str) -> Result<()> {
     match args.family {
         Some(f) => bail!(
-            "--family {} is an AutoencoderKL family, but the config's _class_name is {class_name}",
+            "--family {} does not match the config's _class_name {class_name}",
             f.name()
         ),
         None => Ok(()),
@@ -299,8 +302,21 @@ fn no_kl_family(args: &ExportArgs, class_name: &str) -> Result<()> {
 
 /// `AutoencoderKLWan` (Wan 2.1, Wan 2.2) and `AutoencoderKLQwenImage`.
 fn build_wan(config: &WanConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
-    no_kl_family(args, &config.class_name)?;
-    let mut weights = Weights::load(weights_path, config.dim_mult.len())?;
+    if args.family.is_some_and(|f| !f.is_wan()) {
+        no_family(args, &config.class_name)?;
+    }
+    let layout = Layout::Wan {
+        decoder_group: config.num_res_blocks + 2,
+    };
+    let mut weights = Weights::load(weights_path, layout)?;
+    if weights.naming == Naming::WanOriginal && config.is_residual {
+        bail!(
+            "{}: export reads Wan 2.2 checkpoints in diffusers naming only; convert the original \
+             file with diffusers' scripts/convert_wan_to_diffusers.py (convert_vae_22), or export \
+             the vae/ folder of Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            weights_path.display()
+        );
+    }
     let encoder = wan::encoder(config, &mut weights, args.dtype)?;
     let decoder = wan::decoder(config, &mut weights, args.dtype)?;
     let naming = weights.naming;
@@ -309,7 +325,7 @@ fn build_wan(config: &WanConfig, weights_path: &Path, args: &ExportArgs) -> Resu
         encoder,
         decoder,
         naming,
-        family: None,
+        family: args.family,
         batch_norm: None,
         warnings: Vec::new(),
     })
@@ -317,8 +333,8 @@ fn build_wan(config: &WanConfig, weights_path: &Path, args: &ExportArgs) -> Resu
 
 /// `AutoencoderDC`.
 fn build_dc(config: &DcConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
-    no_kl_family(args, &config.class_name)?;
-    let mut weights = Weights::load(weights_path, config.decoder_block_out_channels.len())?;
+    no_family(args, &config.class_name)?;
+    let mut weights = Weights::load(weights_path, Layout::DiffusersOnly)?;
     let encoder = dcae::encoder(config, &mut weights, args.dtype)?;
     let decoder = dcae::decoder(config, &mut weights, args.dtype)?;
     let naming = weights.naming;
@@ -335,8 +351,8 @@ fn build_dc(config: &DcConfig, weights_path: &Path, args: &ExportArgs) -> Result
 
 /// `AutoencoderKLHunyuanImage`.
 fn build_hunyuan(config: &HunyuanConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
-    no_kl_family(args, &config.class_name)?;
-    let mut weights = Weights::load(weights_path, config.block_out_channels.len())?;
+    no_family(args, &config.class_name)?;
+    let mut weights = Weights::load(weights_path, Layout::DiffusersOnly)?;
     let encoder = hunyuan::encoder(config, &mut weights, args.dtype)?;
     let decoder = hunyuan::decoder(config, &mut weights, args.dtype)?;
     let naming = weights.naming;

@@ -75,7 +75,40 @@ fn temperal_downsample() -> Vec<bool> {
     vec![false, true, true]
 }
 
+/// Wan 2.1's (and Qwen-Image's) `latents_mean` / `latents_std`, diffusers' defaults.
+const WAN21_MEAN: [f32; 16] = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+    -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+];
+const WAN21_STD: [f32; 16] = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+    1.6382, 1.1253, 2.8251, 1.9160,
+];
+
 impl WanConfig {
+    /// The published Wan 2.1 / Qwen-Image config (diffusers' constructor defaults, which their
+    /// `vae/config.json` repeat), for single files.
+    pub fn published(class_name: &str) -> Self {
+        WanConfig {
+            class_name: class_name.into(),
+            base_dim: base_dim(),
+            decoder_base_dim: None,
+            z_dim: z_dim(),
+            dim_mult: dim_mult(),
+            num_res_blocks: num_res_blocks(),
+            attn_scales: Vec::new(),
+            temperal_downsample: temperal_downsample(),
+            latents_mean: WAN21_MEAN.to_vec(),
+            latents_std: WAN21_STD.to_vec(),
+            is_residual: false,
+            in_channels: None,
+            out_channels: None,
+            input_channels: None,
+            patch_size: None,
+            scale_factor_spatial: None,
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Self> {
         let config: WanConfig = serde_json::from_str(text)?;
         config.check()?;

@@ -15,6 +15,7 @@ tensor missing or left over is refused naming it.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -249,6 +250,60 @@ def test_a_checkpoint_that_is_not_the_configs_vae_is_refused_naming_the_tensor(f
         assert proc.returncode != 0, f"{what} tensor {name} was not refused"
         assert name in proc.stderr, proc.stderr
         assert not (tmp_path / f"{what}-out" / "card.toml").exists()
+
+
+RESIDUAL = {"norm1.": "residual.0.", "conv1.": "residual.2.", "norm2.": "residual.3.", "conv2.": "residual.6.",
+            "conv_shortcut.": "shortcut."}
+
+
+def to_wan_original(name: str, group: int) -> str:
+    """diffusers -> original Wan 2.1 names: the inverse of diffusers' convert_wan_to_diffusers.py
+    `convert_vae`, written here from its table (G entries per decoder block)."""
+    def residual(rest: str) -> str:
+        return next((new + rest[len(old):] for old, new in RESIDUAL.items() if rest.startswith(old)), rest)
+
+    fixed = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2.", "encoder.conv_in.": "encoder.conv1.",
+             "decoder.conv_in.": "decoder.conv1.", "encoder.norm_out.": "encoder.head.0.",
+             "encoder.conv_out.": "encoder.head.2.", "decoder.norm_out.": "decoder.head.0.",
+             "decoder.conv_out.": "decoder.head.2."}
+    for old, new in fixed.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)", name):
+        return f"{m[1]}.middle.{2 * int(m[2])}.{residual(m[3])}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", name):
+        return f"{m[1]}.middle.1.{m[2]}"
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.(.*)", name):
+        return f"encoder.downsamples.{m[1]}.{residual(m[2])}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", name):
+        return f"decoder.upsamples.{int(m[1]) * group + int(m[2])}.{residual(m[3])}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", name):
+        return f"decoder.upsamples.{int(m[1]) * group + group - 1}.{m[2]}"
+    raise AssertionError(f"no original Wan name for {name}")
+
+
+def test_a_single_file_in_original_wan_naming_exports_the_same_graphs(exports, shared, binary, tmp_path):
+    """ComfyUI's qwen_image_vae.safetensors / wan_2.1_vae.safetensors use the original Wan names."""
+    src = family_dir(shared, "qwen-image")
+    config = json.loads((src / "config.json").read_text())
+    group = config["num_res_blocks"] + 2
+    state = load_file(str(src / "diffusion_pytorch_model.safetensors"))
+    original = {to_wan_original(k, group): v for k, v in state.items()}
+    assert len(original) == len(state)
+    single = tmp_path / "qwen_image_vae.safetensors"
+    save_file(original, str(single))
+    out = tmp_path / "out"
+    cmd = [str(binary), "export", "--checkpoint", str(single), "--config", str(src / "config.json"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "original Wan naming" in proc.stdout, proc.stdout
+    reference = exports["qwen-image", "f32"]
+    g = goldens(shared, "qwen-image")["gradient_shapes_64x64_96x64"]
+    for graph, name, value in [("encoder", "image", g["input"] * 2 - 1),
+                               ("decoder", "latent", g["encoder_output"][:, :16])]:
+        runs = [ort.InferenceSession(str(d / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+                .run(None, {name: value.astype(np.float32)})[0] for d in (out, reference)]
+        assert np.array_equal(runs[0], runs[1]), f"{graph} differs from the diffusers-named export"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
