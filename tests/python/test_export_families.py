@@ -3,15 +3,16 @@
 For each tiny random-weight checkpoint in ../shared/models/families (see its README.md), the
 exported graphs, run here with the `onnxruntime` Python package, must reproduce the goldens
 diffusers 0.42.1 computed for every case of golden.npz:
-- `encoder_output` (moments, or DC-AE's latent) and `decoded` (decoder of the golden mean), f32 within 1e-4 of the
-  tensor's scale (max |a - b| / max |golden|), f16 within F16_TOL (measured, see below);
+- `encoder_output` (moments, or DC-AE's latent) and `decoded` (decoder of the golden mean), f32
+  within 1e-4 of the tensor's scale (max |a - b| / max |golden|), f16 within F16_TOL (measured);
 - `latent_normalized`: the normalization the exported card states, applied in numpy.
 Then end to end through the binary: `precompute` with the exported card stores the golden
-normalized latents, `precompute` with the shipped card (models/<name>.toml, ONNX paths swapped
-for the export) stores the golden mean under the shipped card's own statistics, `report`
-(from the images and from the shards) reconstructs exactly the golden decoded image, and a size
-that is not a multiple of the factor is refused with the sizes to use; a checkpoint with a
-tensor missing or left over is refused naming it.
+normalized latents (in `dist` mode the std divided by `latents_std`); with the shipped card
+(models/<name>.toml, ONNX paths swapped for the export) the golden mean under the shipped
+statistics; `report`, from the images and from the shards, reconstructs exactly the golden
+decoded image; a size off the factor is refused with the sizes to use; a checkpoint with a tensor
+missing or left over is refused naming it; a Qwen-Image single file in the original Wan naming
+exports the same graphs.
 """
 from __future__ import annotations
 
@@ -197,6 +198,22 @@ def test_shipped_cards_state_the_real_models_contracts(name):
     else:
         assert len(card["latents_mean"]) == len(card["latents_std"]) == per_channel
         assert min(card["latents_std"]) > 0
+
+
+def test_dist_mode_divides_the_std_by_latents_std(exports, shared, binary, pngs, tmp_path):
+    d = exports["qwen-image", "f32"]
+    card = tomllib.loads((d / "card.toml").read_text())
+    run_precompute(binary, ["--input", pngs, "--out", tmp_path / "dist", "--model", d / "card.toml", "--size", 64,
+                            "--dtype", "f32", "--threads", 2, "--latent-mode", "dist"])
+    table = read_shards(tmp_path / "dist", 64)
+    stds = tensor(table, "latent_std")
+    std_c = np.array(card["latents_std"], np.float64)[:, None, None]
+    g = goldens(shared, "qwen-image")
+    for i, case in enumerate(PNG_CASES):
+        logvar = g[f"{case}_64x64"]["encoder_output"][0, 16:].astype(np.float64)
+        want = np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) / std_c
+        rel = float((np.abs(stds[i] - want) / want).max())
+        assert rel <= 1e-4, f"{case}: per-channel std max rel diff {rel:.3g}"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
