@@ -292,19 +292,31 @@ impl Encoder {
     /// and, in `dist` mode, its scaled std. `noise_key` seeds `sample` mode's noise.
     fn store(&self, output: &[f32], noise_key: &str) -> (Vec<f32>, Option<Vec<f32>>) {
         let (scale, shift) = (self.card.scaling_factor, self.card.shift_factor);
+        let per_channel = self.card.per_channel();
+        let normalize = |mut z: Vec<f32>| {
+            if let Some(stats) = per_channel {
+                stats.normalize(&mut z, true);
+            }
+            z.iter_mut().for_each(|v| *v = (*v - shift) * scale);
+            z
+        };
         if self.card.output == EncoderOutput::Latent {
-            return (output.iter().map(|&z| (z - shift) * scale).collect(), None);
+            return (normalize(output.to_vec()), None);
         }
         let (mean, logvar) = output.split_at(output.len() / 2);
         let std = logvar
             .iter()
             .map(|&lv| (0.5 * lv.clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1)).exp());
         match self.mode {
-            LatentMode::Mean => (mean.iter().map(|&z| (z - shift) * scale).collect(), None),
-            LatentMode::Dist => (
-                mean.iter().map(|&z| (z - shift) * scale).collect(),
-                Some(std.map(|s| s * scale.abs()).collect()),
-            ),
+            LatentMode::Mean => (normalize(mean.to_vec()), None),
+            LatentMode::Dist => {
+                let mut std: Vec<f32> = std.collect();
+                if let Some(stats) = per_channel {
+                    stats.normalize(&mut std, false);
+                }
+                std.iter_mut().for_each(|s| *s *= scale.abs());
+                (normalize(mean.to_vec()), Some(std))
+            }
             LatentMode::Sample => {
                 let mut rng = key_rng(self.seed, noise_key);
                 let sampled = mean
@@ -312,10 +324,10 @@ impl Encoder {
                     .zip(std)
                     .map(|(&m, s)| {
                         let eps: f32 = StandardNormal.sample(&mut rng);
-                        (m + s * eps - shift) * scale
+                        m + s * eps
                     })
                     .collect();
-                (sampled, None)
+                (normalize(sampled), None)
             }
         }
     }

@@ -28,6 +28,11 @@ pub struct ModelIdentity {
     pub shift_factor: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_norm: Option<BatchNorm>,
+    /// Per-channel statistics (Qwen-Image / Wan cards); absent in older identities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents_mean: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents_std: Option<Vec<f32>>,
 }
 
 impl ModelIdentity {
@@ -42,6 +47,8 @@ impl ModelIdentity {
             scaling_factor: card.scaling_factor,
             shift_factor: card.shift_factor,
             batch_norm: card.batch_norm.clone(),
+            latents_mean: card.latents_mean.clone(),
+            latents_std: card.latents_std.clone(),
         }
     }
 }

@@ -43,6 +43,13 @@ pub struct ModelCard {
     /// FLUX.2's normalization, which replaces scale and shift: see `BatchNorm`.
     #[serde(default)]
     pub batch_norm: Option<BatchNorm>,
+    /// Qwen-Image / Wan (and GLM-Image): per-channel statistics, `latent_channels` values each.
+    /// The stored latent is `((z − latents_mean[c]) / latents_std[c] − shift_factor) ·
+    /// scaling_factor`; their cards keep scale 1 and shift 0, as their pipelines do.
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f32>>,
+    #[serde(default)]
+    pub latents_std: Option<Vec<f32>>,
     /// Free text for users: where the weights come from, how to export them.
     #[serde(default)]
     pub source: Option<String>,
@@ -121,6 +128,36 @@ impl ModelCard {
                 bail!("model card {at}: `[batch_norm]` running_var + eps must be positive");
             }
         }
+        match (&self.latents_mean, &self.latents_std) {
+            (None, None) => {}
+            (Some(mean), Some(std)) => {
+                if mean.len() != self.latent_channels || std.len() != self.latent_channels {
+                    bail!(
+                        "model card {at}: `latents_mean` and `latents_std` need latent_channels = {} \
+                         values each, got {} and {}",
+                        self.latent_channels,
+                        mean.len(),
+                        std.len()
+                    );
+                }
+                if !mean.iter().all(|m| m.is_finite())
+                    || !std.iter().all(|s| s.is_finite() && *s > 0.0)
+                {
+                    bail!(
+                        "model card {at}: `latents_mean` must be numbers and `latents_std` positive numbers"
+                    );
+                }
+                if self.batch_norm.is_some() {
+                    bail!(
+                        "model card {at}: `latents_mean`/`latents_std` and `[batch_norm]` are two \
+                         normalizations; a card has one"
+                    );
+                }
+            }
+            _ => bail!(
+                "model card {at}: `latents_mean` and `latents_std` go together; one is missing"
+            ),
+        }
         if !self.encoder.is_file() {
             bail!(
                 "model card {at}: field `encoder` names {}, which does not exist.\n\
@@ -182,7 +219,52 @@ impl ModelCard {
                 bn.eps,
                 p = bn.patch_size
             ),
-            None => format!("(z - {}) * {}", self.shift_factor, self.scaling_factor),
+            None => {
+                let scale_shift = format!("(z - {}) * {}", self.shift_factor, self.scaling_factor);
+                match self.per_channel() {
+                    Some(stats) => format!(
+                        "(z - latents_mean[c]) / latents_std[c] per channel (mean {:?}, std {:?}), then {scale_shift}",
+                        stats.mean, stats.std
+                    ),
+                    None => scale_shift,
+                }
+            }
+        }
+    }
+
+    /// The per-channel statistics, when the card has them.
+    pub fn per_channel(&self) -> Option<PerChannel<'_>> {
+        match (&self.latents_mean, &self.latents_std) {
+            (Some(mean), Some(std)) => Some(PerChannel { mean, std }),
+            _ => None,
+        }
+    }
+}
+
+/// A card's `latents_mean` / `latents_std`: stored = (z − mean[c]) / std[c] (before the card's
+/// scale and shift), so a raw latent is stored · std[c] + mean[c].
+#[derive(Debug, Clone, Copy)]
+pub struct PerChannel<'a> {
+    pub mean: &'a [f32],
+    pub std: &'a [f32],
+}
+
+impl PerChannel<'_> {
+    /// Normalizes a [C, h, w] latent in place; with `center` false (a std) it only scales.
+    pub fn normalize(&self, values: &mut [f32], center: bool) {
+        let plane = values.len() / self.mean.len();
+        for (c, chunk) in values.chunks_exact_mut(plane).enumerate() {
+            let (mean, inv) = (if center { self.mean[c] } else { 0.0 }, 1.0 / self.std[c]);
+            chunk.iter_mut().for_each(|v| *v = (*v - mean) * inv);
+        }
+    }
+
+    /// Undoes [`PerChannel::normalize`] on any number of [C, h, w] latents laid end to end.
+    pub fn denormalize(&self, values: &mut [f32], plane: usize) {
+        let c = self.mean.len();
+        for (i, chunk) in values.chunks_exact_mut(plane).enumerate() {
+            let (mean, std) = (self.mean[i % c], self.std[i % c]);
+            chunk.iter_mut().for_each(|v| *v = *v * std + mean);
         }
     }
 }

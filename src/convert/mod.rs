@@ -193,6 +193,13 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
     let identity = &set.info.identity;
     let meta = &set.info.metadata;
     let batch_norm = identity.model.batch_norm.is_some();
+    if identity.model.latents_mean.is_some() {
+        bail!(
+            "the shards were normalized per channel (`latents_mean`/`latents_std`, a Qwen-Image or \
+             Wan card: {}); no trainer cache this converter writes holds those latents",
+            meta.normalization
+        );
+    }
     let arch = match args.arch {
         Some(a) => a,
         None => Arch::of_model(&meta.model, batch_norm).with_context(|| {

@@ -9,21 +9,39 @@ use anyhow::{bail, Context, Result};
 use prost::Message;
 
 use super::checkpoint::Naming;
-use super::family::{Family, VaeConfig};
+use super::family::Family;
 use super::graph::ExportDType;
 use super::onnx_pb::{tensor_shape_proto::dimension, type_proto, ModelProto, ValueInfoProto};
+use crate::model::EncoderOutput;
 use crate::runtime;
 
 /// What the exported card describes.
 pub struct Exported<'a> {
     pub name: &'a str,
-    pub config: &'a VaeConfig,
+    /// The config's `_class_name`.
+    pub class_name: &'a str,
     pub family: Option<Family>,
     pub dtype: ExportDType,
     pub source: &'a Path,
     pub naming: Naming,
-    /// FLUX.2: `bn.running_mean` and `bn.running_var`.
-    pub batch_norm: Option<(&'a [f32], &'a [f32])>,
+    pub latent_channels: usize,
+    pub spatial_factor: u32,
+    pub output: EncoderOutput,
+    pub normalization: Normalization<'a>,
+}
+
+/// How the family's pipelines normalize the latent, as the card states it.
+pub enum Normalization<'a> {
+    /// `(z − shift) · scale`.
+    ScaleShift { scaling: f32, shift: f32 },
+    /// FLUX.2: 2×2 patchify, then the checkpoint's `bn.running_mean` / `bn.running_var`.
+    BatchNorm {
+        mean: &'a [f32],
+        var: &'a [f32],
+        eps: f32,
+    },
+    /// Qwen-Image / Wan: `(z − latents_mean[c]) / latents_std[c]`, from the config.
+    PerChannel { mean: &'a [f32], std: &'a [f32] },
 }
 
 fn quoted(s: &str) -> String {
@@ -38,12 +56,11 @@ fn list(values: &[f32]) -> String {
 /// The card for an export: relative paths to `encoder.onnx` and `decoder.onnx`, the config's
 /// channels and spatial factor, and the family's normalization.
 pub fn exported(e: &Exported) -> String {
-    let c = e.config;
     let mut s = String::new();
     let what = format!(
         "{}, {} latent channels{}",
-        c.class_name,
-        c.latent_channels,
+        e.class_name,
+        e.latent_channels,
         e.family
             .map(|f| format!(" ({} family)", f.name()))
             .unwrap_or_default()
@@ -58,34 +75,55 @@ pub fn exported(e: &Exported) -> String {
         e.source.display(),
         e.naming
     );
-    let (scaling, shift) = if e.batch_norm.is_some() {
-        let _ = writeln!(
-            s,
-            "# Normalization: 2x2 patchify, then (z - running_mean) / sqrt(running_var + eps) per channel;\n\
-             # stored latents are [{}, H/{f}, W/{f}].",
-            4 * c.latent_channels,
-            f = 2 * c.spatial_factor()
-        );
-        (1.0, 0.0)
-    } else {
-        let shift = c.shift_factor.unwrap_or(0.0);
-        let _ = writeln!(
-            s,
-            "# Normalization: (z - {shift:?}) * {:?}; stored latents are [{}, H/{f}, W/{f}].",
-            c.scaling_factor,
-            c.latent_channels,
-            f = c.spatial_factor()
-        );
-        (c.scaling_factor, shift)
+    let (c, f) = (e.latent_channels, e.spatial_factor);
+    let (scaling, shift) = match e.normalization {
+        Normalization::BatchNorm { .. } => {
+            let _ = writeln!(
+                s,
+                "# Normalization: 2x2 patchify, then (z - running_mean) / sqrt(running_var + eps) per channel;\n\
+                 # stored latents are [{}, H/{}, W/{}].",
+                4 * c,
+                2 * f,
+                2 * f
+            );
+            (1.0, 0.0)
+        }
+        Normalization::PerChannel { .. } => {
+            let _ = writeln!(
+                s,
+                "# Normalization: (z - latents_mean[c]) / latents_std[c] per channel; stored latents are \
+                 [{c}, H/{f}, W/{f}]."
+            );
+            (1.0, 0.0)
+        }
+        Normalization::ScaleShift { scaling, shift } => {
+            let _ = writeln!(
+                s,
+                "# Normalization: (z - {shift:?}) * {scaling:?}; stored latents are [{c}, H/{f}, W/{f}]."
+            );
+            (scaling, shift)
+        }
+    };
+    let output = match e.output {
+        EncoderOutput::Moments => "moments",
+        EncoderOutput::Latent => "latent",
     };
     let _ = writeln!(s, "name = {}", quoted(e.name));
     s.push_str("encoder = \"encoder.onnx\"\ndecoder = \"decoder.onnx\"\n");
-    s.push_str("input_range = [-1.0, 1.0]\noutput = \"moments\"\n");
-    let _ = writeln!(s, "latent_channels = {}", c.latent_channels);
-    let _ = writeln!(s, "spatial_factor = {}", c.spatial_factor());
+    let _ = writeln!(s, "input_range = [-1.0, 1.0]\noutput = \"{output}\"");
+    let _ = writeln!(s, "latent_channels = {c}");
+    let _ = writeln!(s, "spatial_factor = {f}");
     let _ = writeln!(s, "scaling_factor = {scaling:?}");
     let _ = writeln!(s, "shift_factor = {shift:?}");
-    s.push_str("input_name = \"image\"\noutput_name = \"moments\"\n");
+    if let Normalization::PerChannel { mean, std } = e.normalization {
+        let _ = writeln!(
+            s,
+            "latents_mean = {}\nlatents_std = {}",
+            list(mean),
+            list(std)
+        );
+    }
+    let _ = writeln!(s, "input_name = \"image\"\noutput_name = \"{output}\"");
     let _ = writeln!(
         s,
         "source = {}",
@@ -94,12 +132,11 @@ pub fn exported(e: &Exported) -> String {
             e.source.display()
         ))
     );
-    if let Some((mean, var)) = e.batch_norm {
+    if let Normalization::BatchNorm { mean, var, eps } = e.normalization {
         let _ = writeln!(
             s,
             "\n# bn.running_mean / bn.running_var of the checkpoint, channel 4c + 2dy + dx.\n\
-             [batch_norm]\npatch_size = 2\neps = {:?}\nrunning_mean = {}\nrunning_var = {}",
-            c.batch_norm_eps,
+             [batch_norm]\npatch_size = 2\neps = {eps:?}\nrunning_mean = {}\nrunning_var = {}",
             list(mean),
             list(var)
         );

@@ -18,6 +18,21 @@ pub enum Naming {
     /// The original latent-diffusion / single-file naming (`encoder.down.0.block.0.norm1.weight`),
     /// as in `sdxl_vae.safetensors`, `vae-ft-mse-840000-ema-pruned.safetensors` and BFL's `ae`.
     Original,
+    /// The original Wan 2.1 naming (`encoder.downsamples.0.residual.0.gamma`), as in
+    /// `Wan2.1_VAE.pth` and ComfyUI's `wan_2.1_vae.safetensors` / `qwen_image_vae.safetensors`.
+    WanOriginal,
+}
+
+/// What the original namings need to know of the architecture to number blocks as diffusers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// AutoencoderKL: its decoder up blocks, which the original naming numbers in reverse.
+    Kl { up_blocks: usize },
+    /// Wan 2.1 / Qwen-Image: entries per decoder block in the flat `decoder.upsamples.N` list
+    /// (its resnets, then its upsampler).
+    Wan { decoder_group: usize },
+    /// Families read in diffusers naming only.
+    DiffusersOnly,
 }
 
 impl std::fmt::Display for Naming {
@@ -25,6 +40,7 @@ impl std::fmt::Display for Naming {
         f.write_str(match self {
             Naming::Diffusers => "diffusers naming",
             Naming::Original => "original latent-diffusion naming",
+            Naming::WanOriginal => "original Wan naming",
         })
     }
 }
@@ -60,10 +76,9 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Reads `path` (a `.safetensors` file) and renames its tensors to diffusers names.
-    /// `up_blocks` is the number of decoder up blocks, which the original naming numbers in
-    /// reverse.
-    pub fn load(path: &Path, up_blocks: usize) -> Result<Self> {
+    /// Reads `path` (a `.safetensors` file) and renames its tensors to diffusers names;
+    /// `layout` says how the original namings number the blocks.
+    pub fn load(path: &Path, layout: Layout) -> Result<Self> {
         let is_pickle = path
             .extension()
             .and_then(|e| e.to_str())
@@ -88,13 +103,13 @@ impl Weights {
         for (name, view) in file.iter() {
             raw.insert(name.to_string(), to_f32(name, &view, path)?);
         }
-        Self::from_tensors(path, raw, up_blocks)
+        Self::from_tensors(path, raw, layout)
     }
 
     fn from_tensors(
         path: &Path,
         mut raw: BTreeMap<String, Tensor>,
-        up_blocks: usize,
+        layout: Layout,
     ) -> Result<Self> {
         // A whole Stable Diffusion checkpoint: its VAE is `first_stage_model.*`.
         const FULL_SD: &str = "first_stage_model.";
@@ -112,13 +127,24 @@ impl Weights {
                 path.display()
             )
         })?;
+        let rename = |name: &str| match (naming, layout) {
+            (Naming::Diffusers, _) => Ok(legacy_attention(name)),
+            (Naming::Original, Layout::Kl { up_blocks }) => {
+                Ok(original_to_diffusers(name, up_blocks))
+            }
+            (Naming::WanOriginal, Layout::Wan { decoder_group }) => {
+                Ok(wan_original_to_diffusers(name, decoder_group))
+            }
+            _ => Err(anyhow::anyhow!(
+                "{}: the checkpoint is in {naming}, which this config's architecture does not \
+                 come in; export its diffusers folder",
+                path.display()
+            )),
+        };
         let mut tensors = BTreeMap::new();
         let mut original = BTreeMap::new();
         for (name, mut tensor) in raw {
-            let renamed = match naming {
-                Naming::Diffusers => legacy_attention(&name),
-                Naming::Original => original_to_diffusers(&name, up_blocks),
-            };
+            let renamed = rename(&name)?;
             if renamed.contains(".attentions.0.to_") && tensor.shape.len() == 4 {
                 // 1×1 conv [C, C, 1, 1] in the original naming; a linear [C, C] in diffusers.
                 tensor.shape.truncate(2);
@@ -232,6 +258,17 @@ fn detect<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Result<Naming> {
         "decoder.mid.",
     ]);
     let diffusers = any(&[".down_blocks.", ".mid_block.", ".up_blocks."]);
+    let wan = any(&[
+        "encoder.downsamples.",
+        "decoder.upsamples.",
+        "encoder.middle.",
+    ]);
+    if wan {
+        if original || diffusers {
+            bail!("it mixes original Wan (`encoder.downsamples.N`) names with other namings");
+        }
+        return Ok(Naming::WanOriginal);
+    }
     match (original, diffusers) {
         (true, false) => Ok(Naming::Original),
         (false, true) => Ok(Naming::Diffusers),
@@ -261,6 +298,85 @@ fn legacy_attention(name: &str) -> String {
         }
     }
     name.to_string()
+}
+
+/// The original Wan 2.1 → diffusers rename, the table of diffusers'
+/// `scripts/convert_wan_to_diffusers.py` (`convert_vae`) for any block count:
+///
+/// | original | diffusers |
+/// |---|---|
+/// | `conv1.*`, `conv2.*` | `quant_conv.*`, `post_quant_conv.*` |
+/// | `{encoder,decoder}.conv1.*` | `….conv_in.*` |
+/// | `{encoder,decoder}.head.0.gamma`, `….head.2.*` | `….norm_out.gamma`, `….conv_out.*` |
+/// | `….middle.0.*`, `….middle.2.*` | `….mid_block.resnets.0.*`, `….mid_block.resnets.1.*` |
+/// | `….middle.1.*` | `….mid_block.attentions.0.*` |
+/// | `encoder.downsamples.K.*` | `encoder.down_blocks.K.*` |
+/// | `decoder.upsamples.K.*` (G entries per block) | `decoder.up_blocks.(K/G).resnets.(K%G).*`, the last of each block `….upsamplers.0.*` |
+/// | in resnets: `residual.{0,2,3,6}.*`, `shortcut.*` | `norm1`, `conv1`, `norm2`, `conv2`, `conv_shortcut` |
+pub fn wan_original_to_diffusers(name: &str, decoder_group: usize) -> String {
+    const PREFIXES: [(&str, &str); 8] = [
+        ("conv1.", "quant_conv."),
+        ("conv2.", "post_quant_conv."),
+        ("encoder.conv1.", "encoder.conv_in."),
+        ("decoder.conv1.", "decoder.conv_in."),
+        ("encoder.head.0.", "encoder.norm_out."),
+        ("encoder.head.2.", "encoder.conv_out."),
+        ("decoder.head.0.", "decoder.norm_out."),
+        ("decoder.head.2.", "decoder.conv_out."),
+    ];
+    for (old, new) in PREFIXES {
+        if let Some(rest) = name.strip_prefix(old) {
+            return format!("{new}{rest}");
+        }
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    match parts.as_slice() {
+        [side, "middle", i, rest @ ..] => {
+            let rest = rest.join(".");
+            match *i {
+                "0" => format!("{side}.mid_block.resnets.0.{}", wan_residual(&rest)),
+                "1" => format!("{side}.mid_block.attentions.0.{rest}"),
+                "2" => format!("{side}.mid_block.resnets.1.{}", wan_residual(&rest)),
+                _ => name.to_string(),
+            }
+        }
+        ["encoder", "downsamples", k, rest @ ..] => {
+            format!("encoder.down_blocks.{k}.{}", wan_residual(&rest.join(".")))
+        }
+        ["decoder", "upsamples", k, rest @ ..] if decoder_group > 0 => {
+            let Ok(k) = k.parse::<usize>() else {
+                return name.to_string();
+            };
+            let (block, entry) = (k / decoder_group, k % decoder_group);
+            let rest = rest.join(".");
+            if entry + 1 < decoder_group {
+                format!(
+                    "decoder.up_blocks.{block}.resnets.{entry}.{}",
+                    wan_residual(&rest)
+                )
+            } else {
+                format!("decoder.up_blocks.{block}.upsamplers.0.{rest}")
+            }
+        }
+        _ => name.to_string(),
+    }
+}
+
+/// A Wan resnet's `nn.Sequential` indices → diffusers' names.
+fn wan_residual(rest: &str) -> String {
+    const RENAMES: [(&str, &str); 5] = [
+        ("residual.0.", "norm1."),
+        ("residual.2.", "conv1."),
+        ("residual.3.", "norm2."),
+        ("residual.6.", "conv2."),
+        ("shortcut.", "conv_shortcut."),
+    ];
+    for (old, new) in RENAMES {
+        if let Some(tail) = rest.strip_prefix(old) {
+            return format!("{new}{tail}");
+        }
+    }
+    rest.to_string()
 }
 
 /// The original → diffusers rename, the same table as diffusers' `convert_ldm_vae_checkpoint`
@@ -406,5 +522,63 @@ mod tests {
         let diffusers = ["encoder.down_blocks.0.resnets.0.conv1.weight"];
         assert_eq!(detect(diffusers.into_iter()).unwrap(), Naming::Diffusers);
         assert!(detect(["model.diffusion_model.x"].into_iter()).is_err());
+        let wan = ["encoder.downsamples.0.residual.0.gamma", "conv1.weight"];
+        assert_eq!(detect(wan.into_iter()).unwrap(), Naming::WanOriginal);
+    }
+
+    #[test]
+    fn wan_names_map_like_diffusers_converter() {
+        // Entries of `convert_vae` in diffusers' scripts/convert_wan_to_diffusers.py (2 resnets
+        // per encoder block, 3 + an upsampler per decoder block: group 4).
+        let cases = [
+            ("conv1.weight", "quant_conv.weight"),
+            ("conv2.bias", "post_quant_conv.bias"),
+            ("encoder.conv1.weight", "encoder.conv_in.weight"),
+            ("decoder.head.0.gamma", "decoder.norm_out.gamma"),
+            ("encoder.head.2.bias", "encoder.conv_out.bias"),
+            (
+                "encoder.middle.2.residual.6.weight",
+                "encoder.mid_block.resnets.1.conv2.weight",
+            ),
+            (
+                "decoder.middle.1.to_qkv.weight",
+                "decoder.mid_block.attentions.0.to_qkv.weight",
+            ),
+            (
+                "encoder.downsamples.3.residual.3.gamma",
+                "encoder.down_blocks.3.norm2.gamma",
+            ),
+            (
+                "encoder.downsamples.5.time_conv.bias",
+                "encoder.down_blocks.5.time_conv.bias",
+            ),
+            (
+                "decoder.upsamples.5.residual.2.bias",
+                "decoder.up_blocks.1.resnets.1.conv1.bias",
+            ),
+            (
+                "decoder.upsamples.4.shortcut.weight",
+                "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
+            (
+                "decoder.upsamples.7.resample.1.weight",
+                "decoder.up_blocks.1.upsamplers.0.resample.1.weight",
+            ),
+            (
+                "decoder.upsamples.3.time_conv.weight",
+                "decoder.up_blocks.0.upsamplers.0.time_conv.weight",
+            ),
+            (
+                "decoder.upsamples.14.residual.0.gamma",
+                "decoder.up_blocks.3.resnets.2.norm1.gamma",
+            ),
+        ];
+        for (original, diffusers) in cases {
+            assert_eq!(
+                wan_original_to_diffusers(original, 4),
+                diffusers,
+                "{original}"
+            );
+        }
     }
 }

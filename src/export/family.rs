@@ -6,6 +6,10 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use super::dcae::DcConfig;
+use super::hunyuan::HunyuanConfig;
+use super::wan::WanConfig;
+
 /// The VAE families whose latent normalization is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Family {
@@ -21,6 +25,11 @@ pub enum Family {
     Flux1,
     /// FLUX.2 (`AutoencoderKLFlux2`): 32 channels, 2×2 patchify and batch-norm statistics.
     Flux2,
+    /// Qwen-Image (`AutoencoderKLQwenImage`): 16 channels, per-channel statistics.
+    QwenImage,
+    /// Wan 2.1 (`AutoencoderKLWan`): the Qwen-Image architecture and statistics.
+    #[value(name = "wan2.1")]
+    Wan21,
 }
 
 impl Family {
@@ -32,11 +41,19 @@ impl Family {
             Family::Sd3 => "sd3",
             Family::Flux1 => "flux1",
             Family::Flux2 => "flux2",
+            Family::QwenImage => "qwen-image",
+            Family::Wan21 => "wan2.1",
         }
     }
 
-    /// The family's published config (the `vae/config.json` of its reference repository).
-    pub fn defaults(self) -> VaeConfig {
+    /// Whether the family is a Wan / Qwen-Image VAE rather than an AutoencoderKL.
+    pub fn is_wan(self) -> bool {
+        matches!(self, Family::QwenImage | Family::Wan21)
+    }
+
+    /// The family's published config (the `vae/config.json` of its reference repository), for
+    /// a single file that carries none.
+    pub fn architecture(self) -> Architecture {
         let kl = |latent_channels, quant, scaling_factor, shift_factor, force_upcast| VaeConfig {
             class_name: "AutoencoderKL".into(),
             in_channels: 3,
@@ -57,7 +74,7 @@ impl Family {
             batch_norm_eps: 1e-4,
             patch_size: vec![2, 2],
         };
-        match self {
+        Architecture::Kl(match self {
             Family::Sd15 | Family::Sd2 => kl(4, true, 0.18215, None, true),
             Family::Sdxl => kl(4, true, 0.13025, None, true),
             Family::Sd3 => kl(16, false, 1.5305, Some(0.0609), true),
@@ -66,7 +83,11 @@ impl Family {
                 class_name: "AutoencoderKLFlux2".into(),
                 ..kl(32, true, 1.0, None, true)
             },
-        }
+            Family::QwenImage => {
+                return Architecture::Wan(WanConfig::published("AutoencoderKLQwenImage"))
+            }
+            Family::Wan21 => return Architecture::Wan(WanConfig::published("AutoencoderKLWan")),
+        })
     }
 
     /// The family a config most likely belongs to, from its class, channels and normalization.
@@ -152,18 +173,51 @@ fn two_by_two() -> Vec<usize> {
     vec![2, 2]
 }
 
-impl VaeConfig {
+/// A diffusers VAE config, by the architecture its `_class_name` names.
+pub enum Architecture {
+    /// `AutoencoderKL`, `AutoencoderKLFlux2`.
+    Kl(VaeConfig),
+    /// `AutoencoderKLWan` (Wan 2.1, Wan 2.2), `AutoencoderKLQwenImage`.
+    Wan(WanConfig),
+    /// `AutoencoderDC` (Sana's DC-AE and its `-in` / `-mix` variants).
+    Dc(DcConfig),
+    /// `AutoencoderKLHunyuanImage` (HunyuanImage 2.1).
+    Hunyuan(HunyuanConfig),
+}
+
+/// The one field that picks the architecture.
+#[derive(Deserialize)]
+struct ClassName {
+    #[serde(rename = "_class_name", default = "autoencoder_kl")]
+    class_name: String,
+}
+
+impl Architecture {
+    /// Reads a diffusers `config.json` and parses it as its `_class_name` says.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read VAE config {}", path.display()))?;
-        let config: VaeConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a diffusers VAE config.json", path.display()))?;
-        config
-            .check()
-            .with_context(|| format!("VAE config {}", path.display()))?;
-        Ok(config)
+        let not_config = || format!("{} is not a diffusers VAE config.json", path.display());
+        let class: ClassName = serde_json::from_str(&text).with_context(not_config)?;
+        let at = || format!("VAE config {}", path.display());
+        match class.class_name.as_str() {
+            "AutoencoderKLWan" | "AutoencoderKLQwenImage" => {
+                Ok(Architecture::Wan(WanConfig::parse(&text).with_context(at)?))
+            }
+            "AutoencoderDC" => Ok(Architecture::Dc(DcConfig::parse(&text).with_context(at)?)),
+            "AutoencoderKLHunyuanImage" => Ok(Architecture::Hunyuan(
+                HunyuanConfig::parse(&text).with_context(at)?,
+            )),
+            _ => {
+                let config: VaeConfig = serde_json::from_str(&text).with_context(not_config)?;
+                config.check().with_context(at)?;
+                Ok(Architecture::Kl(config))
+            }
+        }
     }
+}
 
+impl VaeConfig {
     pub fn is_flux2(&self) -> bool {
         self.class_name == "AutoencoderKLFlux2"
     }
@@ -180,7 +234,9 @@ impl VaeConfig {
             "AutoencoderKL" | "AutoencoderKLFlux2"
         ) {
             bail!(
-                "_class_name {:?}: export builds AutoencoderKL and AutoencoderKLFlux2",
+                "_class_name {:?}: export builds AutoencoderKL, AutoencoderKLFlux2, \
+                 AutoencoderKLWan, AutoencoderKLQwenImage, AutoencoderDC and \
+                 AutoencoderKLHunyuanImage",
                 self.class_name
             );
         }

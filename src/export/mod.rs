@@ -3,16 +3,22 @@
 //! `--inspect` drafts a card for an ONNX encoder someone else exported.
 //!
 //! [`checkpoint`] reads and renames tensors, [`family`] holds configs and normalizations,
-//! [`vae`] builds the graphs on [`graph`], [`card`] writes and drafts cards. [`onnx_pb`] is the
+//! [`vae`] (AutoencoderKL), [`wan`] (Wan / Qwen-Image), [`dcae`] (DC-AE) and [`hunyuan`]
+//! (HunyuanImage 2.1) build the graphs on
+//! [`graph`] (with [`ops`]' layout helpers), [`card`] writes and drafts cards. [`onnx_pb`] is the
 //! ONNX protobuf schema as Rust types.
 
 pub mod card;
 pub mod checkpoint;
+pub mod dcae;
 pub mod family;
 pub mod graph;
+pub mod hunyuan;
 #[allow(clippy::all, missing_docs)]
 pub mod onnx_pb;
+mod ops;
 pub mod vae;
+pub mod wan;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,9 +26,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use checkpoint::Weights;
-use family::{Family, VaeConfig};
+use checkpoint::{Layout, Naming, Weights};
+use dcae::DcConfig;
+use family::{Architecture, Family, VaeConfig};
 use graph::ExportDType;
+use hunyuan::HunyuanConfig;
+use onnx_pb::ModelProto;
+use wan::WanConfig;
+
+use crate::model::EncoderOutput;
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -103,12 +115,12 @@ pub fn run(args: &ExportArgs) -> Result<Option<ExportSummary>> {
 fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary> {
     let start = Instant::now();
     let (weights_path, folder_config) = locate(source)?;
-    let config = match (
+    let architecture = match (
         args.config.as_deref().or(folder_config.as_deref()),
         args.family,
     ) {
-        (Some(path), _) => VaeConfig::load(path)?,
-        (None, Some(family)) => family.defaults(),
+        (Some(path), _) => Architecture::load(path)?,
+        (None, Some(family)) => family.architecture(),
         (None, None) => bail!(
             "{} is a single file and carries no config: pass --config (the VAE's diffusers \
              config.json) or --family ({})",
@@ -116,9 +128,118 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
             family_names()
         ),
     };
-    let family = args.family.or_else(|| Family::guess(&config));
+    let built = match &architecture {
+        Architecture::Kl(config) => build_kl(config, &weights_path, args)?,
+        Architecture::Wan(config) => build_wan(config, &weights_path, args)?,
+        Architecture::Dc(config) => build_dc(config, &weights_path, args)?,
+        Architecture::Hunyuan(config) => build_hunyuan(config, &weights_path, args)?,
+    };
+
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create --out {}", out.display()))?;
+    let encoder_path = out.join("encoder.onnx");
+    let decoder_path = out.join("decoder.onnx");
+    write_atomic(&encoder_path, &graph::encode(&built.encoder))?;
+    write_atomic(&decoder_path, &graph::encode(&built.decoder))?;
+    let name = args.name.clone().unwrap_or_else(|| match args.family {
+        Some(f) => f.name().to_string(),
+        None => out
+            .file_name()
+            .map_or("vae".into(), |n| n.to_string_lossy().into_owned()),
+    });
+    let card_path = out.join("card.toml");
+    let (class_name, latent_channels, spatial_factor, output, normalization) = match &architecture {
+        Architecture::Kl(c) => (
+            c.class_name.as_str(),
+            c.latent_channels,
+            c.spatial_factor(),
+            EncoderOutput::Moments,
+            match &built.batch_norm {
+                Some((mean, var)) => card::Normalization::BatchNorm {
+                    mean,
+                    var,
+                    eps: c.batch_norm_eps,
+                },
+                None => card::Normalization::ScaleShift {
+                    scaling: c.scaling_factor,
+                    shift: c.shift_factor.unwrap_or(0.0),
+                },
+            },
+        ),
+        Architecture::Wan(c) => (
+            c.class_name.as_str(),
+            c.z_dim,
+            c.spatial_factor(),
+            EncoderOutput::Moments,
+            card::Normalization::PerChannel {
+                mean: &c.latents_mean,
+                std: &c.latents_std,
+            },
+        ),
+        Architecture::Dc(c) => (
+            c.class_name.as_str(),
+            c.latent_channels,
+            c.spatial_factor(),
+            EncoderOutput::Latent,
+            card::Normalization::ScaleShift {
+                scaling: c.scaling_factor,
+                shift: 0.0,
+            },
+        ),
+        Architecture::Hunyuan(c) => (
+            c.class_name.as_str(),
+            c.latent_channels,
+            c.spatial_factor(),
+            EncoderOutput::Moments,
+            card::Normalization::ScaleShift {
+                scaling: c.scaling_factor,
+                shift: 0.0,
+            },
+        ),
+    };
+    let text = card::exported(&card::Exported {
+        name: &name,
+        class_name,
+        family: built.family,
+        dtype: args.dtype,
+        source: &weights_path,
+        naming: built.naming,
+        latent_channels,
+        spatial_factor,
+        output,
+        normalization,
+    });
+    write_atomic(&card_path, text.as_bytes())?;
+    Ok(ExportSummary {
+        checkpoint: weights_path,
+        naming: built.naming,
+        family: built.family,
+        encoder: encoder_path,
+        decoder: decoder_path,
+        card: card_path,
+        encoder_parameters: vae::parameters(&built.encoder),
+        decoder_parameters: vae::parameters(&built.decoder),
+        seconds: start.elapsed().as_secs_f64(),
+        warnings: built.warnings,
+    })
+}
+
+/// Both graphs of one checkpoint, and what the card and summary need from the build.
+struct Built {
+    encoder: ModelProto,
+    decoder: ModelProto,
+    naming: checkpoint::Naming,
+    family: Option<Family>,
+    /// FLUX.2: `bn.running_mean` and `bn.running_var`.
+    batch_norm: Option<(Vec<f32>, Vec<f32>)>,
+    warnings: Vec<String>,
+}
+
+/// `AutoencoderKL` and `AutoencoderKLFlux2`.
+fn build_kl(config: &VaeConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
+    let family = args.family.or_else(|| Family::guess(config));
     if let Some(f) = args.family {
-        if (f == Family::Flux2) != config.is_flux2() {
+        if f.is_wan() || (f == Family::Flux2) != config.is_flux2() {
             bail!(
                 "--family {} does not match the config's _class_name {}",
                 f.name(),
@@ -141,9 +262,12 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
         });
     }
 
-    let mut weights = Weights::load(&weights_path, config.block_out_channels.len())?;
-    let encoder = vae::encoder(&config, &mut weights, args.dtype)?;
-    let decoder = vae::decoder(&config, &mut weights, args.dtype)?;
+    let layout = Layout::Kl {
+        up_blocks: config.block_out_channels.len(),
+    };
+    let mut weights = Weights::load(weights_path, layout)?;
+    let encoder = vae::encoder(config, &mut weights, args.dtype)?;
+    let decoder = vae::decoder(config, &mut weights, args.dtype)?;
     let batch_norm = if config.is_flux2() {
         let channels = config.latent_channels * 4;
         let mean = weights.take("bn.running_mean", &[channels])?;
@@ -155,43 +279,91 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
     };
     let naming = weights.naming;
     weights.finish()?;
-
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create --out {}", out.display()))?;
-    let encoder_path = out.join("encoder.onnx");
-    let decoder_path = out.join("decoder.onnx");
-    write_atomic(&encoder_path, &graph::encode(&encoder))?;
-    write_atomic(&decoder_path, &graph::encode(&decoder))?;
-    let name = args.name.clone().unwrap_or_else(|| match args.family {
-        Some(f) => f.name().to_string(),
-        None => out
-            .file_name()
-            .map_or("vae".into(), |n| n.to_string_lossy().into_owned()),
-    });
-    let card_path = out.join("card.toml");
-    let text = card::exported(&card::Exported {
-        name: &name,
-        config: &config,
-        family,
-        dtype: args.dtype,
-        source: &weights_path,
-        naming,
-        batch_norm: batch_norm
-            .as_ref()
-            .map(|(m, v)| (m.as_slice(), v.as_slice())),
-    });
-    write_atomic(&card_path, text.as_bytes())?;
-    Ok(ExportSummary {
-        checkpoint: weights_path,
+    Ok(Built {
+        encoder,
+        decoder,
         naming,
         family,
-        encoder: encoder_path,
-        decoder: decoder_path,
-        card: card_path,
-        encoder_parameters: vae::parameters(&encoder),
-        decoder_parameters: vae::parameters(&decoder),
-        seconds: start.elapsed().as_secs_f64(),
+        batch_norm,
         warnings,
+    })
+}
+
+/// `--family` names AutoencoderKL and Wan families only.
+fn no_family(args: &ExportArgs, class_name: &str) -> Result<()> {
+    match args.family {
+        Some(f) => bail!(
+            "--family {} does not match the config's _class_name {class_name}",
+            f.name()
+        ),
+        None => Ok(()),
+    }
+}
+
+/// `AutoencoderKLWan` (Wan 2.1, Wan 2.2) and `AutoencoderKLQwenImage`.
+fn build_wan(config: &WanConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
+    if args.family.is_some_and(|f| !f.is_wan()) {
+        no_family(args, &config.class_name)?;
+    }
+    let layout = Layout::Wan {
+        decoder_group: config.num_res_blocks + 2,
+    };
+    let mut weights = Weights::load(weights_path, layout)?;
+    if weights.naming == Naming::WanOriginal && config.is_residual {
+        bail!(
+            "{}: export reads Wan 2.2 checkpoints in diffusers naming only; convert the original \
+             file with diffusers' scripts/convert_wan_to_diffusers.py (convert_vae_22), or export \
+             the vae/ folder of Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            weights_path.display()
+        );
+    }
+    let encoder = wan::encoder(config, &mut weights, args.dtype)?;
+    let decoder = wan::decoder(config, &mut weights, args.dtype)?;
+    let naming = weights.naming;
+    weights.finish()?;
+    Ok(Built {
+        encoder,
+        decoder,
+        naming,
+        family: args.family,
+        batch_norm: None,
+        warnings: Vec::new(),
+    })
+}
+
+/// `AutoencoderDC`.
+fn build_dc(config: &DcConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
+    no_family(args, &config.class_name)?;
+    let mut weights = Weights::load(weights_path, Layout::DiffusersOnly)?;
+    let encoder = dcae::encoder(config, &mut weights, args.dtype)?;
+    let decoder = dcae::decoder(config, &mut weights, args.dtype)?;
+    let naming = weights.naming;
+    weights.finish()?;
+    Ok(Built {
+        encoder,
+        decoder,
+        naming,
+        family: None,
+        batch_norm: None,
+        warnings: Vec::new(),
+    })
+}
+
+/// `AutoencoderKLHunyuanImage`.
+fn build_hunyuan(config: &HunyuanConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
+    no_family(args, &config.class_name)?;
+    let mut weights = Weights::load(weights_path, Layout::DiffusersOnly)?;
+    let encoder = hunyuan::encoder(config, &mut weights, args.dtype)?;
+    let decoder = hunyuan::decoder(config, &mut weights, args.dtype)?;
+    let naming = weights.naming;
+    weights.finish()?;
+    Ok(Built {
+        encoder,
+        decoder,
+        naming,
+        family: None,
+        batch_norm: None,
+        warnings: Vec::new(),
     })
 }
 

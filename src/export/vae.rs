@@ -14,7 +14,7 @@ use super::onnx_pb::ModelProto;
 const NORM_EPS: f32 = 1e-6;
 
 /// Image dims: dynamic batch, height and width, as the pipeline feeds any bucket size.
-fn image_dims(channels: usize) -> [Dim; 4] {
+pub(super) fn image_dims(channels: usize) -> [Dim; 4] {
     [
         Dim::Named("batch"),
         Dim::Fixed(channels),
@@ -23,7 +23,7 @@ fn image_dims(channels: usize) -> [Dim; 4] {
     ]
 }
 
-fn latent_dims(channels: usize) -> [Dim; 4] {
+pub(super) fn latent_dims(channels: usize) -> [Dim; 4] {
     [
         Dim::Named("batch"),
         Dim::Fixed(channels),
@@ -33,14 +33,15 @@ fn latent_dims(channels: usize) -> [Dim; 4] {
 }
 
 /// Builds one graph from the checkpoint's weights.
-struct Builder<'a> {
-    g: Graph,
-    w: &'a mut Weights,
-    groups: usize,
+pub(super) struct Builder<'a> {
+    pub(super) g: Graph,
+    pub(super) w: &'a mut Weights,
+    /// GroupNorm groups (`norm_num_groups`); unused by families without group norms.
+    pub(super) groups: usize,
 }
 
 impl Builder<'_> {
-    fn conv(
+    pub(super) fn conv(
         &mut self,
         prefix: &str,
         x: &str,
@@ -67,12 +68,18 @@ impl Builder<'_> {
     }
 
     /// 3×3, stride 1, padding 1: every conv of the VAE but the downsamplers and 1×1s.
-    fn conv3(&mut self, prefix: &str, x: &str, cin: usize, cout: usize) -> Result<String> {
+    pub(super) fn conv3(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        cin: usize,
+        cout: usize,
+    ) -> Result<String> {
         self.conv(prefix, x, (cin, cout), 3, 1, [1, 1, 1, 1])
     }
 
     /// Takes a checkpoint tensor of `shape` and stores it with `stored_shape` (same values).
-    fn param(
+    pub(super) fn param(
         &mut self,
         name: &str,
         shape: &[usize],
@@ -86,7 +93,7 @@ impl Builder<'_> {
     /// Reshape to [N, groups, -1], InstanceNormalization, Reshape back, per-channel affine. In
     /// fp16 graphs the statistics are computed in f32: the sum of squares of a VAE activation
     /// overflows fp16 long before the activation does.
-    fn group_norm(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
+    pub(super) fn group_norm(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
         let f16 = self.g.dtype() == ExportDType::F16;
         let shape = self.g.node("Shape", &[x], vec![]);
         let input = if f16 {
@@ -118,14 +125,20 @@ impl Builder<'_> {
     }
 
     /// SiLU = x · sigmoid(x) (opset 17 has no SiLU op).
-    fn silu(&mut self, x: &str) -> String {
+    pub(super) fn silu(&mut self, x: &str) -> String {
         let s = self.g.node("Sigmoid", &[x], vec![]);
         self.g.node("Mul", &[x, &s], vec![])
     }
 
     /// `ResnetBlock2D` without time embedding: norm1 → SiLU → conv1 → norm2 → SiLU → conv2,
     /// plus the input (through a 1×1 `conv_shortcut` when the channels change).
-    fn resnet(&mut self, prefix: &str, x: &str, cin: usize, cout: usize) -> Result<String> {
+    pub(super) fn resnet(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        cin: usize,
+        cout: usize,
+    ) -> Result<String> {
         let h = self.group_norm(&format!("{prefix}.norm1"), x, cin)?;
         let h = self.silu(&h);
         let h = self.conv3(&format!("{prefix}.conv1"), &h, cin, cout)?;

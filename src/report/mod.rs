@@ -31,7 +31,7 @@ use self::args::{Origin, Plan};
 use self::gallery::Gallery;
 use self::lpips::Lpips;
 use self::metrics::{psnr, ssim, LatentStats};
-use self::reconstruct::{raw_latents, Decoder};
+use self::reconstruct::{Decoder, Stored};
 use crate::batch::{Batch, Batcher, RowMeta};
 use crate::config::LatentMode;
 use crate::encode::Encoder;
@@ -83,8 +83,7 @@ struct Model {
     encoder: Option<Encoder>,
     decoder: Decoder,
     /// The normalization to undo: the card's, or what the shards record.
-    scaling_factor: f32,
-    shift_factor: f32,
+    stored: Stored,
     scores: Vec<ImageScore>,
     stats: LatentStats,
     gallery: Gallery,
@@ -101,18 +100,27 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
             Origin::Images => Some(Encoder::open(card, threads, LatentMode::Mean, 0)?),
             Origin::Shards(_) => None,
         };
-        let (scaling_factor, shift_factor) = match &plan.origin {
-            Origin::Images => (card.scaling_factor, card.shift_factor),
-            Origin::Shards(set) => (
-                set.info.metadata.scaling_factor,
-                set.info.metadata.shift_factor,
-            ),
+        let stored = match &plan.origin {
+            Origin::Images => Stored {
+                scaling_factor: card.scaling_factor,
+                shift_factor: card.shift_factor,
+                per_channel: card
+                    .per_channel()
+                    .map(|p| (p.mean.to_vec(), p.std.to_vec())),
+            },
+            Origin::Shards(set) => {
+                let model = &set.info.identity.model;
+                Stored {
+                    scaling_factor: set.info.metadata.scaling_factor,
+                    shift_factor: set.info.metadata.shift_factor,
+                    per_channel: model.latents_mean.clone().zip(model.latents_std.clone()),
+                }
+            }
         };
         models.push(Model {
             decoder: Decoder::open(card, threads)?,
             encoder,
-            scaling_factor,
-            shift_factor,
+            stored,
             scores: Vec::new(),
             stats: LatentStats::new(card.latent_channels),
             gallery: Gallery::default(),
@@ -439,7 +447,7 @@ impl Scorer {
             return Ok(());
         }
         let model = &mut self.models[m];
-        let z = raw_latents(stored, model.scaling_factor, model.shift_factor);
+        let z = model.stored.raw_latents(stored, latent_shape);
         let recon = model.decoder.decode(&z, n, latent_shape)?;
         let plane = 3 * width * height;
         if recon.len() != n * plane {

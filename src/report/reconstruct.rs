@@ -5,15 +5,31 @@ use anyhow::{anyhow, bail, Context, Result};
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 
-use crate::model::ModelCard;
+use crate::model::{ModelCard, PerChannel};
 use crate::runtime;
 
-/// `z = stored / scaling_factor + shift_factor`: undoes `(z − shift) · scale`.
-pub fn raw_latents(stored: &[f32], scaling_factor: f32, shift_factor: f32) -> Vec<f32> {
-    stored
-        .iter()
-        .map(|&v| v / scaling_factor + shift_factor)
-        .collect()
+/// The normalization a model's stored latents carry, to undo before decoding.
+pub struct Stored {
+    pub scaling_factor: f32,
+    pub shift_factor: f32,
+    /// `latents_mean` and `latents_std`, for cards with per-channel statistics.
+    pub per_channel: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Stored {
+    /// `z = stored / scaling_factor + shift_factor` (undoes `(z − shift) · scale`), then
+    /// `z · latents_std[c] + latents_mean[c]` per channel of the [C, h, w] latents.
+    pub fn raw_latents(&self, stored: &[f32], latent_shape: [usize; 3]) -> Vec<f32> {
+        let mut z: Vec<f32> = stored
+            .iter()
+            .map(|&v| v / self.scaling_factor + self.shift_factor)
+            .collect();
+        if let Some((mean, std)) = &self.per_channel {
+            let stats = PerChannel { mean, std };
+            stats.denormalize(&mut z, latent_shape[1] * latent_shape[2]);
+        }
+        z
+    }
 }
 
 /// The card's decoder file, or an error that says how to get one.

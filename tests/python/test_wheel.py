@@ -66,7 +66,7 @@ def test_version_doctor_and_shim(installed):
     assert "found through the onnxruntime package installed with vae-pipeline" in doctor, doctor
     assert site in doctor, doctor
     assert "execution providers: CPU" in doctor, doctor
-    shipped = f"{installed['root']}/venv/share/vae-pipeline/models: avgpool8, flux1, sd15, sd2, sd3, sdxl, taef2"
+    shipped = f"{installed['root']}/venv/share/vae-pipeline/models: avgpool8, flux1, hunyuanimage-2.1, qwen-image, sana, sd15, sd2, sd3, sdxl, taef2, taef2-fp16, tiny-kl, wan2.1, wan2.2"
     assert shipped in doctor, doctor
 
 
