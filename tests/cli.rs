@@ -48,7 +48,7 @@ fn bad_input_model_and_flags_fail_before_work() {
     );
     run(
         &["--input", s(&taef2), "--model", s(&taef2)],
-        "is not a folder",
+        "is neither a folder, an image, a tar",
     );
     run(
         &["--input", s(&input), "--model", "no-such-model"],
