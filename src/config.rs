@@ -231,7 +231,8 @@ impl PrecomputeConfig {
         let table: toml::Table = toml::from_str(&text)?;
         let dir = path.parent().unwrap_or(Path::new(""));
         let anchor = |p: &Path| {
-            if p.as_os_str().is_empty() || p.is_absolute() {
+            // URLs (`s3://…`) are not paths.
+            if p.as_os_str().is_empty() || p.is_absolute() || p.to_string_lossy().contains("://") {
                 p.to_path_buf()
             } else {
                 dir.join(p)

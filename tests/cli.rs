@@ -471,6 +471,22 @@ fn preset_then_flags_make_the_effective_config() {
         "printed config reads back unchanged"
     );
 
+    // Paths in a preset are relative to it; URLs and patterns' folders are kept as written.
+    let urls = dir.join("urls.toml");
+    std::fs::write(
+        &urls,
+        "input = \"s3://bucket/shards/{00000..00009}.tar\"\nimage_column = \"jpg\"\n",
+    )
+    .unwrap();
+    let r = vae_pipeline(&["precompute", "--pipeline", s(&urls), "--print-config"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&r.stdout)).unwrap();
+    assert_eq!(
+        printed["input"].as_str(),
+        Some("s3://bucket/shards/{00000..00009}.tar")
+    );
+    assert_eq!(printed["image_column"].as_str(), Some("jpg"));
+
     let typo = dir.join("typo.toml");
     std::fs::write(&typo, "sise = 256\n").unwrap();
     let bad = vae_pipeline(&["precompute", "--pipeline", s(&typo), "--print-config"]);
