@@ -80,14 +80,8 @@ pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
         usize::MAX
     };
     let mut inputs = 0;
-    let (sidecars, unreadable) = SidecarSchema::infer(
-        source
-            .list()
-            .take(limit)
-            .inspect(|_| inputs += 1)
-            .flatten()
-            .map(|s| source.metadata(&s)),
-    );
+    let (sidecars, unreadable) =
+        SidecarSchema::infer(source.metadata_pass().take(limit).inspect(|_| inputs += 1));
     if inputs == 0 {
         bail!(
             "--input {} holds no images (jpg, png, webp, gif, bmp or tiff files, searched \

@@ -66,6 +66,16 @@ pub struct SourceBytes {
     pub sha256: [u8; 32],
 }
 
+impl SourceBytes {
+    /// No bytes: a sample listed for its metadata alone (`Source::metadata_pass`).
+    pub(crate) fn none() -> Self {
+        SourceBytes {
+            bytes: Vec::new(),
+            sha256: [0; 32],
+        }
+    }
+}
+
 impl Drop for SourceBytes {
     fn drop(&mut self) {
         pool::BYTES.give(std::mem::take(&mut self.bytes));
@@ -100,6 +110,14 @@ pub trait Source: Sync {
     /// The sample a key names, to read it again (`report --shards`); None for a key this
     /// source cannot hold.
     fn locate(&self, key: &str) -> Option<SampleRef>;
+    /// One item per `list` item, with the JSON metadata alone (failures: absent), for the
+    /// column schema inferred before work; a source may skip the image bytes here.
+    fn metadata_pass(&self) -> Box<dyn Iterator<Item = MetadataRead> + Send + '_> {
+        Box::new(self.list().map(|item| match item {
+            Ok(sample) => self.metadata(&sample),
+            Err(_) => MetadataRead::Absent,
+        }))
+    }
 }
 
 /// A folder of image files with sidecars: `NAME.txt` / `NAME.caption` (caption), `NAME.json`

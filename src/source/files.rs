@@ -3,7 +3,6 @@
 //! single-image objects many at a time) ahead of the decode pool.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,8 +10,10 @@ use crossbeam_channel::bounded;
 
 use super::object::{Bucket, ObjectFile, FETCH_AHEAD};
 use super::parquet::{self, ParquetColumns};
-use super::webdataset;
-use super::{json_object, load_file, metadata_of, path_of, source_bytes, Location, MetadataRead};
+use super::webdataset::{self, TarInput};
+use super::{
+    json_object, load_file, metadata_of, path_of, source_bytes, Location, MetadataRead, SourceBytes,
+};
 use super::{Sample, SampleRef, Source, DECODED};
 use crate::failure::{Failure, FailureKind};
 use crate::pool;
@@ -101,8 +102,9 @@ impl FilesSource {
 
 type Send_<'a> = &'a mut dyn FnMut(Result<SampleRef, Failure>) -> bool;
 
-impl Source for FilesSource {
-    fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_> {
+impl FilesSource {
+    /// The reader thread's items; without `images`, samples carry their metadata alone.
+    fn read(&self, images: bool) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send> {
         let (tx, rx) = bounded(READ_AHEAD);
         let units = self.units.clone();
         let (bucket, columns) = (self.bucket.clone(), self.columns.clone());
@@ -117,7 +119,7 @@ impl Source for FilesSource {
                         return;
                     }
                 }
-                read_units(&units, bucket.as_ref(), &columns, &mut send);
+                read_units(&units, bucket.as_ref(), &columns, images, &mut send);
             });
         match spawned {
             Ok(_) => Box::new(rx.into_iter()),
@@ -127,6 +129,21 @@ impl Source for FilesSource {
                 format!("cannot start the reader thread: {e}"),
             )))),
         }
+    }
+}
+
+impl Source for FilesSource {
+    fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_> {
+        self.read(true)
+    }
+
+    /// Tars are walked without reading their images (local ones seek past them), Parquet files
+    /// without their image column, and image objects are not fetched, only their `.json`.
+    fn metadata_pass(&self) -> Box<dyn Iterator<Item = MetadataRead> + Send + '_> {
+        Box::new(self.read(false).map(|item| match item {
+            Ok(sample) => metadata_of(&sample),
+            Err(_) => MetadataRead::Absent,
+        }))
     }
 
     fn load(&self, sample: SampleRef) -> Result<Sample, Failure> {
@@ -147,15 +164,22 @@ impl Source for FilesSource {
     }
 }
 
-/// Reads every unit in order into `send`; stops when `send` refuses.
-fn read_units(units: &[Unit], bucket: Option<&Arc<Bucket>>, columns: &ParquetColumns, send: Send_) {
+/// Reads every unit in order into `send` (without image bytes unless `images`); stops when
+/// `send` refuses.
+fn read_units(
+    units: &[Unit],
+    bucket: Option<&Arc<Bucket>>,
+    columns: &ParquetColumns,
+    images: bool,
+    send: Send_,
+) {
     let mut objects: Vec<&Unit> = Vec::new();
     for unit in units {
         let is_object_image =
             unit.kind == FileKind::Image && matches!(unit.place, Place::Object { .. });
         if !is_object_image
             && !objects.is_empty()
-            && !fetch_images(&std::mem::take(&mut objects), bucket, send)
+            && !fetch_images(&std::mem::take(&mut objects), bucket, images, send)
         {
             return;
         }
@@ -167,20 +191,20 @@ fn read_units(units: &[Unit], bucket: Option<&Arc<Bucket>>, columns: &ParquetCol
             (Place::Object { .. }, FileKind::Image) => {
                 objects.push(unit);
                 objects.len() < FETCH_AHEAD
-                    || fetch_images(&std::mem::take(&mut objects), bucket, send)
+                    || fetch_images(&std::mem::take(&mut objects), bucket, images, send)
             }
             (place, FileKind::Tar { gzip }) => {
-                let reader: std::io::Result<Box<dyn Read + Send>> = match place {
-                    Place::Local(path) => File::open(path).map(|f| Box::new(f) as _),
+                let input = match place {
+                    Place::Local(path) => File::open(path).map(TarInput::File),
                     Place::Object { key, .. } => bucket
                         .expect("objects have a bucket")
                         .reader(key, 0)
-                        .map(|r| Box::new(r) as _),
+                        .map(|r| TarInput::Stream(Box::new(r))),
                 };
-                webdataset::stream(&unit.key, reader, gzip, send)
+                webdataset::stream(&unit.key, input, gzip, images, send)
             }
             (Place::Local(path), FileKind::Parquet) => {
-                parquet::stream(&unit.key, &|| File::open(path), columns, send)
+                parquet::stream(&unit.key, &|| File::open(path), columns, images, send)
             }
             (Place::Object { key, size, .. }, FileKind::Parquet) => {
                 let file = ObjectFile {
@@ -188,7 +212,7 @@ fn read_units(units: &[Unit], bucket: Option<&Arc<Bucket>>, columns: &ParquetCol
                     key: key.clone(),
                     size: *size,
                 };
-                parquet::stream(&unit.key, &|| Ok(file.clone()), columns, send)
+                parquet::stream(&unit.key, &|| Ok(file.clone()), columns, images, send)
             }
         };
         if !more {
@@ -196,13 +220,13 @@ fn read_units(units: &[Unit], bucket: Option<&Arc<Bucket>>, columns: &ParquetCol
         }
     }
     if !objects.is_empty() {
-        fetch_images(&objects, bucket, send);
+        fetch_images(&objects, bucket, images, send);
     }
 }
 
-/// Fetches single-image objects and their sidecars concurrently; a missing or unreadable object
-/// is an `io` line.
-fn fetch_images(units: &[&Unit], bucket: Option<&Arc<Bucket>>, send: Send_) -> bool {
+/// Fetches single-image objects and their sidecars concurrently (only the `.json` sidecars
+/// without `images`); a missing or unreadable object is an `io` line.
+fn fetch_images(units: &[&Unit], bucket: Option<&Arc<Bucket>>, images: bool, send: Send_) -> bool {
     let bucket = bucket.expect("objects have a bucket");
     let mut keys = Vec::new();
     for unit in units {
@@ -210,31 +234,35 @@ fn fetch_images(units: &[&Unit], bucket: Option<&Arc<Bucket>>, send: Send_) -> b
             key, caption, json, ..
         } = &unit.place
         {
-            keys.push(key.clone());
-            keys.extend(caption.clone());
+            if images {
+                keys.push(key.clone());
+                keys.extend(caption.clone());
+            }
             keys.extend(json.clone());
         }
     }
     let mut fetched = bucket.get_all(&keys).into_iter();
+    let mut next = || fetched.next().expect("one result per key");
     for unit in units {
         let Place::Object { caption, json, .. } = &unit.place else {
             continue;
         };
-        let image = fetched.next().expect("one result per key");
-        let caption = caption
-            .as_ref()
-            .map(|_| fetched.next().expect("one result per key"));
-        let json = json
-            .as_ref()
-            .map(|_| fetched.next().expect("one result per key"));
-        let sample = image
-            .map_err(|e| Failure::new(&unit.key, FailureKind::Io, format!("cannot fetch: {e}")))
-            .and_then(|body| {
-                let mut bytes = pool::BYTES.take(body.len());
-                bytes.extend_from_slice(&body);
-                source_bytes(&unit.key, bytes)
-            })
-            .map(|bytes| Sample {
+        let image = images.then(&mut next);
+        let caption = caption.as_ref().filter(|_| images).map(|_| next());
+        let json = json.as_ref().map(|_| next());
+        let bytes = match image {
+            None => Ok(SourceBytes::none()),
+            Some(got) => got
+                .map_err(|e| Failure::new(&unit.key, FailureKind::Io, format!("cannot fetch: {e}")))
+                .and_then(|body| {
+                    let mut bytes = pool::BYTES.take(body.len());
+                    bytes.extend_from_slice(&body);
+                    source_bytes(&unit.key, bytes)
+                }),
+        };
+        let item = bytes.map(|bytes| SampleRef {
+            key: unit.key.clone(),
+            at: Location::Read(Box::new(Sample {
                 key: unit.key.clone(),
                 bytes,
                 caption: caption
@@ -244,10 +272,7 @@ fn fetch_images(units: &[&Unit], bucket: Option<&Arc<Bucket>>, send: Send_) -> b
                     Some(MetadataRead::Object(map)) => Some(map),
                     _ => None,
                 },
-            });
-        let item = sample.map(|sample| SampleRef {
-            key: unit.key.clone(),
-            at: Location::Read(Box::new(sample)),
+            })),
         });
         if !send(item) {
             return false;

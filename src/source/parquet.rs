@@ -11,10 +11,11 @@ use arrow_array::types::*;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Schema};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ProjectionMask;
 use parquet::file::reader::ChunkReader;
 use serde_json::{Map, Value};
 
-use super::{escape_bytes, source_bytes, Location, Sample, SampleRef};
+use super::{escape_bytes, source_bytes, Location, Sample, SampleRef, SourceBytes};
 use crate::failure::{Failure, FailureKind};
 use crate::pool;
 
@@ -135,11 +136,13 @@ fn choose(schema: &Schema, columns: &ParquetColumns) -> Result<Chosen> {
 }
 
 /// Streams the rows of the Parquet file `open` opens (keys `UNIT/KEY`, or `UNIT/ROW` without a
-/// key column) into `send`; false once `send` refused one.
+/// key column) into `send`; false once `send` refused one. Without `images`, the image column is
+/// not read and each sample carries only its metadata (the pre-flight's pass).
 pub fn stream<T: ChunkReader + 'static>(
     unit: &str,
     open: &dyn Fn() -> std::io::Result<T>,
     columns: &ParquetColumns,
+    images: bool,
     send: &mut dyn FnMut(Result<SampleRef, Failure>) -> bool,
 ) -> bool {
     let fail = |kind, message: String| Err(Failure::new(unit, kind, message));
@@ -156,9 +159,22 @@ pub fn stream<T: ChunkReader + 'static>(
             ))
         }
     };
-    let chosen = match choose(meta.schema(), columns) {
+    let mut chosen = match choose(meta.schema(), columns) {
         Ok(chosen) => chosen,
         Err(e) => return send(fail(FailureKind::Refused, format!("{e:#}"))),
+    };
+    let all = 0..meta.schema().fields().len();
+    let projection = if images {
+        ProjectionMask::all()
+    } else {
+        // Every top-level column but the image; the indices after it move down by one.
+        let image = chosen.image;
+        let shift = |i: usize| if i > image { i - 1 } else { i };
+        chosen.key = chosen.key.map(shift);
+        chosen.caption = chosen.caption.map(shift);
+        chosen.metadata.iter_mut().for_each(|m| *m = shift(*m));
+        let roots = all.filter(|&i| i != image);
+        ProjectionMask::roots(meta.metadata().file_metadata().schema_descr(), roots)
     };
     let mut seen = HashSet::new();
     let mut first_row = 0usize;
@@ -166,6 +182,7 @@ pub fn stream<T: ChunkReader + 'static>(
         let rows = meta.metadata().row_group(group).num_rows() as usize;
         let reader = open().map_err(|e| e.to_string()).and_then(|f| {
             ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta.clone())
+                .with_projection(projection.clone())
                 .with_row_groups(vec![group])
                 .with_batch_size(BATCH_ROWS)
                 .build()
@@ -178,7 +195,8 @@ pub fn stream<T: ChunkReader + 'static>(
                 match batch {
                     Ok(batch) => {
                         for r in 0..batch.num_rows() {
-                            if !send(sample(unit, &batch, r, row, &chosen, &mut seen)) {
+                            let item = sample(unit, &batch, r, row, &chosen, images, &mut seen);
+                            if !send(item) {
                                 return false;
                             }
                             row += 1;
@@ -213,6 +231,7 @@ fn sample(
     r: usize,
     row: usize,
     chosen: &Chosen,
+    images: bool,
     seen: &mut HashSet<String>,
 ) -> Result<SampleRef, Failure> {
     let key = match chosen.key {
@@ -233,19 +252,23 @@ fn sample(
         let message = format!("duplicate key (row {row}): an earlier row has it and was kept");
         return Err(Failure::new(key, FailureKind::Refused, message));
     }
-    let image = batch.column(chosen.image);
-    let cell = match chosen.image_bytes {
-        Some(field) if image.is_valid(r) => binary(image.as_struct().column(field), r),
-        Some(_) => None,
-        None => binary(image, r),
+    let bytes = if images {
+        let image = batch.column(chosen.image);
+        let cell = match chosen.image_bytes {
+            Some(field) if image.is_valid(r) => binary(image.as_struct().column(field), r),
+            Some(_) => None,
+            None => binary(image, r),
+        };
+        let Some(cell) = cell else {
+            let message = format!("row {row}: the image cell is null (no embedded bytes)");
+            return Err(Failure::new(key, FailureKind::Empty, message));
+        };
+        let mut bytes = pool::BYTES.take(cell.len());
+        bytes.extend_from_slice(cell);
+        source_bytes(&key, bytes)?
+    } else {
+        SourceBytes::none()
     };
-    let Some(cell) = cell else {
-        let message = format!("row {row}: the image cell is null (no embedded bytes)");
-        return Err(Failure::new(key, FailureKind::Empty, message));
-    };
-    let mut bytes = pool::BYTES.take(cell.len());
-    bytes.extend_from_slice(cell);
-    let bytes = source_bytes(&key, bytes)?;
     let caption = chosen
         .caption
         .and_then(|c| string(batch.column(c), r))

@@ -5,11 +5,14 @@
 //! header's size claim is allocated before the bytes arrive.
 
 use std::collections::HashSet;
+use std::fs::File;
 use std::io::{BufReader, Read};
 
 use flate2::read::GzDecoder;
 
-use super::{escape_bytes, json_object, source_bytes, Location, MetadataRead, Sample, SampleRef};
+use super::{
+    escape_bytes, json_object, source_bytes, Location, MetadataRead, Sample, SampleRef, SourceBytes,
+};
 use super::{DECODED, NOT_DECODED};
 use crate::failure::{Failure, FailureKind};
 use crate::pool;
@@ -30,16 +33,25 @@ struct Group {
     failure: Option<Failure>,
 }
 
-/// Streams the samples of the tar `reader` reads (keys `UNIT/KEY`) into `send`; false once `send`
-/// refused one (the consumer stopped).
+/// A tar to read: a local file (seekable: the metadata pass skips images without reading them) or
+/// a stream.
+pub enum TarInput {
+    File(File),
+    Stream(Box<dyn Read + Send>),
+}
+
+/// Streams the samples of `input` (keys `UNIT/KEY`) into `send`; false once `send` refused one
+/// (the consumer stopped). Without `images`, image members are skipped and each sample carries
+/// only its metadata (the pre-flight's pass).
 pub fn stream(
     unit: &str,
-    reader: std::io::Result<Box<dyn Read + Send>>,
+    input: std::io::Result<TarInput>,
     gzip: bool,
+    images: bool,
     send: &mut dyn FnMut(Result<SampleRef, Failure>) -> bool,
 ) -> bool {
-    let file = match reader {
-        Ok(file) => file,
+    let input = match input {
+        Ok(input) => input,
         Err(e) => {
             return send(Err(Failure::new(
                 unit,
@@ -48,29 +60,50 @@ pub fn stream(
             )))
         }
     };
-    let reader: Box<dyn Read> = if gzip {
-        Box::new(GzDecoder::new(BufReader::with_capacity(1 << 20, file)))
-    } else {
-        Box::new(BufReader::with_capacity(1 << 20, file))
-    };
-    let mut archive = tar::Archive::new(reader);
-    let entries = match archive.entries() {
-        Ok(entries) => entries,
-        Err(e) => {
-            return send(Err(Failure::new(
-                unit,
-                FailureKind::Corrupt,
-                format!("not a tar: {e}"),
-            )))
+    let not_a_tar =
+        |e: std::io::Error| Failure::new(unit, FailureKind::Corrupt, format!("not a tar: {e}"));
+    match input {
+        // Seeking past members drops the read buffer, so only the pass that skips images seeks.
+        TarInput::File(file) if !gzip && !images => {
+            let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+            match archive.entries_with_seek() {
+                Ok(entries) => walk(unit, entries, images, send),
+                Err(e) => send(Err(not_a_tar(e))),
+            }
         }
-    };
+        input => {
+            let raw: Box<dyn Read> = match input {
+                TarInput::File(file) => Box::new(file),
+                TarInput::Stream(stream) => stream,
+            };
+            let reader: Box<dyn Read> = if gzip {
+                Box::new(GzDecoder::new(BufReader::with_capacity(1 << 20, raw)))
+            } else {
+                Box::new(BufReader::with_capacity(1 << 20, raw))
+            };
+            let mut archive = tar::Archive::new(reader);
+            match archive.entries() {
+                Ok(entries) => walk(unit, entries, images, send),
+                Err(e) => send(Err(not_a_tar(e))),
+            }
+        }
+    }
+}
+
+/// Groups the members `entries` yields into samples.
+fn walk<R: Read>(
+    unit: &str,
+    entries: tar::Entries<'_, R>,
+    images: bool,
+    send: &mut dyn FnMut(Result<SampleRef, Failure>) -> bool,
+) -> bool {
     let mut seen = HashSet::new();
     let mut group: Option<Group> = None;
     for (members, entry) in entries.enumerate() {
         let mut entry = match entry {
             Ok(entry) => entry,
             Err(e) => {
-                let more = group.take().is_none_or(|g| flush(unit, g, send));
+                let more = group.take().is_none_or(|g| flush(unit, g, images, send));
                 let message = format!("tar unreadable after {members} member(s) (truncated?): {e}");
                 return more && send(Err(Failure::new(unit, FailureKind::Corrupt, message)));
             }
@@ -113,7 +146,7 @@ pub fn stream(
         let key = format!("{unit}/{}", escape_bytes(sample_key));
         if group.as_ref().is_none_or(|g| g.key != key) {
             if let Some(done) = group.take() {
-                if !flush(unit, done, send) {
+                if !flush(unit, done, images, send) {
                     return false;
                 }
             }
@@ -139,6 +172,11 @@ pub fn stream(
                 FailureKind::Refused,
                 format!("duplicate key: two .{ext} members for one sample"),
             ));
+            continue;
+        }
+        if !images && DECODED.contains(&ext.as_str()) {
+            // The pre-flight needs to know there is an image, not its bytes.
+            current.add(ext, Vec::new());
             continue;
         }
         let size = entry.header().size().unwrap_or(0);
@@ -168,7 +206,7 @@ pub fn stream(
         }
         current.add(ext, bytes);
     }
-    group.is_none_or(|g| flush(unit, g, send))
+    group.is_none_or(|g| flush(unit, g, images, send))
 }
 
 /// `dir/name.ext.more` → (`dir/name`, `ext.more`); None for names that are not plain relative
@@ -223,10 +261,12 @@ impl Group {
     }
 }
 
-/// Hands on a finished group as a sample, or the failure it holds.
+/// Hands on a finished group as a sample (without bytes when `images` is off), or the failure it
+/// holds.
 fn flush(
     unit: &str,
     group: Group,
+    images: bool,
     send: &mut dyn FnMut(Result<SampleRef, Failure>) -> bool,
 ) -> bool {
     if let Some(failure) = group.failure {
@@ -261,9 +301,13 @@ fn flush(
         };
         return send(Err(Failure::new(group.key, kind, message)));
     };
-    let bytes = match source_bytes(&group.key, bytes) {
-        Ok(bytes) => bytes,
-        Err(failure) => return send(Err(failure)),
+    let bytes = if images {
+        match source_bytes(&group.key, bytes) {
+            Ok(bytes) => bytes,
+            Err(failure) => return send(Err(failure)),
+        }
+    } else {
+        SourceBytes::none()
     };
     let metadata = match group.metadata {
         Some(MetadataRead::Object(map)) => Some(map),
