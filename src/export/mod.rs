@@ -308,7 +308,7 @@ fn build_wan(config: &WanConfig, weights_path: &Path, args: &ExportArgs) -> Resu
     let layout = Layout::Wan {
         decoder_group: config.num_res_blocks + 2,
     };
-    let mut weights = Weights::load(weights_path, layout)?;
+    let weights = Weights::load(weights_path, layout)?;
     if weights.naming == Naming::WanOriginal && config.is_residual {
         bail!(
             "{}: export reads Wan 2.2 checkpoints in diffusers naming only; convert the original \
@@ -317,51 +317,59 @@ fn build_wan(config: &WanConfig, weights_path: &Path, args: &ExportArgs) -> Resu
             weights_path.display()
         );
     }
-    let encoder = wan::encoder(config, &mut weights, args.dtype)?;
-    let decoder = wan::decoder(config, &mut weights, args.dtype)?;
-    let naming = weights.naming;
-    weights.finish()?;
-    Ok(Built {
-        encoder,
-        decoder,
-        naming,
-        family: args.family,
-        batch_norm: None,
-        warnings: Vec::new(),
-    })
+    build_graphs(
+        config,
+        weights,
+        args,
+        args.family,
+        wan::encoder,
+        wan::decoder,
+    )
 }
 
 /// `AutoencoderDC`.
 fn build_dc(config: &DcConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
     no_family(args, &config.class_name)?;
-    let mut weights = Weights::load(weights_path, Layout::DiffusersOnly)?;
-    let encoder = dcae::encoder(config, &mut weights, args.dtype)?;
-    let decoder = dcae::decoder(config, &mut weights, args.dtype)?;
-    let naming = weights.naming;
-    weights.finish()?;
-    Ok(Built {
-        encoder,
-        decoder,
-        naming,
-        family: None,
-        batch_norm: None,
-        warnings: Vec::new(),
-    })
+    let weights = Weights::load(weights_path, Layout::DiffusersOnly)?;
+    build_graphs(config, weights, args, None, dcae::encoder, dcae::decoder)
 }
 
 /// `AutoencoderKLHunyuanImage`.
 fn build_hunyuan(config: &HunyuanConfig, weights_path: &Path, args: &ExportArgs) -> Result<Built> {
     no_family(args, &config.class_name)?;
-    let mut weights = Weights::load(weights_path, Layout::DiffusersOnly)?;
-    let encoder = hunyuan::encoder(config, &mut weights, args.dtype)?;
-    let decoder = hunyuan::decoder(config, &mut weights, args.dtype)?;
+    let weights = Weights::load(weights_path, Layout::DiffusersOnly)?;
+    build_graphs(
+        config,
+        weights,
+        args,
+        None,
+        hunyuan::encoder,
+        hunyuan::decoder,
+    )
+}
+
+/// A family's graph builder: config and weights to one ONNX graph.
+type GraphBuilder<C> = fn(&C, &mut Weights, ExportDType) -> Result<ModelProto>;
+
+/// Builds both graphs of a family without extra statistics, then checks that every tensor of
+/// the checkpoint was used.
+fn build_graphs<C>(
+    config: &C,
+    mut weights: Weights,
+    args: &ExportArgs,
+    family: Option<Family>,
+    encoder: GraphBuilder<C>,
+    decoder: GraphBuilder<C>,
+) -> Result<Built> {
+    let encoder = encoder(config, &mut weights, args.dtype)?;
+    let decoder = decoder(config, &mut weights, args.dtype)?;
     let naming = weights.naming;
     weights.finish()?;
     Ok(Built {
         encoder,
         decoder,
         naming,
-        family: None,
+        family,
         batch_norm: None,
         warnings: Vec::new(),
     })

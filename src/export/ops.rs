@@ -93,6 +93,17 @@ impl Builder<'_> {
         if group == 1 {
             return x.to_string();
         }
+        self.mean_of_groups(x, cout, group, like)
+    }
+
+    /// `x` viewed as [N, cout, group, …], averaged over the groups, reshaped like `like`.
+    pub(super) fn mean_of_groups(
+        &mut self,
+        x: &str,
+        cout: usize,
+        group: usize,
+        like: &str,
+    ) -> String {
         let grouped = self.g.ints(&[0, cout as i64, group as i64, -1]);
         let h = self.g.node("Reshape", &[x, &grouped], vec![]);
         let mean = self.g.node(

@@ -379,15 +379,7 @@ impl Builder<'_> {
                 .ints(&[0, 0, factor_t as i64 - 1, 0, 0, 0, 0, 0, 0, 0]);
             h = self.g.node("Pad", &[&h, &pads], vec![]);
         }
-        let grouped = self.g.ints(&[0, cout as i64, group as i64, -1]);
-        let h = self.g.node("Reshape", &[&h, &grouped], vec![]);
-        let mean = self.g.node(
-            "ReduceMean",
-            &[&h],
-            vec![ints("axes", &[2]), int("keepdims", 0)],
-        );
-        let shape = self.g.node("Shape", &[like], vec![]);
-        self.g.node("Reshape", &[&mean, &shape], vec![])
+        self.mean_of_groups(&h, cout, group, like)
     }
 
     /// `DupUp3D` on the first chunk: channel c_in repeated `repeats` times, viewed as
