@@ -373,14 +373,8 @@ impl Builder<'_> {
         let eps = self.g.floats(&[], &[NORM_EPS], ExportDType::F32);
         let var = self.g.node("Add", &[&mean, &eps], vec![]);
         let rms = self.g.node("Sqrt", &[&var], vec![]);
-        let mut y = self.g.node("Div", &[&input, &rms], vec![]);
-        if f16 {
-            y = self.g.cast(&y, ExportDType::F16);
-        }
-        let w = self.param(&format!("{prefix}.weight"), &[c], Some(&[c, 1, 1]))?;
-        let b = self.param(&format!("{prefix}.bias"), &[c], Some(&[c, 1, 1]))?;
-        let y = self.g.node("Mul", &[&y, &w], vec![]);
-        Ok(self.g.node("Add", &[&y, &b], vec![]))
+        let y = self.g.node("Div", &[&input, &rms], vec![]);
+        self.channel_affine(prefix, y, c, f16)
     }
 
     /// `BatchNorm2d(c, eps=1e-5)` in eval mode, with its running statistics.

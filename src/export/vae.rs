@@ -114,7 +114,19 @@ impl Builder<'_> {
             &[&grouped, &ones, &zeros],
             vec![float("epsilon", NORM_EPS)],
         );
-        let mut y = self.g.node("Reshape", &[&normed, &shape], vec![]);
+        let y = self.g.node("Reshape", &[&normed, &shape], vec![]);
+        self.channel_affine(prefix, y, c, f16)
+    }
+
+    /// A norm's output `y` (computed in f32) back in f16 when `f16`, then `y · weight + bias`
+    /// per channel with the norm's `{prefix}.weight` and `{prefix}.bias`.
+    pub(super) fn channel_affine(
+        &mut self,
+        prefix: &str,
+        mut y: String,
+        c: usize,
+        f16: bool,
+    ) -> Result<String> {
         if f16 {
             y = self.g.cast(&y, ExportDType::F16);
         }
