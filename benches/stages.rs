@@ -177,7 +177,8 @@ fn parquet_write(c: &mut Criterion) {
             },
             |batch| {
                 let mut writer = ShardWriter::new(
-                    &out,
+                    std::sync::Arc::new(vae_pipeline::store::LocalStore::new(&out)),
+                    vae_pipeline::format::Scope::Whole,
                     4096,
                     metadata.clone(),
                     TensorColumns::default(),

@@ -152,6 +152,13 @@ pub struct PrecomputeConfig {
     pub reducing_gap: f32,
     /// Where the encoder runs: `cpu`, or `cuda`, `cuda:N`, `cuda:0,1,…` (one session per GPU).
     pub device: String,
+    /// A many-worker run's partition count (0: one process writes the whole set).
+    pub partitions: usize,
+    /// The partitions this worker runs (`3`, `3,7`, `0-3`); None: from the scheduler's
+    /// environment (`partition::assigned`).
+    pub partition: Option<String>,
+    /// Added to a Slurm array or Kubernetes index: arrays longer than Slurm's `MaxArraySize`.
+    pub partition_offset: usize,
     /// Discard an output folder of another config instead of refusing it. An action, not a
     /// setting: never read from presets or recorded.
     #[serde(skip)]
@@ -203,6 +210,9 @@ impl Default for PrecomputeConfig {
             limit: 0,
             reducing_gap: crate::decode::DEFAULT_REDUCING_GAP,
             device: "cpu".into(),
+            partitions: 0,
+            partition: None,
+            partition_offset: 0,
             overwrite: false,
             origin: Origin::default(),
         }
@@ -284,6 +294,14 @@ impl PrecomputeConfig {
         }
         if self.size == 0 {
             bail!("{} must be a positive number of pixels", k("size"));
+        }
+        if self.partitions == 0 && (self.partition.is_some() || self.partition_offset > 0) {
+            bail!(
+                "{} and {} need {} (the run's partition count)",
+                k("partition"),
+                k("partition_offset"),
+                k("partitions")
+            );
         }
         if self.batch_size == 0 {
             bail!("{} must be at least 1", k("batch_size"));

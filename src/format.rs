@@ -1,12 +1,12 @@
 //! The shard format: the one home of the contract between a run and every reader of its output
 //! (FORMAT.md publishes it). Names the folder layout, the side files, the columns and their types,
 //! the tensor codec (`arrow.fixed_shape_tensor`) and the file metadata as one typed struct with a
-//! format version. Writer, resume, verify, inspect and report all go through it; it imports
-//! nothing of the pipeline.
+//! format version. Writer, resume, verify, inspect and report all go through it; it reads through
+//! `store` (a folder or an object-store prefix) and imports nothing else of the pipeline.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +18,8 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
+
+use crate::store::{ShardStore, StoreFile};
 
 /// The version of this contract. A reader refuses a set with a higher major version; a writer
 /// resumes only a set of its own version. 2: `identity` replaces the whole config in the
@@ -33,6 +35,10 @@ pub const CONFIG: &str = "_config.toml";
 pub const RUNS: &str = "_runs.jsonl";
 /// The output folder's writer lock (`flock`).
 pub const LOCK: &str = "_lock";
+/// A many-worker run's fixed plan (partition count, units, identity): `partition.rs`.
+pub const PLAN: &str = "_plan.json";
+/// Per-partition side files: done markers, errors, runs, locks.
+pub const PARTITIONS: &str = "_partitions";
 
 /// Prefix of every metadata key the format owns.
 pub const META_PREFIX: &str = "vae_pipeline.";
@@ -465,17 +471,70 @@ pub fn parse_shape_dir(name: &str) -> Option<(u32, u32)> {
     (shape_dir_name(w, h) == name).then_some((w, h))
 }
 
-/// `part-NNNNN.parquet`.
-pub fn part_name(number: usize) -> String {
-    format!("part-{number:05}.parquet")
+/// What one run writes in a set: all of it, or one partition of a many-worker run. A
+/// partition's shards and side files are named by it, so workers never collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Whole,
+    Partition(usize),
 }
 
-/// The number of a shard file written by this version, for numbering the next.
-pub fn part_number(name: &str) -> Option<usize> {
-    name.strip_prefix("part-")?
-        .strip_suffix(".parquet")?
-        .parse()
-        .ok()
+impl Scope {
+    /// `part-NNNNN.parquet`, or `part-pPPPPP-NNNNN.parquet` in partition P.
+    pub fn part_name(self, number: usize) -> String {
+        match self {
+            Scope::Whole => format!("part-{number:05}.parquet"),
+            Scope::Partition(p) => format!("part-p{p:05}-{number:05}.parquet"),
+        }
+    }
+
+    /// The number of a shard file this scope wrote (None for another scope's), for numbering
+    /// the next and for reading back only its own rows.
+    pub fn part_number(self, name: &str) -> Option<usize> {
+        let stem = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+        let number = match self {
+            Scope::Whole => stem,
+            Scope::Partition(p) => stem.strip_prefix(&format!("p{p:05}-"))?,
+        };
+        number
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| number.parse().ok())
+            .flatten()
+    }
+
+    /// Whether `shard` (`<W>x<H>/part-….parquet`) is this scope's.
+    pub fn owns(self, shard: &str) -> bool {
+        let name = shard.rsplit('/').next().unwrap_or(shard);
+        self.part_number(name).is_some()
+    }
+
+    fn side(self, whole: &str, suffix: &str) -> String {
+        match self {
+            Scope::Whole => whole.to_string(),
+            Scope::Partition(p) => format!("{PARTITIONS}/p{p:05}.{suffix}"),
+        }
+    }
+
+    /// Its failures (`_errors.jsonl`; a partition's are merged into it by `finalize`).
+    pub fn errors(self) -> String {
+        self.side(ERRORS, "errors.jsonl")
+    }
+
+    /// Its runs' settings, one JSON line per run.
+    pub fn runs(self) -> String {
+        self.side(RUNS, "runs.jsonl")
+    }
+
+    /// Its writer's lock.
+    pub fn lock(self) -> String {
+        self.side(LOCK, "lock")
+    }
+}
+
+/// A partition's done marker, written last when all of its inputs are committed.
+pub fn done_marker(partition: usize) -> String {
+    format!("{PARTITIONS}/p{partition:05}.json")
 }
 
 /// A shard file name: `part-*.parquet`, not hidden. Anything else in a shape folder is foreign.
@@ -483,56 +542,56 @@ pub fn is_shard_name(name: &str) -> bool {
     name.starts_with("part-") && name.ends_with(".parquet")
 }
 
-/// Where a file is written before it is complete: hidden, and removed by a resuming run.
+/// Where a file is written before it is complete: hidden, named by the writing process (many
+/// workers may write the same side file at once), and removed by the next run of its scope.
 pub fn tmp_name(path: &Path) -> PathBuf {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
     let name = path.file_name().expect("file path").to_string_lossy();
-    path.with_file_name(format!(".{name}.tmp"))
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.{}-{seq}.tmp", std::process::id()))
+}
+
+/// Whether the temporary file `name` is one a run of `scope` left: a partition's worker removes
+/// only its partition's, a whole-set run (which holds the set's lock) all of them.
+pub fn is_tmp_of(name: &str, scope: Scope) -> bool {
+    is_tmp_name(name)
+        && match scope {
+            Scope::Whole => true,
+            Scope::Partition(p) => {
+                name.starts_with(&format!(".part-p{p:05}-"))
+                    || name.starts_with(&format!(".p{p:05}."))
+            }
+        }
 }
 
 pub fn is_tmp_name(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp")
 }
 
-/// The shape folders (`<W>x<H>`) of a set, sorted.
-pub fn shape_dirs(out: &Path) -> Result<Vec<PathBuf>> {
-    let mut dirs = Vec::new();
-    for entry in std::fs::read_dir(out)
-        .with_context(|| format!("cannot read {}", out.display()))?
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.path().is_dir() && parse_shape_dir(&name).is_some() {
-            dirs.push(entry.path());
-        }
-    }
-    dirs.sort();
-    Ok(dirs)
-}
-
-/// What a shape folder holds: shard files and anything else (foreign files, which `verify`
-/// reports; temporaries are neither).
+/// What a shard set holds: shard files and anything else in its shape folders (foreign files,
+/// which `verify` reports). Names are relative to the set.
 pub struct Listing {
-    pub shards: Vec<PathBuf>,
-    pub foreign: Vec<PathBuf>,
+    pub shards: Vec<String>,
+    pub foreign: Vec<String>,
 }
 
 /// Every shard of a set (`<W>x<H>/part-*.parquet`), sorted, and the foreign files beside them.
-pub fn list(out: &Path) -> Result<Listing> {
+pub fn list(store: &dyn ShardStore) -> Result<Listing> {
     let mut listing = Listing {
         shards: Vec::new(),
         foreign: Vec::new(),
     };
-    for dir in shape_dirs(out)? {
-        for entry in std::fs::read_dir(&dir)
-            .with_context(|| format!("cannot read {}", dir.display()))?
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if is_shard_name(&name) && entry.path().is_file() {
-                listing.shards.push(entry.path());
-            } else if !is_tmp_name(&name) {
-                listing.foreign.push(entry.path());
-            }
+    for name in store.list()? {
+        let Some((dir, file)) = name.split_once('/') else {
+            continue;
+        };
+        if parse_shape_dir(dir).is_none() {
+            continue;
+        }
+        if is_shard_name(file) {
+            listing.shards.push(name);
+        } else if !is_tmp_name(file) {
+            listing.foreign.push(name);
         }
     }
     listing.shards.sort();
@@ -541,8 +600,8 @@ pub fn list(out: &Path) -> Result<Listing> {
 }
 
 /// Every shard of a set, sorted.
-pub fn shard_files(out: &Path) -> Result<Vec<PathBuf>> {
-    Ok(list(out)?.shards)
+pub fn shard_files(store: &dyn ShardStore) -> Result<Vec<String>> {
+    Ok(list(store)?.shards)
 }
 
 /// A shard's path relative to its set, `/`-separated (`256x256/part-00000.parquet`).
@@ -562,18 +621,24 @@ pub struct Footer {
 }
 
 /// Opens a shard for reading, with a message that names it.
-pub fn open(shard: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
-    let file = File::open(shard).with_context(|| format!("cannot open {}", shard.display()))?;
+pub fn open(
+    store: &dyn ShardStore,
+    shard: &str,
+) -> Result<ParquetRecordBatchReaderBuilder<StoreFile>> {
+    let file = store.open(shard)?;
     ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{} is not a readable Parquet file", shard.display()))
+        .with_context(|| format!("{} is not a readable Parquet file", store.name(shard)))
 }
 
 /// Reads a shard's footer.
-pub fn footer(shard: &Path) -> Result<Footer> {
-    footer_of(&open(shard)?, shard)
+pub fn footer(store: &dyn ShardStore, shard: &str) -> Result<Footer> {
+    footer_of(&open(store, shard)?, &store.name(shard))
 }
 
-pub fn footer_of(builder: &ParquetRecordBatchReaderBuilder<File>, shard: &Path) -> Result<Footer> {
+pub fn footer_of(
+    builder: &ParquetRecordBatchReaderBuilder<StoreFile>,
+    what: &str,
+) -> Result<Footer> {
     let kv = builder
         .metadata()
         .file_metadata()
@@ -582,7 +647,7 @@ pub fn footer_of(builder: &ParquetRecordBatchReaderBuilder<File>, shard: &Path) 
         .unwrap_or_default();
     Ok(Footer {
         schema: builder.schema().clone(),
-        metadata: ShardMetadata::from_key_values(&kv, &shard.display().to_string())?,
+        metadata: ShardMetadata::from_key_values(&kv, what)?,
         rows: builder.metadata().file_metadata().num_rows() as usize,
     })
 }

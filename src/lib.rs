@@ -22,6 +22,8 @@ pub mod format;
 pub mod identity;
 pub mod lock;
 pub mod model;
+pub mod object;
+pub mod partition;
 pub mod pipeline;
 pub mod plan;
 pub mod pool;

@@ -14,7 +14,7 @@ use vae_pipeline::export::{self, ExportArgs};
 use vae_pipeline::model::ModelCard;
 use vae_pipeline::report::{self, ReportArgs};
 use vae_pipeline::runtime::Device;
-use vae_pipeline::{pipeline, throughput, verify};
+use vae_pipeline::{partition, pipeline, throughput, verify};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,27 @@ struct Cli {
 enum Command {
     /// Encode every image under --input into latent shards under --out.
     Precompute(Box<PrecomputeArgs>),
+    /// Create a many-worker run's plan in --out ahead of its workers (same flags as precompute,
+    /// with --partitions N); prints the partition and unit counts.
+    Plan(Box<PrecomputeArgs>),
+    /// Where a many-worker run stands: done, running and missing partitions, and the sbatch
+    /// lines that run the missing ones.
+    Status {
+        /// The --out of the run.
+        shards: PathBuf,
+        /// Print JSON: {partitions, units, done, running, missing, rows, resubmit, finalized}.
+        #[arg(long)]
+        json: bool,
+        /// Slurm's MaxArraySize: resubmit lines are split into windows of this many indices.
+        #[arg(long, default_value_t = vae_pipeline::partition::MAX_ARRAY_SIZE)]
+        max_array_size: usize,
+    },
+    /// Complete a many-worker run once every partition is done: _errors.jsonl, _manifest.jsonl,
+    /// then _SUCCESS (refused while partitions are missing).
+    Finalize {
+        /// The --out of the run.
+        shards: PathBuf,
+    },
     /// Encode and decode images (or decode stored shards) and report reconstruction quality:
     /// PSNR, SSIM, latent statistics and a self-contained HTML page under --out.
     Report(ReportArgs),
@@ -175,6 +196,15 @@ struct PrecomputeArgs {
     /// Where the encoder runs: cpu, cuda, cuda:N, or cuda:0,1,… for one session per GPU fed from one queue [default: cpu].
     #[arg(long)]
     device: Option<String>,
+    /// Split the run into N partitions written by separate workers (Slurm, Kubernetes, Ray); every worker passes the same N [default: 0 = one process].
+    #[arg(long)]
+    partitions: Option<usize>,
+    /// The partitions this worker runs: I, I,J or I-J [default: from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX, SLURM_PROCID or RANK].
+    #[arg(long)]
+    partition: Option<String>,
+    /// Added to the array or job index: arrays longer than Slurm's MaxArraySize [default: 0].
+    #[arg(long)]
+    partition_offset: Option<usize>,
     /// Replace an output folder made with a different config instead of refusing it.
     #[arg(long)]
     overwrite: bool,
@@ -217,8 +247,14 @@ impl PrecomputeArgs {
             crop,
             limit,
             reducing_gap,
-            device
+            device,
+            partitions,
+            partition_offset
         );
+        if self.partition.is_some() {
+            c.partition = self.partition;
+            c.set_by_flag("partition");
+        }
         if self.buckets.is_some() {
             c.buckets = self.buckets;
             c.set_by_flag("buckets");
@@ -263,6 +299,50 @@ fn run() -> Result<()> {
                 return Ok(());
             }
             pipeline::precompute(&config)?.print();
+            Ok(())
+        }
+        Command::Plan(args) => {
+            let (config, _) = args.into_config()?;
+            let plan = partition::make_plan(&config)?;
+            print_out(&format!(
+                "plan: {} partitions over {} units (about {} each) in {}\n",
+                plan.partitions,
+                plan.units,
+                plan.units.div_ceil(plan.partitions.max(1)),
+                config.out.display()
+            ));
+            Ok(())
+        }
+        Command::Status {
+            shards,
+            json,
+            max_array_size,
+        } => {
+            let status = partition::status(&shards, max_array_size)?;
+            if json {
+                print_out(&(serde_json::to_string(&status)? + "\n"));
+            } else {
+                print_out(&status.text(&shards));
+            }
+            Ok(())
+        }
+        Command::Finalize { shards } => {
+            let done = partition::finalize(&shards)?;
+            eprintln!(
+                "finalized {}: {} partitions, {} rows in {} shards{}",
+                shards.display(),
+                done.partitions,
+                done.rows,
+                done.shards,
+                if done.duplicates > 0 {
+                    format!(
+                        ", {} cross-partition duplicates dropped (--dedupe)",
+                        done.duplicates
+                    )
+                } else {
+                    String::new()
+                }
+            );
             Ok(())
         }
         Command::Report(args) => {

@@ -6,8 +6,7 @@
 //! the open shards are committed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +19,7 @@ use crate::batch::{Batch, Batcher};
 use crate::config::PrecomputeConfig;
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
-use crate::format::{self, LOCK, RUNS};
-use crate::lock::OutputLock;
+use crate::format::Scope;
 use crate::plan::RunPlan;
 use crate::progress::Progress;
 use crate::resize::Prepared;
@@ -66,6 +64,8 @@ pub struct RunSummary {
     pub identity_hash: String,
     /// A signal stopped the run before every input was seen.
     pub interrupted: bool,
+    /// Object-store requests that failed transiently (5xx, throttling, resets) and were retried.
+    pub retried_requests: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -76,6 +76,33 @@ pub struct StageBusy {
 }
 
 impl RunSummary {
+    /// Adds another partition's counts (a worker that ran several).
+    pub fn add(&mut self, other: &RunSummary) {
+        self.encoded += other.encoded;
+        self.already_committed += other.already_committed;
+        self.pruned += other.pruned;
+        self.failed += other.failed;
+        self.duplicates += other.duplicates;
+        for (kind, n) in &other.failures {
+            *self.failures.entry(kind.clone()).or_default() += n;
+        }
+        self.shards += other.shards;
+        self.rows += other.rows;
+        for (shape, n) in &other.buckets {
+            *self.buckets.entry(shape.clone()).or_default() += n;
+        }
+        self.seconds += other.seconds;
+        self.images_per_second = self.encoded as f64 / self.seconds.max(1e-9);
+        self.decode_threads = other.decode_threads;
+        self.encode_threads = other.encode_threads;
+        self.busy_seconds.decode_resize += other.busy_seconds.decode_resize;
+        self.busy_seconds.encode += other.busy_seconds.encode;
+        self.busy_seconds.write += other.busy_seconds.write;
+        self.identity_hash = other.identity_hash.clone();
+        self.interrupted |= other.interrupted;
+        self.retried_requests = other.retried_requests;
+    }
+
     /// The stage that limited throughput: the one busiest for its share of threads.
     pub fn bottleneck(&self) -> &'static str {
         let decode = self.busy_seconds.decode_resize / self.decode_threads.max(1) as f64;
@@ -138,6 +165,10 @@ impl RunSummary {
                 .collect();
             eprintln!("buckets: {}", line.join(", "));
         }
+        // A worker whose partitions were all done already ran no stage.
+        if self.decode_threads == 0 {
+            return;
+        }
         eprintln!(
             "busy: decode+resize {:.1} s over {} thread(s), encode {:.1} s ({} ONNX Runtime thread(s)), write {:.1} s; bottleneck: {}",
             self.busy_seconds.decode_resize,
@@ -147,21 +178,42 @@ impl RunSummary {
             self.busy_seconds.write,
             self.bottleneck()
         );
+        if self.retried_requests > 0 {
+            eprintln!(
+                "object storage: {} request(s) failed transiently and were retried with back-off",
+                self.retried_requests
+            );
+        }
     }
 }
 
-/// Set by SIGINT, SIGTERM or SIGUSR1 (Slurm's pre-emption warning); a second signal exits at
-/// once with 128 + the signal's number.
-fn stop_flag() -> Result<Arc<AtomicBool>> {
+/// Set by SIGINT, SIGTERM or SIGUSR1 (Slurm's pre-emption warning). A second signal more than
+/// `REPEAT_GRACE` after the first exits at once with 128 + the signal's number; one sooner is the
+/// same request again (`scancel` signals both the batch script and the worker, and the script
+/// forwards its copy), so the worker still commits what it has.
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
+    static FIRST_MS: AtomicU64 = AtomicU64::new(0);
+    const REPEAT_GRACE_MS: u64 = 2000;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGUSR1,
     ] {
-        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, stop.clone())
-            .context("cannot install a signal handler")?;
-        signal_hook::flag::register(signal, stop.clone())
+        let stop = stop.clone();
+        let action = move || {
+            // Only atomics, clock_gettime and _exit: all async-signal-safe.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if !stop.swap(true, Ordering::SeqCst) {
+                FIRST_MS.store(now, Ordering::SeqCst);
+            } else if now.saturating_sub(FIRST_MS.load(Ordering::SeqCst)) > REPEAT_GRACE_MS {
+                signal_hook::low_level::exit(128 + signal);
+            }
+        };
+        // SAFETY: the action only touches atomics, reads the clock and calls `_exit`.
+        unsafe { signal_hook::low_level::register(signal, action) }
             .context("cannot install a signal handler")?;
     }
     Ok(stop)
@@ -186,8 +238,14 @@ struct RunRecord<'a> {
     captions: Option<String>,
 }
 
-fn record_run(config: &PrecomputeConfig, plan: &RunPlan) -> Result<()> {
-    let out = std::fs::canonicalize(&config.out).unwrap_or_else(|_| config.out.clone());
+fn record_run(config: &PrecomputeConfig, plan: &RunPlan, scope: Scope) -> Result<()> {
+    let out = match plan.out.local_root() {
+        Some(root) => std::fs::canonicalize(root)
+            .unwrap_or_else(|_| root.to_path_buf())
+            .display()
+            .to_string(),
+        None => plan.out.describe(),
+    };
     let record = RunRecord {
         started: crate::lock::now_utc(),
         host: crate::lock::hostname(),
@@ -195,7 +253,7 @@ fn record_run(config: &PrecomputeConfig, plan: &RunPlan) -> Result<()> {
         version: env!("CARGO_PKG_VERSION"),
         identity_hash: &plan.metadata.identity_hash,
         input: plan.input.display().to_string(),
-        out: out.display().to_string(),
+        out,
         threads: config.threads,
         batch_size: config.batch_size,
         shard_rows: config.shard_rows,
@@ -204,39 +262,50 @@ fn record_run(config: &PrecomputeConfig, plan: &RunPlan) -> Result<()> {
         max_failures: config.max_failures,
         captions: config.captions.as_ref().map(|p| p.display().to_string()),
     };
-    let path = config.out.join(RUNS);
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(file, "{}", serde_json::to_string(&record)?)?;
-    Ok(())
+    // Object stores cannot append: the (small) file is read and written whole, here as locally.
+    let mut runs = plan.out.read(&scope.runs())?.unwrap_or_default();
+    serde_json::to_writer(&mut runs, &record)?;
+    runs.push(b'\n');
+    plan.out.write(&scope.runs(), &runs)
 }
 
 /// Runs `precompute`: the plan checks everything before the first image and writes nothing;
-/// then the output folder is locked, opened and written.
+/// then the output folder is locked, opened and written. With `--partitions`, this process is a
+/// worker of a many-worker run (`partition::work`).
 pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
-    let plan = crate::plan::plan(config)?;
-    std::fs::create_dir_all(&config.out)
-        .with_context(|| format!("cannot create --out {}", config.out.display()))?;
-    let _lock = OutputLock::acquire(&config.out, LOCK)?;
+    if config.partitions > 0 {
+        return crate::partition::work(config);
+    }
+    let plan = crate::plan::plan(config, Scope::Whole)?;
+    let stop = stop_flag()?;
+    precompute_scope(plan, Scope::Whole, &stop)
+}
+
+/// Locks, opens and writes one scope of the set (all of it, or one partition).
+pub fn precompute_scope(plan: RunPlan, scope: Scope, stop: &AtomicBool) -> Result<RunSummary> {
+    let config = &plan.config;
+    let out = plan.out.clone();
+    let _lock = out.lock(&scope.lock())?;
     // Another run may have finished between the plan's look and the lock: look again.
-    let state = resume::inspect_output(&config.out, &plan.identity, config.overwrite)?;
-    let committed = resume::open_output(&config.out, &plan.identity, state)?;
-    record_run(config, &plan)?;
+    let state = resume::inspect_output(out.as_ref(), &plan.identity, config.overwrite)?;
+    let committed = resume::open_output(out.as_ref(), &plan.identity, state, scope)?;
+    record_run(config, &plan, scope)?;
     if !committed.is_empty() {
         eprintln!(
             "{} holds {} committed rows of this identity: resuming",
-            config.out.display(),
+            out.describe(),
             committed.len()
         );
     }
-    let stop = stop_flag()?;
-    run(plan, &committed, &stop)
+    run(plan, scope, &committed, stop)
 }
 
-fn run(plan: RunPlan, committed: &Committed, stop: &AtomicBool) -> Result<RunSummary> {
+fn run(
+    plan: RunPlan,
+    scope: Scope,
+    committed: &Committed,
+    stop: &AtomicBool,
+) -> Result<RunSummary> {
     let RunPlan {
         config,
         source,
@@ -248,11 +317,13 @@ fn run(plan: RunPlan, committed: &Committed, stop: &AtomicBool) -> Result<RunSum
         rows,
         tensors,
         inputs,
+        out,
         ..
     } = plan;
     let config = &config;
     let mut writer = ShardWriter::new(
-        &config.out,
+        out.clone(),
+        scope,
         config.shard_rows,
         metadata.clone(),
         tensors,
@@ -329,9 +400,9 @@ fn run(plan: RunPlan, committed: &Committed, stop: &AtomicBool) -> Result<RunSum
     let pruned = if produced.interrupted {
         0
     } else {
-        resume::prune(committed, &produced.current)?
+        resume::prune(out.as_ref(), committed, &produced.current)?
     };
-    let manifest = write::manifest(&config.out)?;
+    let manifest = write::manifest(out.as_ref(), |shard| scope.owns(shard))?;
     let mut summary = RunSummary {
         encoded: totals.rows,
         already_committed: produced.skipped,
@@ -354,6 +425,7 @@ fn run(plan: RunPlan, committed: &Committed, stop: &AtomicBool) -> Result<RunSum
         },
         identity_hash: metadata.identity_hash.clone(),
         interrupted: produced.interrupted,
+        retried_requests: crate::object::transient_failures(),
         ..RunSummary::default()
     };
     for entry in &manifest {
@@ -362,7 +434,7 @@ fn run(plan: RunPlan, committed: &Committed, stop: &AtomicBool) -> Result<RunSum
     }
     summary.seconds = start.elapsed().as_secs_f64();
     summary.images_per_second = totals.rows as f64 / summary.seconds.max(1e-9);
-    let errors = config.out.join(format::ERRORS);
+    let errors = out.name(&scope.errors());
     if summary.interrupted {
         summary.print();
         bail!(
@@ -377,17 +449,20 @@ fn run(plan: RunPlan, committed: &Committed, stop: &AtomicBool) -> Result<RunSum
             summary.failed_fraction() * 100.0,
             config.knob("max_failures"),
             config.max_failures,
-            errors.display()
+            errors
         );
     }
-    if summary.rows == 0 {
+    if summary.rows == 0 && scope == Scope::Whole {
         summary.print();
         bail!(
             "no rows: none of the {inputs} inputs could be encoded, so no _SUCCESS is written (see {})",
-            errors.display()
+            errors
         );
     }
-    write::seal(&config.out, &manifest, &serde_json::to_value(&summary)?)?;
+    match scope {
+        Scope::Whole => write::seal(out.as_ref(), &manifest, &serde_json::to_value(&summary)?)?,
+        Scope::Partition(p) => crate::partition::mark_done(out.as_ref(), p, &manifest, &summary)?,
+    }
     Ok(summary)
 }
 

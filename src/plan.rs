@@ -4,20 +4,24 @@
 //! nothing is written: a refused run leaves the output folder as it was.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
 use crate::config::{LatentMode, PrecomputeConfig};
 use crate::encode::Encoder;
+use crate::format::{Scope, PLAN};
 use crate::format::{ShardMetadata, TensorColumns, FORMAT_VERSION};
 use crate::identity::{ModelIdentity, RunIdentity};
 use crate::model::{EncoderOutput, ModelCard};
+use crate::partition::PartitionPlan;
 use crate::resize::Framing;
 use crate::resume::{self, OutputState};
 use crate::rows::RowMaker;
 use crate::runtime::Device;
 use crate::sidecar::SidecarSchema;
 use crate::source::{ParquetColumns, Source};
+use crate::store::ShardStore;
 
 /// A batch's input tensor may take at most this many bytes; more is a configuration mistake
 /// (an allocation failure mid-run otherwise).
@@ -39,6 +43,8 @@ pub struct RunPlan {
     pub tensors: TensorColumns,
     /// Listed inputs (samples and failures), at most `--limit`.
     pub inputs: usize,
+    /// Where the shards go (`--out`: a folder or an `s3://` prefix, reachable: checked here).
+    pub out: Arc<dyn ShardStore>,
     pub output: OutputState,
 }
 
@@ -54,15 +60,16 @@ pub fn thread_split(budget: usize, device: &Device) -> (usize, usize) {
     }
 }
 
-/// Checks everything before any work; writes nothing.
-pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
+/// Checks everything before any work; writes nothing, except that a partition's worker creates
+/// the many-worker plan when it is the first (`partition::PartitionPlan::ensure`).
+pub fn plan(config: &PrecomputeConfig, scope: Scope) -> Result<RunPlan> {
     config.validate()?;
     let columns = ParquetColumns {
         image: config.image_column.clone(),
         key: config.key_column.clone(),
         caption: config.caption_column.clone(),
     };
-    let source = crate::source::open(&config.input, &columns)?;
+    let mut source = crate::source::open(&config.input, &columns)?;
     let input = config.input.clone();
     let card = ModelCard::resolve(&config.model).with_context(|| config.knob("model"))?;
     card.check_size(config.size)?;
@@ -72,27 +79,6 @@ pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
         Some(path) => crate::captions::load(path).with_context(|| config.knob("captions"))?,
         None => Default::default(),
     };
-    // Metadata columns are the same in every shard, so the schema is inferred before any work;
-    // the same pass counts the inputs.
-    let limit = if config.limit > 0 {
-        config.limit
-    } else {
-        usize::MAX
-    };
-    let mut inputs = 0;
-    let (sidecars, unreadable) =
-        SidecarSchema::infer(source.metadata_pass().take(limit).inspect(|_| inputs += 1));
-    if inputs == 0 {
-        bail!(
-            "--input {} holds no images (jpg, png, webp, gif, bmp or tiff files, searched \
-             recursively, or samples in tar or Parquet files): nothing to do",
-            config.input.display()
-        );
-    }
-    if unreadable > 0 {
-        eprintln!("warning: {unreadable} .json sidecar(s) are not JSON objects and were ignored");
-    }
-
     let device = Device::parse(&config.device)?;
     let (decode_threads, encode_threads) = thread_split(config.thread_budget(), &device);
     let encoders = device
@@ -106,7 +92,28 @@ pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
         ModelIdentity::of(&card, encoder_sha256.clone()),
         framing.clone(),
     );
-    let output = resume::inspect_output(&config.out, &identity, config.overwrite)?;
+    let out = crate::store::open(&config.out).with_context(|| config.knob("out"))?;
+    let output = resume::inspect_output(out.as_ref(), &identity, config.overwrite)?;
+    // Metadata columns are the same in every shard, so the schema is inferred before any work;
+    // the same pass counts the inputs. A partition takes the schema of the whole run's plan.
+    let (sidecars, inputs) = match scope {
+        Scope::Whole => {
+            if out.read(PLAN)?.is_some() {
+                bail!(
+                    "--out {} is a many-worker run ({PLAN}): run its workers with --partitions, then \
+                     `vae-pipeline finalize`",
+                    out.describe()
+                );
+            }
+            whole_metadata(config, source.as_ref())?
+        }
+        Scope::Partition(p) => {
+            let fixed =
+                PartitionPlan::ensure(out.as_ref(), config.partitions, &identity, source.as_ref())?;
+            source.restrict(fixed.range(p));
+            (fixed.sidecars, source.metadata_pass().count())
+        }
+    };
     let metadata = ShardMetadata {
         format_version: FORMAT_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -143,8 +150,35 @@ pub fn plan(config: &PrecomputeConfig) -> Result<RunPlan> {
         },
         tensors,
         inputs,
+        out,
         output,
     })
+}
+
+/// The metadata schema and input count of a whole run (at most `--limit` inputs).
+fn whole_metadata(
+    config: &PrecomputeConfig,
+    source: &dyn Source,
+) -> Result<(SidecarSchema, usize)> {
+    let limit = if config.limit > 0 {
+        config.limit
+    } else {
+        usize::MAX
+    };
+    let mut inputs = 0;
+    let (sidecars, unreadable) =
+        SidecarSchema::infer(source.metadata_pass().take(limit).inspect(|_| inputs += 1));
+    if inputs == 0 {
+        bail!(
+            "--input {} holds no images (jpg, png, webp, gif, bmp or tiff files, searched \
+             recursively, or samples in tar or Parquet files): nothing to do",
+            config.input.display()
+        );
+    }
+    if unreadable > 0 {
+        eprintln!("warning: {unreadable} .json sidecar(s) are not JSON objects and were ignored");
+    }
+    Ok((sidecars, inputs))
 }
 
 /// Refuses a batch size whose input tensor alone would not fit in memory.

@@ -5,7 +5,6 @@
 //! second manifest to fall out of step.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use arrow_array::{
@@ -15,11 +14,11 @@ use arrow_schema::DataType;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use serde::{Deserialize, Serialize};
 
-use crate::format::{self, CONFIG, ERRORS, LOCK, MANIFEST, RUNS, SUCCESS};
+use crate::format::{self, Scope, CONFIG, ERRORS, MANIFEST, PARTITIONS, PLAN, RUNS, SUCCESS};
 use crate::identity::RunIdentity;
 use crate::rows::{metadata_digest, MetadataDigest};
 use crate::sidecar::Scalar;
-use crate::store;
+use crate::store::{Commit, ShardStore};
 
 /// One committed row: where it is and what it was made from.
 #[derive(Debug, Clone, Copy)]
@@ -31,9 +30,9 @@ struct CommittedRow {
 }
 
 /// Rows an earlier run committed, by key.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Committed {
-    shards: Vec<PathBuf>,
+    shards: Vec<String>,
     rows: HashMap<String, Vec<CommittedRow>>,
 }
 
@@ -67,12 +66,16 @@ impl Committed {
         self.rows.is_empty()
     }
 
-    /// Reads key, source hash, caption and metadata columns of every shard (never a tensor).
-    pub fn read(out: &Path) -> Result<Self> {
+    /// Reads key, source hash, caption and metadata columns of every shard of `scope` (never a
+    /// tensor).
+    pub fn read(out: &dyn ShardStore, scope: Scope) -> Result<Self> {
         let mut committed = Committed::default();
-        for shard in format::shard_files(out)? {
+        for shard in format::shard_files(out)?
+            .into_iter()
+            .filter(|s| scope.owns(s))
+        {
             let index = committed.shards.len();
-            read_rows(&shard, |row, key, sha256, digest| {
+            read_rows(out, &shard, |row, key, sha256, digest| {
                 committed.rows.entry(key).or_default().push(CommittedRow {
                     shard: index,
                     row,
@@ -96,24 +99,22 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
-    pub fn read(out: &Path) -> Result<Option<Self>> {
-        let path = out.join(CONFIG);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    pub fn read(out: &dyn ShardStore) -> Result<Option<Self>> {
+        let Some(bytes) = out.read(CONFIG)? else {
+            return Ok(None);
         };
+        let text = String::from_utf8_lossy(&bytes);
         if text.lines().any(|l| l.starts_with("config_hash = ")) {
             bail!(
                 "{} was written by an older vae-pipeline (shard format 1). Pass --overwrite to \
                  rewrite the set in format {}, or use another --out",
-                out.display(),
+                out.describe(),
                 format::FORMAT_VERSION
             );
         }
         toml::from_str(&text)
             .map(Some)
-            .with_context(|| format!("{} is not a vae-pipeline {CONFIG}", path.display()))
+            .with_context(|| format!("{} is not a vae-pipeline {CONFIG}", out.name(CONFIG)))
     }
 
     pub fn to_toml(&self) -> String {
@@ -136,21 +137,20 @@ pub enum OutputState {
 }
 
 /// Checks `--out` for this run without touching it:
-/// - missing or empty (or holding only a lock file): fresh;
+/// - missing or empty (or holding only a lock or a many-worker plan): fresh;
 /// - same identity: resume;
 /// - another identity: refused with the settings that differ, or replaced with `overwrite`;
 /// - anything else: refused.
-pub fn inspect_output(out: &Path, identity: &RunIdentity, overwrite: bool) -> Result<OutputState> {
-    if !out.exists() {
-        return Ok(OutputState::Fresh);
-    }
-    if !out.is_dir() {
-        bail!("--out {} exists and is not a folder", out.display());
-    }
-    let has_entries = std::fs::read_dir(out)
-        .with_context(|| format!("cannot read --out {}", out.display()))?
-        .flatten()
-        .any(|e| e.file_name() != LOCK);
+pub fn inspect_output(
+    out: &dyn ShardStore,
+    identity: &RunIdentity,
+    overwrite: bool,
+) -> Result<OutputState> {
+    let has_entries = out
+        .list()
+        .with_context(|| format!("cannot read --out {}", out.describe()))?
+        .iter()
+        .any(|name| !is_lock(name) && name != PLAN);
     if !has_entries {
         return Ok(OutputState::Fresh);
     }
@@ -159,7 +159,7 @@ pub fn inspect_output(out: &Path, identity: &RunIdentity, overwrite: bool) -> Re
         Ok(None) => bail!(
             "--out {} is not empty and holds no {CONFIG}: it was not written by vae-pipeline. \
              Choose an empty or new folder",
-            out.display()
+            out.describe()
         ),
         Err(_) if overwrite => return Ok(OutputState::Replace),
         Err(e) => return Err(e),
@@ -174,7 +174,7 @@ pub fn inspect_output(out: &Path, identity: &RunIdentity, overwrite: bool) -> Re
     bail!(
         "--out {} holds shards made with different settings:\n  {}\nUse another --out, or pass \
          --overwrite to replace them",
-        out.display(),
+        out.describe(),
         if differences.is_empty() {
             format!(
                 "identity_hash {} there, {} now",
@@ -190,66 +190,68 @@ pub fn inspect_output(out: &Path, identity: &RunIdentity, overwrite: bool) -> Re
 /// Makes `--out` ready to write, under its lock: a fresh or replaced folder records the identity;
 /// a resumed one loses a killed run's temporary files and `_SUCCESS`, and hands on its committed
 /// rows.
-pub fn open_output(out: &Path, identity: &RunIdentity, state: OutputState) -> Result<Committed> {
+pub fn open_output(
+    out: &dyn ShardStore,
+    identity: &RunIdentity,
+    state: OutputState,
+    scope: Scope,
+) -> Result<Committed> {
     let mut committed = Committed::default();
+    if let Some(root) = out.local_root() {
+        crate::store::LocalStore::new(root).remove_temporaries(scope)?;
+    }
     match state {
         OutputState::Resume => {
-            remove_temporaries(out)?;
-            store::remove_if_present(&out.join(SUCCESS))?;
-            committed = Committed::read(out)?;
+            out.remove(SUCCESS)?;
+            committed = Committed::read(out, scope)?;
         }
         OutputState::Replace => remove_outputs(out)?,
-        OutputState::Fresh => remove_temporaries(out)?,
+        OutputState::Fresh => {}
     }
     let config = ConfigFile {
         format_version: format::FORMAT_VERSION,
         identity_hash: identity.hash(),
         identity: identity.clone(),
     };
-    store::write_atomic(&out.join(CONFIG), config.to_toml().as_bytes())
-        .with_context(|| format!("--out {} is not writable", out.display()))?;
+    out.write(CONFIG, config.to_toml().as_bytes())
+        .with_context(|| format!("--out {} is not writable", out.describe()))?;
     Ok(committed)
 }
 
-/// Temporary files (`.NAME.tmp`) a killed run left, in the output folder and its shard folders.
-fn remove_temporaries(out: &Path) -> Result<()> {
-    let mut dirs = vec![out.to_path_buf()];
-    dirs.extend(format::shape_dirs(out)?);
-    for dir in dirs {
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            if format::is_tmp_name(&entry.file_name().to_string_lossy()) {
-                store::remove_if_present(&entry.path())?;
-            }
+/// A writer's lock (the set's or a partition's): never removed, never content.
+fn is_lock(name: &str) -> bool {
+    name == format::LOCK || (name.starts_with(PARTITIONS) && name.ends_with(".lock"))
+}
+
+/// Removes what vae-pipeline wrote (shards, side files), never foreign files or the locks.
+fn remove_outputs(out: &dyn ShardStore) -> Result<()> {
+    for name in out.list()? {
+        let ours = match name.split_once('/') {
+            Some((dir, _)) => format::parse_shape_dir(dir).is_some(),
+            None => [ERRORS, MANIFEST, SUCCESS, CONFIG, RUNS, PLAN].contains(&name.as_str()),
+        };
+        let ours = ours || (name.starts_with(PARTITIONS) && !is_lock(&name));
+        if ours {
+            out.remove(&name)?;
         }
     }
     Ok(())
 }
 
-/// Removes what vae-pipeline wrote (shard folders, side files), never foreign files or the lock.
-fn remove_outputs(out: &Path) -> Result<()> {
-    for dir in format::shape_dirs(out)? {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("cannot remove {}", dir.display()))?;
-    }
-    for name in [ERRORS, MANIFEST, SUCCESS, CONFIG, RUNS] {
-        store::remove_if_present(&out.join(name))?;
-    }
-    remove_temporaries(out)
-}
-
 /// Calls `each(row index, key, source hash, metadata digest)` for every row of `shard`, reading
 /// only the key, hash, caption and metadata columns.
 fn read_rows(
-    shard: &Path,
+    out: &dyn ShardStore,
+    shard: &str,
     mut each: impl FnMut(usize, String, [u8; 32], MetadataDigest),
 ) -> Result<()> {
     let context = || {
         format!(
             "cannot read committed shard {} (remove it, or pass --overwrite)",
-            shard.display()
+            out.name(shard)
         )
     };
-    let builder = format::open(shard).with_context(context)?;
+    let builder = format::open(out, shard).with_context(context)?;
     let schema = builder.schema().clone();
     let extra = format::extra_columns(&schema);
     let mut wanted = vec![format::KEY, format::SOURCE_SHA256, format::CAPTION];
@@ -329,7 +331,11 @@ fn key_columns(batch: &RecordBatch) -> Result<(&StringArray, &FixedSizeBinaryArr
 /// rows of changed, vanished or now-unusable sources and duplicates a killed run may have left.
 /// Each affected shard is rewritten a row group at a time and renamed into place. Returns how
 /// many rows were dropped.
-pub fn prune(committed: &Committed, current: &HashMap<String, Current>) -> Result<usize> {
+pub fn prune(
+    out: &dyn ShardStore,
+    committed: &Committed,
+    current: &HashMap<String, Current>,
+) -> Result<usize> {
     let mut rows_in = vec![0usize; committed.shards.len()];
     let mut keep: Vec<HashSet<usize>> = vec![HashSet::new(); committed.shards.len()];
     for (key, rows) in &committed.rows {
@@ -351,7 +357,7 @@ pub fn prune(committed: &Committed, current: &HashMap<String, Current>) -> Resul
     for ((shard, keep), rows) in committed.shards.iter().zip(&keep).zip(rows_in) {
         if keep.len() < rows {
             dropped += rows - keep.len();
-            rewrite_keeping(shard, keep)?;
+            rewrite_keeping(out, shard, keep)?;
         }
     }
     Ok(dropped)
@@ -360,20 +366,18 @@ pub fn prune(committed: &Committed, current: &HashMap<String, Current>) -> Resul
 /// Rewrites `shard` with only the rows at the indices in `keep` (same schema, metadata and
 /// properties). Reads, filters and writes a quarter of a row group at a time, so memory stays
 /// well under one row group however large the shard is.
-fn rewrite_keeping(shard: &Path, keep: &HashSet<usize>) -> Result<()> {
+pub fn rewrite_keeping(out: &dyn ShardStore, shard: &str, keep: &HashSet<usize>) -> Result<()> {
     if keep.is_empty() {
-        return store::remove_if_present(shard);
+        return out.remove(shard);
     }
-    let builder = format::open(shard)?;
-    let footer = format::footer_of(&builder, shard)?;
+    let builder = format::open(out, shard)?;
+    let footer = format::footer_of(&builder, &out.name(shard))?;
     // A quarter of a row group in flight at each step (read, filtered, buffered for writing).
     let group =
         (format::group_rows(format::row_tensor_bytes(&footer.schema), usize::MAX) / 4).max(1);
     let props = format::writer_properties(&footer.metadata, group)?;
-    let tmp = format::tmp_name(shard);
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let rewrite = || -> Result<std::fs::File> {
+    let file = out.create(shard, Commit::Replace)?;
+    let rewrite = || -> Result<Box<dyn crate::store::PendingFile>> {
         let mut writer = ArrowWriter::try_new(file, footer.schema.clone(), Some(props))?;
         let mut row = 0;
         for batch in builder.with_batch_size(group).build()? {
@@ -386,10 +390,7 @@ fn rewrite_keeping(shard: &Path, keep: &HashSet<usize>) -> Result<()> {
         }
         Ok(writer.into_inner()?)
     };
-    let written = rewrite().and_then(|f| Ok(f.sync_all()?));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot rewrite {}", shard.display())));
-    }
-    store::rename_durably(&tmp, shard)
+    rewrite()
+        .and_then(|file| file.commit())
+        .with_context(|| format!("cannot rewrite {}", out.name(shard)))
 }

@@ -3,7 +3,8 @@
 //! its rows (key, source hash, geometry, caption, stored latents as `f32`) in shard order, a
 //! batch at a time. The format itself is `format`'s.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use arrow_array::{
@@ -13,6 +14,7 @@ use parquet::arrow::ProjectionMask;
 
 use crate::format::{self, ShardMetadata};
 use crate::identity::RunIdentity;
+use crate::store::ShardStore;
 
 /// What every shard of the set records about how its latents were made.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,8 +27,8 @@ pub struct ShardInfo {
 
 /// A shard set: its Parquet files in path order and what they share.
 pub struct ShardSet {
-    pub dir: PathBuf,
-    pub files: Vec<PathBuf>,
+    pub store: Arc<dyn ShardStore>,
+    pub files: Vec<String>,
     pub info: ShardInfo,
     pub rows: usize,
     /// `_SUCCESS` is present: the run that wrote the set finished.
@@ -57,10 +59,11 @@ impl ShardSet {
     /// Lists the set's shards (as `format` defines them) and checks that they agree on how
     /// their latents were made.
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
+        if !dir.to_string_lossy().contains("://") && !dir.is_dir() {
             bail!("--shards {} is not a folder", dir.display());
         }
-        let files = format::shard_files(dir)?;
+        let store = crate::store::open(dir)?;
+        let files = format::shard_files(store.as_ref())?;
         let Some(first) = files.first() else {
             bail!(
                 "--shards {} holds no shards (<W>x<H>/part-*.parquet); pass the --out folder of a \
@@ -68,17 +71,17 @@ impl ShardSet {
                 dir.display()
             );
         };
-        let info = read_info(first)?;
+        let info = read_info(store.as_ref(), first)?;
         let mut rows = 0;
         for file in &files {
-            let footer = format::footer(file)?;
+            let footer = format::footer(store.as_ref(), file)?;
             if footer.metadata.identity_hash != info.metadata.identity_hash {
                 bail!(
                     "--shards {}: {} and {} record different runs (identity {} and {}); report on \
                      one shard set at a time",
                     dir.display(),
-                    file.display(),
-                    first.display(),
+                    file,
+                    first,
                     footer.metadata.identity_hash,
                     info.metadata.identity_hash
                 );
@@ -86,8 +89,8 @@ impl ShardSet {
             rows += footer.rows;
         }
         Ok(ShardSet {
-            dir: dir.to_path_buf(),
-            complete: dir.join(format::SUCCESS).exists(),
+            complete: store.read(format::SUCCESS)?.is_some(),
+            store,
             files,
             info,
             rows,
@@ -106,7 +109,7 @@ impl ShardSet {
     ) -> Result<()> {
         let mut left = limit;
         for file in &self.files {
-            let builder = format::open(file)?;
+            let builder = format::open(self.store.as_ref(), file)?;
             let shape = format::tensor_shape(builder.schema().field_with_name("latent")?)?;
             let builder = if tensors {
                 builder
@@ -126,10 +129,10 @@ impl ShardSet {
                 if left == 0 {
                     return Ok(());
                 }
-                let batch = batch.with_context(|| format!("reading {}", file.display()))?;
+                let batch = batch.with_context(|| format!("reading {}", self.store.name(file)))?;
                 let mut rows = self
                     .rows_of(&batch, shape)
-                    .with_context(|| format!("reading {}", file.display()))?;
+                    .with_context(|| format!("reading {}", self.store.name(file)))?;
                 rows.truncate(left);
                 left -= rows.len();
                 each(rows)?;
@@ -192,12 +195,12 @@ impl ShardSet {
     }
 }
 
-fn read_info(path: &Path) -> Result<ShardInfo> {
-    let metadata = format::footer(path)?.metadata;
+fn read_info(store: &dyn ShardStore, shard: &str) -> Result<ShardInfo> {
+    let metadata = format::footer(store, shard)?.metadata;
     let identity = RunIdentity::from_toml(&metadata.identity).with_context(|| {
         format!(
             "{}: vae_pipeline.identity is not an identity this vae-pipeline reads",
-            path.display()
+            store.name(shard)
         )
     })?;
     Ok(ShardInfo { metadata, identity })

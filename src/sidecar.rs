@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray};
 use arrow_schema::DataType;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The inferred type of one field: the narrowest that holds every value seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FieldType {
     Bool,
     Int,
@@ -61,7 +63,7 @@ pub enum Scalar {
 }
 
 /// The run's sidecar columns: (column name, JSON field, type), sorted by field.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SidecarSchema {
     pub fields: Vec<(String, String, FieldType)>,
 }

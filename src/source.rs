@@ -6,7 +6,6 @@
 //! whose samples are streamed by one reader thread ahead of the decode pool.
 
 mod files;
-mod object;
 mod parquet;
 mod spec;
 mod webdataset;
@@ -16,6 +15,7 @@ pub use parquet::ParquetColumns;
 pub use spec::open;
 
 use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -110,6 +110,11 @@ pub trait Source: Sync {
     /// The sample a key names, to read it again (`report --shards`); None for a key this
     /// source cannot hold.
     fn locate(&self, key: &str) -> Option<SampleRef>;
+    /// What a many-worker run splits into partitions (`partition`), in `list` order: each listed
+    /// item of a folder, each named file (image, tar, Parquet file) otherwise.
+    fn units(&self) -> Vec<String>;
+    /// From now on, lists only the units at `range` (indices into `units`).
+    fn restrict(&mut self, range: Range<usize>);
     /// One item per `list` item, with the JSON metadata alone (failures: absent), for the
     /// column schema inferred before work; a source may skip the image bytes here.
     fn metadata_pass(&self) -> Box<dyn Iterator<Item = MetadataRead> + Send + '_> {
@@ -124,13 +129,38 @@ pub trait Source: Sync {
 /// (metadata). Walked recursively in name order; symlinks followed, loops reported.
 pub struct FolderSource {
     root: PathBuf,
+    /// The listed items kept (`restrict`), by index.
+    only: Option<Range<usize>>,
 }
 
 impl FolderSource {
     pub fn new(root: &Path) -> Self {
         FolderSource {
             root: root.to_path_buf(),
+            only: None,
         }
+    }
+
+    /// Every item of the walk, restricted or not.
+    fn walk(&self) -> impl Iterator<Item = Result<SampleRef, Failure>> + Send + '_ {
+        WalkDir::new(&self.root)
+            .follow_links(true)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_map(move |entry| match entry {
+                Ok(e) if e.file_type().is_file() => self.classify(e.path()),
+                Ok(_) => None,
+                Err(err) => {
+                    let key = err
+                        .path()
+                        .map_or_else(|| "<input>".into(), |p| key_of(&self.root, p));
+                    let message = match err.loop_ancestor() {
+                        Some(a) => format!("symlink loop back to {}: not followed", a.display()),
+                        None => err.to_string(),
+                    };
+                    Some(Err(Failure::new(key, FailureKind::Io, message)))
+                }
+            })
     }
 
     fn classify(&self, path: &Path) -> Option<Result<SampleRef, Failure>> {
@@ -157,28 +187,29 @@ impl FolderSource {
 
 impl Source for FolderSource {
     fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_> {
-        Box::new(
-            WalkDir::new(&self.root)
-                .follow_links(true)
-                .sort_by_file_name()
-                .into_iter()
-                .filter_map(move |entry| match entry {
-                    Ok(e) if e.file_type().is_file() => self.classify(e.path()),
-                    Ok(_) => None,
-                    Err(err) => {
-                        let key = err
-                            .path()
-                            .map_or_else(|| "<input>".into(), |p| key_of(&self.root, p));
-                        let message = match err.loop_ancestor() {
-                            Some(a) => {
-                                format!("symlink loop back to {}: not followed", a.display())
-                            }
-                            None => err.to_string(),
-                        };
-                        Some(Err(Failure::new(key, FailureKind::Io, message)))
-                    }
-                }),
-        )
+        match self.only.clone() {
+            None => Box::new(self.walk()),
+            Some(range) => Box::new(
+                self.walk()
+                    .enumerate()
+                    .skip(range.start)
+                    .take_while(move |(i, _)| range.contains(i))
+                    .map(|(_, item)| item),
+            ),
+        }
+    }
+
+    fn units(&self) -> Vec<String> {
+        self.walk()
+            .map(|item| match item {
+                Ok(sample) => sample.key,
+                Err(failure) => failure.key,
+            })
+            .collect()
+    }
+
+    fn restrict(&mut self, range: Range<usize>) {
+        self.only = Some(range);
     }
 
     fn load(&self, sample: SampleRef) -> Result<Sample, Failure> {

@@ -3,13 +3,14 @@
 //! say: a trainer's view of the set, not the run's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Result};
 use arrow_array::{Array, FixedSizeListArray, StringArray};
 use arrow_schema::DataType;
 
 use crate::format::{self, CONFIG, ERRORS, MANIFEST, SUCCESS};
+use crate::store::ShardStore;
 
 /// What `verify` found. `problems` empty means the set is complete and sane.
 #[derive(Debug, Default)]
@@ -58,12 +59,14 @@ impl Verdict {
 /// keys unique across the set; every latent finite; row counts equal to `_manifest.jsonl`; no
 /// foreign files among the shards. A shard that cannot be read is a problem, and the rest are
 /// still checked.
-pub fn verify(out: &Path) -> Result<Verdict> {
-    if !out.is_dir() {
-        bail!("{} is not a folder", out.display());
+pub fn verify(root: &Path) -> Result<Verdict> {
+    if !root.to_string_lossy().contains("://") && !root.is_dir() {
+        bail!("{} is not a folder", root.display());
     }
+    let store = crate::store::open(root)?;
+    let out = store.as_ref();
     let mut v = Verdict::default();
-    if !out.join(SUCCESS).exists() {
+    if out.read(SUCCESS)?.is_none() {
         v.problems.push(format!(
             "{SUCCESS} is missing: the run did not finish (rerun the same command to resume)"
         ));
@@ -83,21 +86,20 @@ pub fn verify(out: &Path) -> Result<Verdict> {
     let listing = format::list(out)?;
     for foreign in &listing.foreign {
         v.problems.push(format!(
-            "{}: not a shard file (`part-*.parquet`) in a shard folder; readers of the set would \
-             read it too: move it out",
-            format::relative(out, foreign)
+            "{foreign}: not a shard file (`part-*.parquet`) in a shard folder; readers of the set would \
+             read it too: move it out"
         ));
     }
     let mut keys: HashSet<String> = HashSet::new();
-    let mut folder_schema: HashMap<PathBuf, Vec<String>> = HashMap::new();
+    let mut folder_schema: HashMap<String, Vec<String>> = HashMap::new();
     let mut columns: Option<Vec<String>> = None;
     let mut seen = HashSet::new();
     for shard in &listing.shards {
-        let rel = format::relative(out, shard);
+        let rel = shard.clone();
         seen.insert(rel.clone());
         v.shards += 1;
         let rows = match check_shard(
-            shard,
+            out,
             &rel,
             identity_hash.as_deref(),
             &mut folder_schema,
@@ -138,16 +140,16 @@ pub fn verify(out: &Path) -> Result<Verdict> {
 
 /// Checks one shard; returns its rows. An error means it could not be read at all.
 fn check_shard(
-    shard: &Path,
+    out: &dyn ShardStore,
     rel: &str,
     identity_hash: Option<&str>,
-    folder_schema: &mut HashMap<PathBuf, Vec<String>>,
+    folder_schema: &mut HashMap<String, Vec<String>>,
     columns: &mut Option<Vec<String>>,
     keys: &mut HashSet<String>,
     problems: &mut Vec<String>,
 ) -> Result<usize> {
-    let builder = format::open(shard)?;
-    let footer = format::footer_of(&builder, shard)?;
+    let builder = format::open(out, rel)?;
+    let footer = format::footer_of(&builder, &out.name(rel))?;
     let schema = footer.schema.as_ref().clone();
     if let Some(hash) = identity_hash {
         if footer.metadata.identity_hash != hash {
@@ -157,7 +159,7 @@ fn check_shard(
             ));
         }
     }
-    let folder = shard.parent().expect("shard in a folder").to_path_buf();
+    let folder = rel.split('/').next().unwrap_or_default().to_string();
     // Columns and types decide whether a reader can concatenate the shards; the metadata is
     // checked through the identity above.
     let signature = format::column_signature(&schema);
@@ -223,8 +225,14 @@ fn check_shard(
     Ok(rows)
 }
 
-fn read_manifest(out: &Path, problems: &mut Vec<String>) -> Option<BTreeMap<String, i64>> {
-    let Ok(text) = std::fs::read_to_string(out.join(MANIFEST)) else {
+fn read_manifest(
+    out: &dyn ShardStore,
+    problems: &mut Vec<String>,
+) -> Option<BTreeMap<String, i64>> {
+    let Ok(Some(text)) = out
+        .read(MANIFEST)
+        .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    else {
         problems.push(format!("{MANIFEST} is missing"));
         return None;
     };
@@ -245,16 +253,21 @@ fn read_manifest(out: &Path, problems: &mut Vec<String>) -> Option<BTreeMap<Stri
 
 /// What a shard set holds, as text: rows and shards per shape folder, the latent's type and
 /// shape, the model and normalization, failures by kind, and the recorded identity.
-pub fn inspect(out: &Path) -> Result<String> {
+pub fn inspect(root: &Path) -> Result<String> {
     use std::fmt::Write;
+    let store = crate::store::open(root)?;
+    let out = store.as_ref();
     let shards = format::shard_files(out)?;
     if shards.is_empty() {
-        bail!("{} holds no shards (<W>x<H>/part-*.parquet)", out.display());
+        bail!(
+            "{} holds no shards (<W>x<H>/part-*.parquet)",
+            root.display()
+        );
     }
     let mut per_folder: BTreeMap<String, (usize, usize, String)> = BTreeMap::new();
     let mut meta = BTreeMap::new();
     for shard in &shards {
-        let footer = format::footer(shard)?;
+        let footer = format::footer(out, shard)?;
         let latent = footer
             .schema
             .field_with_name("latent")
@@ -282,17 +295,13 @@ pub fn inspect(out: &Path) -> Result<String> {
         ] {
             meta.insert(k, v);
         }
-        let folder = shard
-            .parent()
-            .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let folder = shard.split('/').next().unwrap_or_default().to_string();
         let entry = per_folder.entry(folder).or_insert((0, 0, latent));
         entry.0 += 1;
         entry.1 += footer.rows;
     }
     let mut text = String::new();
-    writeln!(text, "{}", out.display())?;
+    writeln!(text, "{}", root.display())?;
     for (folder, (n, rows, latent)) in &per_folder {
         writeln!(
             text,
@@ -303,7 +312,10 @@ pub fn inspect(out: &Path) -> Result<String> {
         writeln!(text, "  {k}: {v}")?;
     }
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-    if let Ok(errors) = std::fs::read_to_string(out.join(ERRORS)) {
+    if let Some(errors) = out
+        .read(ERRORS)?
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+    {
         for line in errors.lines() {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
                 *kinds
@@ -325,13 +337,16 @@ pub fn inspect(out: &Path) -> Result<String> {
     writeln!(
         text,
         "  complete: {}",
-        if out.join(SUCCESS).exists() {
+        if out.read(SUCCESS)?.is_some() {
             "yes (_SUCCESS)"
         } else {
             "no (_SUCCESS missing)"
         }
     )?;
-    if let Ok(config) = std::fs::read_to_string(out.join(CONFIG)) {
+    if let Some(config) = out
+        .read(CONFIG)?
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+    {
         writeln!(text, "  identity ({CONFIG}):")?;
         for line in config.lines().filter(|l| !l.starts_with('#')) {
             writeln!(text, "    {line}")?;

@@ -3,9 +3,6 @@
 //! (`seal`) `_manifest.jsonl` then `_SUCCESS`. The shard layout itself is `format`'s.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -16,9 +13,9 @@ use serde::Serialize;
 
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
-use crate::format::{self, ShardMetadata, StorageDType, TensorColumns, ERRORS, MANIFEST, SUCCESS};
+use crate::format::{self, Scope, ShardMetadata, StorageDType, TensorColumns, MANIFEST, SUCCESS};
 use crate::shard_file::ShardFile;
-use crate::store::{self, ShardStore};
+use crate::store::{Commit, ShardStore};
 
 /// One committed shard, as `_manifest.jsonl` lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -28,32 +25,32 @@ pub struct ManifestEntry {
     pub rows: i64,
 }
 
-/// Every shard in `out` with its row count, read from the Parquet footers.
-pub fn manifest(out: &Path) -> Result<Vec<ManifestEntry>> {
+/// Every shard in `out` that `owns` picks, with its row count, read from the Parquet footers.
+pub fn manifest(out: &dyn ShardStore, owns: impl Fn(&str) -> bool) -> Result<Vec<ManifestEntry>> {
     format::shard_files(out)?
-        .iter()
+        .into_iter()
+        .filter(|shard| owns(shard))
         .map(|shard| {
-            Ok(ManifestEntry {
-                path: format::relative(out, shard),
-                rows: format::footer(shard)?.rows as i64,
-            })
+            let rows = format::footer(out, &shard)?.rows as i64;
+            Ok(ManifestEntry { path: shard, rows })
         })
         .collect()
 }
 
 /// Marks a run complete: `_manifest.jsonl` lists `entries`, then `_SUCCESS` is written last
 /// with the run summary.
-pub fn seal(out: &Path, entries: &[ManifestEntry], summary: &serde_json::Value) -> Result<()> {
+pub fn seal(
+    out: &dyn ShardStore,
+    entries: &[ManifestEntry],
+    summary: &serde_json::Value,
+) -> Result<()> {
     let mut lines = Vec::new();
     for entry in entries {
         serde_json::to_writer(&mut lines, entry)?;
         lines.push(b'\n');
     }
-    store::write_atomic(&out.join(MANIFEST), &lines)?;
-    store::write_atomic(
-        &out.join(SUCCESS),
-        serde_json::to_string_pretty(summary)?.as_bytes(),
-    )
+    out.write(MANIFEST, &lines)?;
+    out.write(SUCCESS, serde_json::to_string_pretty(summary)?.as_bytes())
 }
 
 /// Counts a finished run hands to its summary.
@@ -84,8 +81,8 @@ impl WriteTotals {
 
 /// Streams rows into rotating Parquet shards, one folder per input shape.
 pub struct ShardWriter {
-    store: Box<dyn ShardStore>,
-    out: PathBuf,
+    store: Arc<dyn ShardStore>,
+    scope: Scope,
     shard_rows: usize,
     dtype: StorageDType,
     metadata: ShardMetadata,
@@ -95,9 +92,12 @@ pub struct ShardWriter {
     open: HashMap<(u32, u32), ShardFile>,
     /// Encodes row groups (see `shard_file`).
     pool: Arc<ThreadPool>,
-    next_part: HashMap<(u32, u32), usize>,
+    /// Per shape folder, the part number after the highest committed, so a resumed run never
+    /// reuses a name.
+    next_part: HashMap<String, usize>,
     schemas: HashMap<(u32, u32), SchemaRef>,
-    errors: BufWriter<File>,
+    /// `_errors.jsonl`, written whole when the writer closes.
+    errors: Vec<u8>,
     totals: WriteTotals,
 }
 
@@ -105,7 +105,8 @@ impl ShardWriter {
     /// `metadata` goes into every shard; `tensors` and `extra_columns` fix every shard's columns.
     /// Row groups are encoded on `threads` threads.
     pub fn new(
-        out: &Path,
+        store: Arc<dyn ShardStore>,
+        scope: Scope,
         shard_rows: usize,
         metadata: ShardMetadata,
         tensors: TensorColumns,
@@ -117,12 +118,18 @@ impl ShardWriter {
             .thread_name(|i| format!("write-{i}"))
             .build()
             .context("cannot start the write thread pool")?;
-        let errors_path = out.join(ERRORS);
-        let errors = File::create(&errors_path)
-            .with_context(|| format!("cannot create {}", errors_path.display()))?;
+        let mut next_part: HashMap<String, usize> = HashMap::new();
+        for shard in format::shard_files(store.as_ref())? {
+            if let Some((dir, name)) = shard.split_once('/') {
+                if let Some(n) = scope.part_number(name) {
+                    let next = next_part.entry(dir.to_string()).or_default();
+                    *next = (*next).max(n + 1);
+                }
+            }
+        }
         Ok(ShardWriter {
-            store: Box::new(store::LocalStore::new(out)),
-            out: out.to_path_buf(),
+            store,
+            scope,
             shard_rows,
             dtype: metadata.dtype,
             metadata,
@@ -130,9 +137,9 @@ impl ShardWriter {
             extra_columns,
             open: HashMap::new(),
             pool: Arc::new(pool),
-            next_part: HashMap::new(),
+            next_part,
             schemas: HashMap::new(),
-            errors: BufWriter::new(errors),
+            errors: Vec::new(),
             totals: WriteTotals::default(),
         })
     }
@@ -140,7 +147,7 @@ impl ShardWriter {
     /// Records an input that could not be used.
     pub fn record_failure(&mut self, failure: &Failure) -> Result<()> {
         serde_json::to_writer(&mut self.errors, failure)?;
-        self.errors.write_all(b"\n")?;
+        self.errors.push(b'\n');
         *self.totals.failures.entry(failure.kind).or_default() += 1;
         Ok(())
     }
@@ -185,16 +192,10 @@ impl ShardWriter {
 
     fn open_shard(&mut self, shape: (u32, u32), schema: SchemaRef) -> Result<ShardFile> {
         let dir_name = format::shape_dir_name(shape.0, shape.1);
-        let part = match self.next_part.get_mut(&shape) {
-            Some(part) => part,
-            None => {
-                let next = next_free_part(&self.out.join(&dir_name))?;
-                self.next_part.entry(shape).or_insert(next)
-            }
-        };
-        let rel = format!("{dir_name}/{}", format::part_name(*part));
+        let part = self.next_part.entry(dir_name.clone()).or_default();
+        let rel = format!("{dir_name}/{}", self.scope.part_name(*part));
         *part += 1;
-        let pending = self.store.create(&rel)?;
+        let pending = self.store.create(&rel, Commit::CreateOnly)?;
         let group = format::group_rows(format::row_tensor_bytes(&schema), self.shard_rows);
         let props = format::writer_properties(&self.metadata, group)?;
         ShardFile::new(pending, schema, props, group, self.pool.clone())
@@ -213,7 +214,7 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Commits every open shard and flushes `_errors.jsonl`.
+    /// Commits every open shard and writes the scope's errors (`_errors.jsonl`).
     pub fn close(mut self) -> Result<WriteTotals> {
         let mut open: Vec<_> = self.open.drain().collect();
         open.sort_by_key(|(shape, _)| *shape);
@@ -226,16 +227,17 @@ impl ShardWriter {
                 return Err(e);
             }
         }
-        self.errors.flush()?;
-        self.errors.get_ref().sync_all()?;
+        self.store.write(&self.scope.errors(), &self.errors)?;
         Ok(self.totals)
     }
 
-    /// After a failure: drops the unfinished shards, so nothing partial is left behind.
+    /// After a failure: drops the unfinished shards, so nothing partial is left behind, and
+    /// keeps the failures recorded so far.
     pub fn abort(self) {
         for shard in self.open.into_values() {
             shard.abort();
         }
+        let _ = self.store.write(&self.scope.errors(), &self.errors);
     }
 
     fn schema(&mut self, batch: &EncodedBatch) -> SchemaRef {
@@ -287,20 +289,4 @@ impl ShardWriter {
         }
         Ok(RecordBatch::try_new(schema, columns)?)
     }
-}
-
-/// The part number after the highest in `dir`, so a resumed run never reuses a name.
-fn next_free_part(dir: &Path) -> Result<usize> {
-    let mut next = 0;
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
-    };
-    for entry in entries.flatten() {
-        if let Some(n) = format::part_number(&entry.file_name().to_string_lossy()) {
-            next = next.max(n + 1);
-        }
-    }
-    Ok(next)
 }

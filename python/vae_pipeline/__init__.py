@@ -3,6 +3,8 @@
 - `find_bin()`: the installed `vae-pipeline` executable (as uv's `find_uv_bin`).
 - `read(shards)`: a shard set (or one shape folder of it) as a pyarrow Table whose tensor
   columns are ready for `to_numpy_ndarray()`.
+- `ShardRoot`: where a set lives, a folder or `s3://bucket/prefix` (pyarrow's S3 file system,
+  configured from the usual `AWS_*` environment, `AWS_ENDPOINT_URL` included).
 - `vae_pipeline.dataset`: a PyTorch-style dataset, sampler and collate for training.
 """
 from __future__ import annotations
@@ -14,9 +16,10 @@ import sysconfig
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["find_bin", "read", "FORMAT_VERSION"]
+__all__ = ["find_bin", "read", "ShardRoot", "FORMAT_VERSION"]
 
 #: The shard format these readers understand (FORMAT.md in the repository).
 FORMAT_VERSION = "2"
@@ -40,33 +43,77 @@ def find_bin() -> str:
     )
 
 
-def _shape_folders(root: Path) -> list[Path]:
-    if _SHAPE_DIR.match(root.name) and any(root.glob("part-*.parquet")):
-        return [root]
-    return sorted(d for d in root.iterdir() if d.is_dir() and _SHAPE_DIR.match(d.name))
+class ShardRoot:
+    """A shard set's root (or one of its `<W>x<H>` folders): a local folder or an object-store
+    URL such as `s3://bucket/prefix`, read through one pyarrow file system."""
+
+    def __init__(self, location):
+        text = str(location)
+        if "://" in text:
+            self.fs, path = pafs.FileSystem.from_uri(text)
+        else:
+            self.fs, path = pafs.LocalFileSystem(), str(Path(text).resolve())
+        self.path = path.rstrip("/")
+        self.uri = text
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
+    def folders(self) -> list[tuple[str, str]]:
+        """(name, path) of the folders directly under the root."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted((i.base_name, i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+    def parts(self, folder: str) -> list[str]:
+        """The `part-*.parquet` shards in a folder, sorted."""
+        infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        return sorted(i.path for i in infos
+                      if i.type == pafs.FileType.File and i.base_name.startswith("part-")
+                      and i.base_name.endswith(".parquet"))
+
+    def parquet_file(self, path: str) -> pq.ParquetFile:
+        return pq.ParquetFile(path, filesystem=self.fs)
+
+    def read_table(self, path: str, columns=None) -> pa.Table:
+        return pq.read_table(path, columns=columns, filesystem=self.fs, memory_map=self.local)
+
+
+def _shape_folders(root: ShardRoot) -> list[tuple[str, str]]:
+    if _SHAPE_DIR.match(root.name) and root.parts(root.path):
+        return [(root.name, root.path)]
+    return [(n, p) for n, p in root.folders() if _SHAPE_DIR.match(n)]
 
 
 def read(shards, shape: str | None = None) -> pa.Table:
     """Read a shard set's rows into one pyarrow Table, tensor columns combined into single
     chunks: `read(s).column("latent").chunk(0).to_numpy_ndarray()` is `(N, C, h, w)`.
 
-    `shards` is a `precompute --out` folder or one of its `<W>x<H>` folders. A set with several
-    window sizes (buckets) holds tensors of several shapes: pass `shape="WxH"` to pick one.
+    `shards` is a `precompute --out` folder or one of its `<W>x<H>` folders, local or an
+    `s3://bucket/prefix` URL. A set with several window sizes (buckets) holds tensors of several
+    shapes: pass `shape="WxH"` to pick one.
     """
-    root = Path(shards)
+    root = ShardRoot(shards)
     folders = _shape_folders(root)
     if shape is not None:
-        folders = [f for f in folders if f.name == shape]
+        folders = [f for f in folders if f[0] == shape]
     if not folders:
-        raise FileNotFoundError(f"no <W>x<H>/part-*.parquet shards under {root}" + (f" for {shape}" if shape else ""))
+        raise FileNotFoundError(f"no <W>x<H>/part-*.parquet shards under {root.uri}" + (f" for {shape}" if shape else ""))
     if len(folders) > 1:
-        names = ", ".join(f.name for f in folders)
-        raise ValueError(f"{root} holds several window sizes ({names}): pass shape= one of them")
-    files = sorted(folders[0].glob("part-*.parquet"))
+        names = ", ".join(name for name, _ in folders)
+        raise ValueError(f"{root.uri} holds several window sizes ({names}): pass shape= one of them")
+    files = root.parts(folders[0][1])
     for f in files:
-        meta = pq.read_metadata(f).metadata or {}
+        meta = root.parquet_file(f).metadata.metadata or {}
         version = meta.get(b"vae_pipeline.format_version", b"1").decode()
         if version != FORMAT_VERSION:
             raise ValueError(f"{f}: shard format {version}, this reader reads format {FORMAT_VERSION}")
-    table = pa.concat_tables(pq.read_table(f) for f in files)
+    table = pa.concat_tables(root.read_table(f) for f in files)
     return table.combine_chunks()

@@ -67,7 +67,6 @@ import operator
 import re
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -75,6 +74,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vae_pipeline import FORMAT_VERSION  # the shard format this loader reads (FORMAT.md "Versions")
+from vae_pipeline import ShardRoot
 
 __all__ = ["LatentsDataset", "BucketBatchSampler", "collate", "worker_init_fn", "decode_latents"]
 
@@ -114,7 +114,7 @@ def _resized_width(policy: str, ow: int, oh: int, W: int, H: int) -> Optional[in
 class _Shard:
     __slots__ = ("path", "bucket", "start", "rows")
 
-    def __init__(self, path: Path, bucket: tuple[int, int], start: int, rows: int):
+    def __init__(self, path: str, bucket: tuple[int, int], start: int, rows: int):
         self.path, self.bucket, self.start, self.rows = path, bucket, start, rows
 
 
@@ -122,7 +122,8 @@ class LatentsDataset:
     """Map-style dataset over a shard set folder (see the module docstring).
 
     Args:
-        root: the `precompute --out` folder (with `<W>x<H>/` subfolders), or one `<W>x<H>` folder.
+        root: the `precompute --out` folder (with `<W>x<H>/` subfolders), or one `<W>x<H>` folder;
+            local, or an `s3://bucket/prefix` URL (pyarrow's S3 file system, `AWS_*` environment).
         flip: return the mirrored latent with probability 1/2 (needs a `latent_flip` column).
         resample: in `dist` mode, draw latent + std * eps on each access (False: the mean).
         seed: seed of the numpy Generator for dist resampling and flips (None: fresh entropy).
@@ -134,8 +135,9 @@ class LatentsDataset:
     def __init__(self, root, *, flip: bool = False, resample: bool = True, seed: Optional[int] = None,
                  as_torch: bool = False, max_cached_shards: Optional[int] = None,
                  require_success: bool = True):
-        self.root = Path(root)
-        if not self.root.is_dir():
+        self._store = ShardRoot(root)
+        self.root = self._store.uri
+        if not self._store.is_dir():
             raise FileNotFoundError(f"shard set folder not found: {self.root}")
         self.flip = bool(flip)
         self.resample = bool(resample)
@@ -160,10 +162,10 @@ class LatentsDataset:
         columns0: Optional[set[str]] = None
         total = 0
         for bucket, folder in folders:
-            files = sorted(folder.glob("part-*.parquet"))
+            files = self._store.parts(folder)
             first = total
             for f in files:
-                pf = pq.ParquetFile(f)
+                pf = self._store.parquet_file(f)
                 meta = {k.decode(): v.decode() for k, v in (pf.metadata.metadata or {}).items()
                         if k.decode().startswith(_META)}
                 names = set(pf.schema_arrow.names)
@@ -217,22 +219,23 @@ class LatentsDataset:
             needed.add("latent_flip")
             if self._dist:
                 needed.add("latent_flip_std")
-        self._read_columns = [c for c in pq.ParquetFile(self._shards[0].path).schema_arrow.names
+        self._read_columns = [c for c in self._store.parquet_file(self._shards[0].path).schema_arrow.names
                               if c in needed] if self._shards else []
 
     # ------------------------------------------------------------------ discovery and layout
-    def _bucket_folders(self, require_success: bool) -> list[tuple[tuple[int, int], Path]]:
-        m = _BUCKET_DIR.match(self.root.name)
-        if m and any(self.root.glob("part-*.parquet")):  # one bucket folder given directly
-            return [((int(m.group(1)), int(m.group(2))), self.root)]
-        if require_success and not (self.root / "_SUCCESS").exists():
+    def _bucket_folders(self, require_success: bool) -> list[tuple[tuple[int, int], str]]:
+        store = self._store
+        m = _BUCKET_DIR.match(store.name)
+        if m and store.parts(store.path):  # one bucket folder given directly
+            return [((int(m.group(1)), int(m.group(2))), store.path)]
+        if require_success and not store.exists("_SUCCESS"):
             raise FileNotFoundError(f"{self.root}/_SUCCESS is missing: the precompute run did not finish "
                                     "(re-run it, or pass require_success=False to read what is there)")
         out = []
-        for d in self.root.iterdir():
-            m = _BUCKET_DIR.match(d.name)
-            if d.is_dir() and m:
-                out.append(((int(m.group(1)), int(m.group(2))), d))
+        for name, path in store.folders():
+            m = _BUCKET_DIR.match(name)
+            if m:
+                out.append(((int(m.group(1)), int(m.group(2))), path))
         return sorted(out)  # by (W, H)
 
     def __len__(self) -> int:
@@ -274,7 +277,7 @@ class LatentsDataset:
             if data is not None:
                 self._cache.move_to_end(s)
                 return data
-        table = pq.read_table(self._shards[s].path, columns=self._read_columns, memory_map=True)
+        table = self._store.read_table(self._shards[s].path, columns=self._read_columns)
         data = {}
         for name in self._read_columns:
             col = table.column(name)

@@ -143,7 +143,7 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
     if inputs == 0 {
         match &plan.origin {
             Origin::Images => bail!("--input {} holds no images", plan.input.display()),
-            Origin::Shards(set) => bail!("--shards {} holds no rows", set.dir.display()),
+            Origin::Shards(set) => bail!("--shards {} holds no rows", set.store.describe()),
         }
     }
     std::fs::create_dir_all(&args.out)

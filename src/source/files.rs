@@ -3,12 +3,12 @@
 //! single-image objects many at a time) ahead of the decode pool.
 
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crossbeam_channel::bounded;
 
-use super::object::{Bucket, ObjectFile, FETCH_AHEAD};
 use super::parquet::{self, ParquetColumns};
 use super::webdataset::{self, TarInput};
 use super::{
@@ -16,6 +16,7 @@ use super::{
 };
 use super::{Sample, SampleRef, Source, DECODED};
 use crate::failure::{Failure, FailureKind};
+use crate::object::{Bucket, ObjectFile, FETCH_AHEAD};
 use crate::pool;
 
 /// Samples read ahead of the decode pool: enough to keep it fed while a container is read, few
@@ -148,6 +149,19 @@ impl Source for FilesSource {
 
     fn load(&self, sample: SampleRef) -> Result<Sample, Failure> {
         load_file(sample)
+    }
+
+    fn units(&self) -> Vec<String> {
+        self.units.iter().map(|u| u.key.clone()).collect()
+    }
+
+    /// Inputs refused while listing go with the first partition.
+    fn restrict(&mut self, range: Range<usize>) {
+        if range.start > 0 {
+            self.refused.clear();
+        }
+        let end = range.end.min(self.units.len());
+        self.units = self.units.drain(range.start.min(end)..end).collect();
     }
 
     fn metadata(&self, sample: &SampleRef) -> MetadataRead {

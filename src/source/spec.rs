@@ -9,10 +9,10 @@ use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
 use super::files::{FileKind, FilesSource, Place, Unit};
-use super::object::{self, Bucket, ObjectFile};
 use super::parquet::{self, ParquetColumns};
 use super::{escape_bytes, key_of, FolderSource, Source};
 use crate::failure::{Failure, FailureKind};
+use crate::object::{self, Bucket, ObjectFile};
 
 /// Brace expansions beyond this many names are refused (a typo, not a dataset).
 const MAX_EXPANDED: usize = 10_000_000;

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vp_helpers import read_shards, require, run_precompute, tensor
+from vp_helpers import environment, moto_server, read_shards, require, run_precompute, s3_env, tensor
 
 SIZE = 128
 STEMS = [f"kodim{i:02d}" for i in range(1, 9)]
@@ -246,63 +246,17 @@ def test_bad_specs_fail_before_work(binary, cards, inputs, tmp_path):
 
 @pytest.fixture(scope="module")
 def s3(inputs):
-    """moto_server on a free loopback port with bucket `data` holding the fixtures (uploaded with
-    boto3); yields the environment a client needs."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
+    """moto_server with bucket `data` holding the fixtures (uploaded with boto3); the client
+    environment is set for the module's tests."""
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server_bin = Path(sys.executable).with_name("moto_server")
-    server = subprocess.Popen(
-        [str(require(server_bin, "moto_server (tests/requirements.txt)")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        env = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ALLOW_HTTP": "true",
-        }
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
+    with moto_server() as endpoint, environment(s3_env(endpoint)):
+        client = boto3.client("s3")
         client.create_bucket(Bucket="data")
         for path in sorted(inputs.rglob("*")):
             if path.is_file():
                 client.upload_file(str(path), "data", f"in/{path.relative_to(inputs).as_posix()}")
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         yield client
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_s3_inputs_give_the_local_rows(binary, cards, inputs, s3, tmp_path):
@@ -336,6 +290,6 @@ def test_s3_bad_bucket_and_missing_objects_fail_before_work(binary, cards, s3, t
         assert not (tmp_path / "o").exists(), "work started"
         return proc.stderr
 
-    assert "cannot list s3://nosuchbucket" in fails("s3://nosuchbucket/in/*.tar")
+    assert "bucket s3://nosuchbucket does not exist" in fails("s3://nosuchbucket/in/*.tar")
     assert "1 named object(s) do not exist" in fails("s3://data/in/tars/{00001..00002}.tar")
     assert "matches no image" in fails("s3://data/in/tars/*.zip")

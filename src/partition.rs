@@ -1,0 +1,762 @@
+//! Partition: one shard set written by many workers (Slurm job arrays, Kubernetes Indexed Jobs,
+//! Ray, torchrun). Takes a source's units and `--partitions N`, hands on:
+//! - the fixed plan (`_plan.json`): partition count, unit count and hash, the run identity and
+//!   the run-wide metadata schema, created once and atomically by `plan` or the first worker,
+//!   then checked by every worker;
+//! - which partitions this worker runs (`--partition`, or the scheduler's environment);
+//! - each partition's done marker (rows, failures, key digest), written last;
+//! - `status` (done, running, missing, what to resubmit) and `finalize` (cross-partition
+//!   `--dedupe`, `_errors.jsonl`, `_manifest.jsonl`, then `_SUCCESS`).
+//!
+//! Partition p holds units `[p·U/N, (p+1)·U/N)` of the unit list, which is in the source's
+//! sorted order: contiguous, deterministic, and free of absolute paths.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context, Result};
+use arrow_array::{Array, FixedSizeBinaryArray, StringArray};
+use parquet::arrow::ProjectionMask;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::PrecomputeConfig;
+use crate::failure::{Failure, FailureKind};
+use crate::format::{self, done_marker, Scope, ERRORS, LOCK, PARTITIONS, PLAN};
+use crate::identity::RunIdentity;
+use crate::pipeline::RunSummary;
+use crate::sidecar::SidecarSchema;
+use crate::source::Source;
+use crate::store::{Commit, ShardStore};
+use crate::write::ManifestEntry;
+
+/// Slurm's default `MaxArraySize`: array indices run below it.
+pub const MAX_ARRAY_SIZE: usize = 1001;
+
+/// `_plan.json`: what every worker of the run must agree on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionPlan {
+    pub format_version: u32,
+    pub partitions: usize,
+    pub units: usize,
+    /// sha256 of the unit names, one per line, in order.
+    pub units_sha256: String,
+    pub identity_hash: String,
+    /// The metadata columns, inferred over every unit, so every partition's shards have them.
+    pub sidecars: SidecarSchema,
+    /// Who created the plan and when (not compared).
+    pub created: String,
+}
+
+/// Partition `p` of `partitions` over `units` units.
+pub fn bounds(units: usize, partitions: usize, p: usize) -> Range<usize> {
+    let at = |i: usize| (i as u128 * units as u128 / partitions.max(1) as u128) as usize;
+    at(p)..at(p + 1)
+}
+
+fn units_sha256(units: &[String]) -> String {
+    let mut h = Sha256::new();
+    for unit in units {
+        h.update(unit.as_bytes());
+        h.update(b"\n");
+    }
+    crate::config::hex(&h.finalize())
+}
+
+impl PartitionPlan {
+    pub fn range(&self, p: usize) -> Range<usize> {
+        bounds(self.units, self.partitions, p)
+    }
+
+    pub fn read(out: &dyn ShardStore) -> Result<Option<Self>> {
+        let Some(bytes) = out.read(PLAN)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is not a vae-pipeline plan", out.name(PLAN)))
+    }
+
+    /// Refuses a worker whose view of the run differs from the plan, saying what differs.
+    fn check(&self, partitions: usize, units: &[String], identity: &RunIdentity) -> Result<()> {
+        if self.partitions != partitions {
+            bail!(
+                "--partitions {partitions}, but the plan in this --out has {}: every worker of a run \
+                 passes the same count (a new count needs a new --out)",
+                self.partitions
+            );
+        }
+        if self.identity_hash != identity.hash() {
+            bail!(
+                "the settings differ from the plan's (identity {} there, {} here): every worker of a \
+                 run uses the same preset and flags",
+                self.identity_hash,
+                identity.hash()
+            );
+        }
+        if self.units != units.len() || self.units_sha256 != units_sha256(units) {
+            bail!(
+                "the inputs changed since the plan was made ({} units then, {} now, or other names): \
+                 a run's partitions are fixed; write the changed inputs to a new --out",
+                self.units,
+                units.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// The run's plan: read and checked against this worker's view, or made from it (with the
+    /// metadata schema of every unit) and created only if absent, so of many workers starting at
+    /// once one creates it and the others check theirs against it.
+    pub fn ensure(
+        out: &dyn ShardStore,
+        partitions: usize,
+        identity: &RunIdentity,
+        source: &dyn Source,
+    ) -> Result<Self> {
+        let units = source.units();
+        if let Some(plan) = Self::read(out)? {
+            plan.check(partitions, &units, identity)?;
+            return Ok(plan);
+        }
+        if format::shard_files(out)?
+            .iter()
+            .any(|s| Scope::Whole.owns(s))
+        {
+            bail!(
+                "--out {} holds a single-process run's shards: a many-worker run needs its own --out",
+                out.describe()
+            );
+        }
+        let (sidecars, unreadable) = SidecarSchema::infer(source.metadata_pass());
+        if unreadable > 0 {
+            eprintln!(
+                "warning: {unreadable} .json sidecar(s) are not JSON objects and were ignored"
+            );
+        }
+        let plan = PartitionPlan {
+            format_version: format::FORMAT_VERSION,
+            partitions,
+            units: units.len(),
+            units_sha256: units_sha256(&units),
+            identity_hash: identity.hash(),
+            sidecars,
+            created: format!(
+                "{} by pid {} on {}",
+                crate::lock::now_utc(),
+                std::process::id(),
+                crate::lock::hostname()
+            ),
+        };
+        let mut file = out.create(PLAN, Commit::CreateOnly)?;
+        file.write_all(&serde_json::to_vec_pretty(&plan)?)?;
+        if let Err(e) = file.commit() {
+            // Another worker created it first: theirs is the plan.
+            let theirs = Self::read(out)?.ok_or(e)?;
+            theirs.check(partitions, &units, identity)?;
+            return Ok(theirs);
+        }
+        Ok(plan)
+    }
+}
+
+/// `vae-pipeline plan`: the pre-flight of partition 0's worker, which creates the run's plan (or
+/// checks an existing one against these flags); nothing is encoded.
+pub fn make_plan(config: &PrecomputeConfig) -> Result<PartitionPlan> {
+    if config.partitions == 0 {
+        bail!("plan needs --partitions N: the number of partitions to split the run into");
+    }
+    if config.overwrite || config.limit > 0 {
+        bail!("plan takes neither --overwrite nor --limit (a many-worker run refuses both)");
+    }
+    let plan = crate::plan::plan(config, Scope::Partition(0))?;
+    PartitionPlan::read(plan.out.as_ref())?.context("the plan was not written")
+}
+
+/// Partition indices: `3`, `3,7,12`, `0-3`, or a mix.
+pub fn parse_indices(spec: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let number = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .with_context(|| format!("--partition {spec}: {t:?} is not a partition number"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => out.extend(number(a)?..=number(b)?),
+            None => out.push(number(part)?),
+        }
+    }
+    if out.is_empty() {
+        bail!("--partition {spec:?} names no partition");
+    }
+    Ok(out)
+}
+
+/// Indices as `sbatch --array` writes them: `0-3,5,7-9`.
+pub fn compact(indices: &[usize]) -> String {
+    let mut text = String::new();
+    let mut i = 0;
+    while i < indices.len() {
+        let mut j = i;
+        while j + 1 < indices.len() && indices[j + 1] == indices[j] + 1 {
+            j += 1;
+        }
+        if !text.is_empty() {
+            text.push(',');
+        }
+        match j - i {
+            0 => write!(text, "{}", indices[i]),
+            1 => write!(text, "{},{}", indices[i], indices[j]),
+            _ => write!(text, "{}-{}", indices[i], indices[j]),
+        }
+        .expect("writing to a String");
+        i = j + 1;
+    }
+    text
+}
+
+/// The partitions this worker runs: `--partition`, else the scheduler's environment, in this
+/// order: a Slurm array task (`SLURM_ARRAY_TASK_ID`, plus `--partition-offset`), a Kubernetes
+/// Indexed Job's pod (`JOB_COMPLETION_INDEX`, plus the offset), one of several `srun` tasks
+/// (`SLURM_PROCID` of `SLURM_NTASKS`) or torchrun ranks (`RANK` of `WORLD_SIZE`), which take
+/// every partition p with p mod tasks = their rank. `SLURM_ARRAY_TASK_COUNT` is never used: a
+/// retry array `--array=3,7` has two tasks, not two partitions.
+pub fn assigned(
+    config: &PrecomputeConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<usize>> {
+    let n = config.partitions;
+    let number = |name: &str| -> Result<Option<usize>> {
+        env(name)
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("${name} = {v:?} is not a number"))
+            })
+            .transpose()
+    };
+    let offset = config.partition_offset;
+    let mine = if let Some(spec) = &config.partition {
+        parse_indices(spec)?
+    } else if let Some(i) = number("SLURM_ARRAY_TASK_ID")? {
+        vec![i + offset]
+    } else if let Some(i) = number("JOB_COMPLETION_INDEX")? {
+        vec![i + offset]
+    } else if let (Some(rank), Some(tasks)) = match number("SLURM_PROCID")? {
+        Some(rank) => (Some(rank), number("SLURM_NTASKS")?),
+        None => (number("RANK")?, number("WORLD_SIZE")?),
+    } {
+        (0..n).filter(|p| p % tasks.max(1) == rank).collect()
+    } else {
+        bail!(
+            "--partitions {n} needs to know which partition to run: pass --partition I, or start \
+             the worker as a Slurm array task (SLURM_ARRAY_TASK_ID), a Kubernetes Indexed Job \
+             (JOB_COMPLETION_INDEX), srun tasks (SLURM_PROCID) or torchrun (RANK)"
+        );
+    };
+    if let Some(&bad) = mine.iter().find(|&&p| p >= n) {
+        bail!(
+            "partition {bad} does not exist: --partitions {n} numbers them 0 to {} (an array \
+             longer than MaxArraySize is split with --partition-offset)",
+            n - 1
+        );
+    }
+    Ok(mine)
+}
+
+/// Runs this worker's partitions, one after another; a partition already done is skipped. A
+/// partition that fails (or whose lock another worker holds) does not stop the others, but the
+/// worker then exits non-zero naming it.
+pub fn work(config: &PrecomputeConfig) -> Result<RunSummary> {
+    if config.overwrite {
+        bail!(
+            "--overwrite cannot be used with --partitions: a worker never deletes other \
+             partitions; write the run to a new --out"
+        );
+    }
+    if config.limit > 0 {
+        bail!(
+            "--limit cannot be used with --partitions: a partition's inputs are fixed by the plan"
+        );
+    }
+    let mine = assigned(config, &|name| std::env::var(name).ok())?;
+    let stop = crate::pipeline::stop_flag()?;
+    let out = crate::store::open(&config.out)?;
+    let mut total = RunSummary::default();
+    let mut failed = Vec::new();
+    let mut last_error = None;
+    for &p in &mine {
+        if stop.load(Ordering::Relaxed) {
+            failed.push(p);
+            continue;
+        }
+        if out.read(&done_marker(p))?.is_some() {
+            eprintln!("partition {p} is done: nothing to do");
+            continue;
+        }
+        let run = crate::plan::plan(config, Scope::Partition(p))
+            .and_then(|plan| crate::pipeline::precompute_scope(plan, Scope::Partition(p), &stop));
+        match run {
+            Ok(summary) => {
+                eprintln!("partition {p} done: {} rows", summary.rows);
+                total.add(&summary);
+            }
+            Err(e) => {
+                if mine.len() > 1 {
+                    eprintln!("error: partition {p}: {e:#}");
+                }
+                failed.push(p);
+                last_error = Some(e);
+            }
+        }
+    }
+    match (failed.len(), last_error) {
+        (0, _) => Ok(total),
+        (1, Some(e)) if mine.len() == 1 => Err(e.context(format!("partition {}", failed[0]))),
+        _ => bail!(
+            "partition(s) {} did not finish; rerun the worker to resume them",
+            compact(&failed)
+        ),
+    }
+}
+
+/// A partition's done marker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DoneMarker {
+    pub partition: usize,
+    pub rows: i64,
+    pub shards: usize,
+    pub encoded: usize,
+    pub failures: BTreeMap<String, usize>,
+    /// sha256 over the partition's keys, sorted, one per line.
+    pub keys_sha256: String,
+    pub finished: String,
+    pub host: String,
+}
+
+/// Marks partition `p` done, last, once its shards (`manifest`) are committed.
+pub fn mark_done(
+    out: &dyn ShardStore,
+    p: usize,
+    manifest: &[ManifestEntry],
+    summary: &RunSummary,
+) -> Result<()> {
+    let mut keys = Vec::new();
+    for entry in manifest {
+        let builder = format::open(out, &entry.path)?;
+        let mask = ProjectionMask::columns(builder.parquet_schema(), [format::KEY]);
+        for batch in builder.with_projection(mask).build()? {
+            let batch = batch?;
+            let column = batch.column(0);
+            let column = column
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .context("the key column is not text")?;
+            keys.extend(column.iter().flatten().map(str::to_string));
+        }
+    }
+    keys.sort();
+    let marker = DoneMarker {
+        partition: p,
+        rows: manifest.iter().map(|e| e.rows).sum(),
+        shards: manifest.len(),
+        encoded: summary.encoded,
+        failures: summary.failures.clone(),
+        keys_sha256: units_sha256(&keys),
+        finished: crate::lock::now_utc(),
+        host: crate::lock::hostname(),
+    };
+    out.write(&done_marker(p), &serde_json::to_vec_pretty(&marker)?)
+}
+
+/// Where a run stands.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub partitions: usize,
+    pub units: usize,
+    pub done: Vec<usize>,
+    pub running: Vec<usize>,
+    pub missing: Vec<usize>,
+    pub rows: i64,
+    /// Commands that run the missing partitions with `pipelines/slurm/precompute.sbatch`.
+    pub resubmit: Vec<String>,
+    /// `_SUCCESS` is written: `finalize` ran.
+    pub finalized: bool,
+}
+
+/// Reads the plan, the done markers and the partitions' locks.
+pub fn status(root: &Path, max_array_size: usize) -> Result<Status> {
+    let out = crate::store::open(root)?;
+    let out = out.as_ref();
+    let plan = PartitionPlan::read(out)?.with_context(|| {
+        format!(
+            "{} holds no many-worker plan ({PLAN}): create it with `vae-pipeline plan … \
+             --partitions N`, or start the workers with --partitions N",
+            root.display()
+        )
+    })?;
+    let markers = done_markers(out)?;
+    let running: HashSet<usize> = (0..plan.partitions)
+        .filter(|p| !markers.contains_key(p))
+        .filter(|&p| out.is_locked(&Scope::Partition(p).lock()).unwrap_or(false))
+        .collect();
+    let mut status = Status {
+        partitions: plan.partitions,
+        units: plan.units,
+        done: markers.keys().copied().collect(),
+        running: running.iter().copied().collect(),
+        missing: (0..plan.partitions)
+            .filter(|p| !markers.contains_key(p) && !running.contains(p))
+            .collect(),
+        rows: markers.values().map(|m| m.rows).sum(),
+        resubmit: Vec::new(),
+        finalized: out.read(format::SUCCESS)?.is_some(),
+    };
+    status.running.sort();
+    status.resubmit = resubmit_lines(&status.missing, max_array_size);
+    Ok(status)
+}
+
+/// `sbatch` lines for `missing`, one per window of `max_array_size` indices (OFFSET shifts a
+/// window's array indices to its partitions).
+pub fn resubmit_lines(missing: &[usize], max_array_size: usize) -> Vec<String> {
+    let window = max_array_size.max(1);
+    let mut by_window: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &p in missing {
+        by_window.entry(p / window).or_default().push(p % window);
+    }
+    by_window
+        .into_iter()
+        .map(|(w, indices)| {
+            let offset = if w == 0 {
+                String::new()
+            } else {
+                format!("OFFSET={} ", w * window)
+            };
+            format!(
+                "{offset}sbatch --array={} pipelines/slurm/precompute.sbatch",
+                compact(&indices)
+            )
+        })
+        .collect()
+}
+
+impl Status {
+    pub fn text(&self, root: &Path) -> String {
+        let mut text = format!(
+            "{}: {} partitions over {} units: {} done ({} rows), {} running, {} missing{}\n",
+            root.display(),
+            self.partitions,
+            self.units,
+            self.done.len(),
+            self.rows,
+            self.running.len(),
+            self.missing.len(),
+            if self.finalized { "; finalized" } else { "" }
+        );
+        if !self.running.is_empty() {
+            let _ = writeln!(text, "running: {}", compact(&self.running));
+        }
+        if !self.missing.is_empty() {
+            let _ = writeln!(text, "missing: {}", compact(&self.missing));
+            for line in &self.resubmit {
+                let _ = writeln!(text, "resubmit: {line}");
+            }
+        } else if self.running.is_empty() && !self.finalized {
+            let _ = writeln!(
+                text,
+                "every partition is done: run `vae-pipeline finalize {}`",
+                root.display()
+            );
+        }
+        text
+    }
+}
+
+/// The done markers, by partition.
+fn done_markers(out: &dyn ShardStore) -> Result<BTreeMap<usize, DoneMarker>> {
+    let mut markers = BTreeMap::new();
+    for name in out.list()? {
+        let Some(file) = name.strip_prefix(&format!("{PARTITIONS}/")) else {
+            continue;
+        };
+        let Some(number) = file.strip_prefix('p').and_then(|f| f.strip_suffix(".json")) else {
+            continue;
+        };
+        if let Ok(p) = number.parse::<usize>() {
+            let bytes = out.read(&name)?.unwrap_or_default();
+            let marker: DoneMarker = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a done marker", out.name(&name)))?;
+            markers.insert(p, marker);
+        }
+    }
+    Ok(markers)
+}
+
+/// What `finalize` did.
+#[derive(Debug, Serialize)]
+pub struct Finalized {
+    pub partitions: usize,
+    pub rows: i64,
+    pub shards: usize,
+    pub failures: BTreeMap<String, usize>,
+    /// Rows dropped as cross-partition duplicates (`--dedupe`).
+    pub duplicates: usize,
+    pub identity_hash: String,
+}
+
+/// Completes a run whose partitions are all done: cross-partition duplicates under `--dedupe`
+/// are dropped (the copy in the lowest partition is kept, as one process keeps the first in
+/// listing order), the partitions' errors become `_errors.jsonl`, then `_manifest.jsonl` and
+/// `_SUCCESS` are written. Refuses while a partition is missing; running it again is harmless.
+pub fn finalize(root: &Path) -> Result<Finalized> {
+    let store = crate::store::open(root)?;
+    let out = store.as_ref();
+    let _lock = out.lock(LOCK)?;
+    let plan = PartitionPlan::read(out)?.with_context(|| {
+        format!(
+            "{} holds no many-worker plan ({PLAN}): nothing to finalize",
+            root.display()
+        )
+    })?;
+    let markers = done_markers(out)?;
+    let missing: Vec<usize> = (0..plan.partitions)
+        .filter(|p| !markers.contains_key(p))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} of {} partitions are not done ({}): run them (`vae-pipeline status {}` prints what \
+             to resubmit), then finalize again",
+            missing.len(),
+            plan.partitions,
+            compact(&missing),
+            root.display()
+        );
+    }
+    if let Some(root) = out.local_root() {
+        // Every partition is done: what temporaries remain are killed writers' side files.
+        crate::store::LocalStore::new(root).remove_temporaries(Scope::Whole)?;
+    }
+    let config = crate::resume::ConfigFile::read(out)?
+        .with_context(|| format!("{} has no {}", root.display(), format::CONFIG))?;
+    let mut errors = Vec::new();
+    for p in 0..plan.partitions {
+        errors.extend(out.read(&Scope::Partition(p).errors())?.unwrap_or_default());
+    }
+    let duplicates = if config.identity.dedupe {
+        drop_duplicates(out, &mut errors)?
+    } else {
+        0
+    };
+    out.write(ERRORS, &errors)?;
+    let manifest = crate::write::manifest(out, |shard| {
+        (0..plan.partitions).any(|p| Scope::Partition(p).owns(shard))
+    })?;
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    for marker in markers.values() {
+        for (kind, n) in &marker.failures {
+            *failures.entry(kind.clone()).or_default() += n;
+        }
+    }
+    if duplicates > 0 {
+        *failures
+            .entry(FailureKind::Duplicate.as_str().to_string())
+            .or_default() += duplicates;
+    }
+    let done = Finalized {
+        partitions: plan.partitions,
+        rows: manifest.iter().map(|e| e.rows).sum(),
+        shards: manifest.len(),
+        failures,
+        duplicates,
+        identity_hash: plan.identity_hash.clone(),
+    };
+    crate::write::seal(out, &manifest, &serde_json::to_value(&done)?)?;
+    Ok(done)
+}
+
+/// Keeps, for each source hash, the row of the lowest partition (each partition already holds
+/// one per hash); the rest are rewritten out and listed as `duplicate` lines.
+fn drop_duplicates(out: &dyn ShardStore, errors: &mut Vec<u8>) -> Result<usize> {
+    let shards = format::shard_files(out)?;
+    let partition_of = |shard: &str| -> usize {
+        let name = shard.rsplit('/').next().unwrap_or(shard);
+        name.strip_prefix("part-p")
+            .and_then(|n| n.get(..5))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(usize::MAX)
+    };
+    // hash -> (partition, key) of the row kept.
+    let mut first: HashMap<[u8; 32], (usize, String)> = HashMap::new();
+    let mut rows: Vec<(usize, usize, String, [u8; 32])> = Vec::new();
+    for (index, shard) in shards.iter().enumerate() {
+        let builder = format::open(out, shard)?;
+        let mask = ProjectionMask::columns(
+            builder.parquet_schema(),
+            [format::KEY, format::SOURCE_SHA256],
+        );
+        let mut row = 0;
+        for batch in builder.with_projection(mask).build()? {
+            let batch = batch?;
+            let keys = batch
+                .column_by_name(format::KEY)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .context("no key column")?;
+            let hashes = batch
+                .column_by_name(format::SOURCE_SHA256)
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+                .context("no source_sha256 column")?;
+            for i in 0..batch.num_rows() {
+                let hash: [u8; 32] = hashes.value(i).try_into().expect("32-byte hash");
+                let (p, key) = (partition_of(shard), keys.value(i).to_string());
+                let kept = first.entry(hash).or_insert_with(|| (p, key.clone()));
+                if (p, &key) < (kept.0, &kept.1) {
+                    *kept = (p, key.clone());
+                }
+                rows.push((index, row, key, hash));
+                row += 1;
+            }
+        }
+    }
+    let mut keep: Vec<HashSet<usize>> = vec![HashSet::new(); shards.len()];
+    let mut dropped = 0;
+    for (index, row, key, hash) in rows {
+        let kept = &first[&hash];
+        if kept.1 == key {
+            keep[index].insert(row);
+        } else {
+            dropped += 1;
+            let line = Failure::new(
+                key,
+                FailureKind::Duplicate,
+                format!("same bytes as {}, encoded once (--dedupe)", kept.1),
+            );
+            serde_json::to_writer(&mut *errors, &line)?;
+            errors.push(b'\n');
+        }
+    }
+    for (index, shard) in shards.iter().enumerate() {
+        let rows = format::footer(out, shard)?.rows;
+        if keep[index].len() < rows {
+            crate::resume::rewrite_keeping(out, shard, &keep[index])?;
+        }
+    }
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every unit is in exactly one partition, partitions are contiguous and in order, and
+    /// their sizes differ by at most one, for any unit list and partition count.
+    #[test]
+    fn partitions_cover_every_unit_once() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |below: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % below as u64) as usize
+        };
+        let mut cases = vec![
+            (0, 1),
+            (1, 1),
+            (3, 8),
+            (8, 3),
+            (10_000_000, 10_000),
+            (usize::MAX / 2, 7),
+        ];
+        cases.extend((0..500).map(|_| (next(5000), 1 + next(300))));
+        for (units, n) in cases {
+            let mut at = 0;
+            let (mut smallest, mut largest) = (usize::MAX, 0);
+            for p in 0..n {
+                let r = bounds(units, n, p);
+                assert_eq!(
+                    r.start, at,
+                    "{units} units, {n} partitions: partition {p} starts at {at}"
+                );
+                assert!(r.end >= r.start);
+                smallest = smallest.min(r.len());
+                largest = largest.max(r.len());
+                at = r.end;
+            }
+            assert_eq!(
+                at, units,
+                "{units} units, {n} partitions: every unit is covered"
+            );
+            assert!(
+                largest - smallest <= 1,
+                "{units} units, {n} partitions: sizes {smallest}..{largest}"
+            );
+        }
+    }
+
+    #[test]
+    fn indices_parse_and_compact_like_sbatch() {
+        assert_eq!(parse_indices("3").unwrap(), vec![3]);
+        assert_eq!(parse_indices("0-3,7, 9").unwrap(), vec![0, 1, 2, 3, 7, 9]);
+        assert!(parse_indices("x").is_err() && parse_indices("").is_err());
+        assert_eq!(compact(&[0, 1, 2, 3, 5, 7, 8, 10]), "0-3,5,7,8,10");
+        assert_eq!(compact(&[]), "");
+    }
+
+    #[test]
+    fn resubmit_lines_are_windowed_by_max_array_size() {
+        assert_eq!(
+            resubmit_lines(&[3, 7, 1000, 1001, 1002, 2500], 1001),
+            [
+                "sbatch --array=3,7,1000 pipelines/slurm/precompute.sbatch",
+                "OFFSET=1001 sbatch --array=0,1 pipelines/slurm/precompute.sbatch",
+                "OFFSET=2002 sbatch --array=498 pipelines/slurm/precompute.sbatch",
+            ]
+        );
+        assert!(resubmit_lines(&[], 1001).is_empty());
+    }
+
+    #[test]
+    fn workers_know_their_partitions_from_the_scheduler() {
+        let config = |partition: Option<&str>, offset| PrecomputeConfig {
+            partitions: 8,
+            partition: partition.map(str::to_string),
+            partition_offset: offset,
+            ..PrecomputeConfig::default()
+        };
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let slurm_array = env(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+        ]);
+        assert_eq!(assigned(&config(None, 0), &slurm_array).unwrap(), vec![3]);
+        assert_eq!(assigned(&config(None, 4), &slurm_array).unwrap(), vec![7]);
+        assert_eq!(
+            assigned(&config(Some("1,2"), 0), &slurm_array).unwrap(),
+            vec![1, 2]
+        );
+        let pod = env(&[("JOB_COMPLETION_INDEX", "5")]);
+        assert_eq!(assigned(&config(None, 0), &pod).unwrap(), vec![5]);
+        let srun = env(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "3")]);
+        assert_eq!(assigned(&config(None, 0), &srun).unwrap(), vec![1, 4, 7]);
+        let torchrun = env(&[("RANK", "0"), ("WORLD_SIZE", "4")]);
+        assert_eq!(assigned(&config(None, 0), &torchrun).unwrap(), vec![0, 4]);
+        let nothing = env(&[]);
+        assert!(assigned(&config(None, 0), &nothing).is_err());
+        let beyond = env(&[("SLURM_ARRAY_TASK_ID", "8")]);
+        let err = assigned(&config(None, 0), &beyond).unwrap_err().to_string();
+        assert!(err.contains("partition 8 does not exist"), "{err}");
+    }
+}
