@@ -14,7 +14,7 @@ DEMO_OUT    := demo-out/kodak-taef2-256
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export VAE_PIPELINE_PYTHON := $(abspath $(PY))
 
-.PHONY: setup build models build-tools chromium demo dataset test wheel bench gpu-check-prepare fuzz fmt lint clean
+.PHONY: setup build models build-tools chromium demo dataset test test-cluster wheel bench gpu-check-prepare fuzz fmt lint clean
 
 setup: build-tools $(ORT_LIB) $(VENV)/.installed models chromium
 
@@ -95,6 +95,20 @@ test: setup
 	cargo test $(CARGO_FLAGS)
 	$(MAKE) wheel
 	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
+
+# Many machines (README "Many machines"): the Slurm sbatch scripts on real single-node Slurm
+# daemons (Debian slurm-wlm + munge, started and stopped by the test), the Kubernetes Job's worker
+# environment, and the Ray launcher on a local Ray cluster (its own venv: Ray is a 540 MB install).
+RAY_VENV := .venv-ray
+test-cluster: setup build $(RAY_VENV)/.installed
+	bash tests/cluster/install_slurm.sh
+	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/cluster --ignore=tests/cluster/ray -q
+	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(RAY_VENV)/bin/python -m pytest tests/cluster/ray -q
+
+$(RAY_VENV)/.installed: tests/cluster/ray/requirements.txt
+	python3 -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install --quiet -r tests/cluster/ray/requirements.txt
+	touch $@
 
 # Ours vs the Python peer (benches/reference_pipeline.py) on generated JPEGs, peak RSS at 200 vs
 # 2000 images, the threads x batch-size table, the peak RSS of a prune, then the per-stage
