@@ -330,7 +330,9 @@ pub fn work(config: &PrecomputeConfig) -> Result<RunSummary> {
 pub struct DoneMarker {
     pub partition: usize,
     pub rows: i64,
-    pub shards: usize,
+    /// The partition's shards with their rows: `finalize` builds the manifest from these
+    /// instead of reading every footer again (one request each on object storage).
+    pub shards: Vec<ManifestEntry>,
     pub encoded: usize,
     pub failures: BTreeMap<String, usize>,
     /// sha256 over the partition's keys, sorted, one per line.
@@ -364,7 +366,7 @@ pub fn mark_done(
     let marker = DoneMarker {
         partition: p,
         rows: manifest.iter().map(|e| e.rows).sum(),
-        shards: manifest.len(),
+        shards: manifest.to_vec(),
         encoded: summary.encoded,
         failures: summary.failures.clone(),
         keys_sha256: units_sha256(&keys),
@@ -554,9 +556,14 @@ pub fn finalize(root: &Path) -> Result<Finalized> {
         0
     };
     out.write(ERRORS, &errors)?;
-    let manifest = crate::write::manifest(out, |shard| {
-        (0..plan.partitions).any(|p| Scope::Partition(p).owns(shard))
-    })?;
+    let manifest = if duplicates > 0 {
+        // Rewritten shards changed their row counts: read the footers.
+        crate::write::manifest(out, |shard| {
+            (0..plan.partitions).any(|p| Scope::Partition(p).owns(shard))
+        })?
+    } else {
+        manifest_of(out, &markers)?
+    };
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for marker in markers.values() {
         for (kind, n) in &marker.failures {
@@ -578,6 +585,37 @@ pub fn finalize(root: &Path) -> Result<Finalized> {
     };
     crate::write::seal(out, &manifest, &serde_json::to_value(&done)?)?;
     Ok(done)
+}
+
+/// The shards the done markers list, checked against one listing of the set: a shard a marker
+/// names must exist, and a partition's shard no marker names is refused (a worker wrote after
+/// its marker).
+fn manifest_of(
+    out: &dyn ShardStore,
+    markers: &BTreeMap<usize, DoneMarker>,
+) -> Result<Vec<ManifestEntry>> {
+    let present: HashSet<String> = format::shard_files(out)?.into_iter().collect();
+    let mut manifest: Vec<ManifestEntry> = markers
+        .values()
+        .flat_map(|m| m.shards.iter().cloned())
+        .collect();
+    manifest.sort_by(|a, b| a.path.cmp(&b.path));
+    let listed: HashSet<&str> = manifest.iter().map(|e| e.path.as_str()).collect();
+    if let Some(gone) = manifest.iter().find(|e| !present.contains(&e.path)) {
+        bail!(
+            "{} is listed in its partition's done marker but missing: rerun that partition (delete \
+             its marker {PARTITIONS}/…json first)",
+            out.name(&gone.path)
+        );
+    }
+    if let Some(extra) = present.iter().find(|s| !listed.contains(s.as_str())) {
+        bail!(
+            "{} belongs to no done marker: a worker wrote it after its partition was marked done; \
+             move it out of the set",
+            out.name(extra)
+        );
+    }
+    Ok(manifest)
 }
 
 /// Keeps, for each source hash, the row of the lowest partition (each partition already holds

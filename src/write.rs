@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use arrow_array::{ArrayRef, FixedSizeBinaryArray, Int32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, SchemaRef};
 use rayon::ThreadPool;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
@@ -18,7 +18,7 @@ use crate::shard_file::ShardFile;
 use crate::store::{Commit, ShardStore};
 
 /// One committed shard, as `_manifest.jsonl` lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ManifestEntry {
     /// Relative to the output folder.
     pub path: String,
