@@ -10,7 +10,6 @@ A missing Slurm install, or not being root, is a failure with the fix in the mes
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,23 +17,10 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-PYTHON_TESTS = HERE.parent / "python"
-for p in (str(PYTHON_TESTS), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-if "vp_python_conftest" in sys.modules:  # tests/cluster/ray/conftest.py loads it the same way
-    _python_conftest = sys.modules["vp_python_conftest"]
-else:
-    _spec = importlib.util.spec_from_file_location("vp_python_conftest", PYTHON_TESTS / "conftest.py")
-    _python_conftest = importlib.util.module_from_spec(_spec)
-    sys.modules["vp_python_conftest"] = _python_conftest
-    _spec.loader.exec_module(_python_conftest)
-
-shared = _python_conftest.shared
-binary = _python_conftest.binary
-cards = _python_conftest.cards
-CARD_SPECS = _python_conftest.CARD_SPECS
+from python_fixtures import binary, cards, shared  # noqa: E402,F401
 
 from slurm_cluster import SlurmCluster, SlurmClusterError, missing_commands  # noqa: E402
 

@@ -47,14 +47,18 @@ def store():
         yield client
 
 
-@pytest.fixture(scope="module")
-def images(shared, tmp_path_factory) -> Path:
-    """Eight Kodak photos in a folder."""
-    d = tmp_path_factory.mktemp("images")
+def kodak_folder(shared, tmp_path_factory, n: int) -> Path:
+    """The first `n` Kodak photos in a folder of their own."""
+    d = tmp_path_factory.mktemp(f"kodak{n}")
     kodak = require(shared / "data" / "kodak", "Kodak photos")
-    for p in sorted(kodak.glob("*.png"))[:8]:
+    for p in sorted(kodak.glob("*.png"))[:n]:
         shutil.copy(p, d / p.name)
     return d
+
+
+@pytest.fixture(scope="module")
+def images(shared, tmp_path_factory) -> Path:
+    return kodak_folder(shared, tmp_path_factory, 8)
 
 
 def objects(client, prefix: str) -> dict[str, bytes]:
@@ -131,12 +135,7 @@ def test_s3_in_s3_out_writes_the_local_set_and_every_reader_reads_it(binary, car
 
 @pytest.fixture(scope="module")
 def dozen(shared, tmp_path_factory) -> Path:
-    """Twelve Kodak photos in a folder."""
-    d = tmp_path_factory.mktemp("dozen")
-    kodak = require(shared / "data" / "kodak", "Kodak photos")
-    for p in sorted(kodak.glob("*.png"))[:12]:
-        shutil.copy(p, d / p.name)
-    return d
+    return kodak_folder(shared, tmp_path_factory, 12)
 
 
 def one_row_shards(binary, cards, folder: Path, url: str) -> list[str]:

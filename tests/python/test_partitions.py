@@ -132,6 +132,18 @@ def test_workers_refuse_a_plan_they_do_not_match(binary, cards, photos, tmp_path
     assert plan.returncode == 0 and "plan: 4 partitions over 26 units" in plan.stdout, plan.stderr
     assert vp(binary, "plan", *flags(binary, cards, photos, out, "--partitions", 4)[2:]).returncode == 0
 
+    # The same inputs seen through another path (a symlink, another working directory) plan the
+    # same: no absolute path is in the plan, only who made it and when differ.
+    link = tmp_path / "link"
+    link.symlink_to(photos)
+    other = subprocess.run([str(binary), "plan", *flags(binary, cards, Path("link"), tmp_path / "out2", "--partitions", 4)[2:]],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    plans = [json.loads((d / "_plan.json").read_text()) for d in (out, tmp_path / "out2")]
+    for plan in plans:
+        plan.pop("created")
+    assert plans[0] == plans[1] and str(tmp_path) not in json.dumps(plans[0])
+
     other_count = vp(binary, *flags(binary, cards, photos, out, "--partitions", 5, "--partition", 0)[1:])
     assert "--partitions 5, but the plan in this --out has 4" in other_count.stderr, other_count.stderr
     other_size = vp(binary, *flags(binary, cards, photos, out, "--partitions", 4, "--partition", 0)[1:], "--flip")

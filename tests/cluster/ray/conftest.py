@@ -11,7 +11,6 @@ Ray must come from the `.venv-ray` environment (tests/cluster/ray/requirements.t
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -24,22 +23,11 @@ from pathlib import Path
 
 import pytest
 
-PYTHON_TESTS = Path(__file__).resolve().parents[2] / "python"
-if str(PYTHON_TESTS) not in sys.path:
-    sys.path.insert(0, str(PYTHON_TESTS))
+CLUSTER_TESTS = Path(__file__).resolve().parents[1]
+if str(CLUSTER_TESTS) not in sys.path:
+    sys.path.insert(0, str(CLUSTER_TESTS))
 
-if "vp_python_conftest" in sys.modules:  # tests/cluster/conftest.py (Slurm) loads it the same way
-    _python_conftest = sys.modules["vp_python_conftest"]
-else:
-    _spec = importlib.util.spec_from_file_location("vp_python_conftest", PYTHON_TESTS / "conftest.py")
-    _python_conftest = importlib.util.module_from_spec(_spec)
-    sys.modules["vp_python_conftest"] = _python_conftest
-    _spec.loader.exec_module(_python_conftest)
-
-shared = _python_conftest.shared
-binary = _python_conftest.binary
-cards = _python_conftest.cards
-CARD_SPECS = _python_conftest.CARD_SPECS
+from python_fixtures import binary, cards, shared  # noqa: E402,F401
 
 #: How long `ray start --head` may take to come up here (it takes 3 to 5 s on 2 cores).
 RAY_START_TIMEOUT = 60
