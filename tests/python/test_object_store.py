@@ -34,7 +34,7 @@ from vae_pipeline.dataset import LatentsDataset  # noqa: E402
 
 #: Must never be written anywhere: objects, logs, errors.
 SECRET = "vp-secret-Zq81xT"
-SIZE = "256"
+SIZE = "128"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def kodak_folder(shared, tmp_path_factory, n: int) -> Path:
 
 @pytest.fixture(scope="module")
 def images(shared, tmp_path_factory) -> Path:
-    return kodak_folder(shared, tmp_path_factory, 8)
+    return kodak_folder(shared, tmp_path_factory, 6)
 
 
 def objects(client, prefix: str) -> dict[str, bytes]:
@@ -108,17 +108,17 @@ def test_s3_in_s3_out_writes_the_local_set_and_every_reader_reads_it(binary, car
     assert_same_rows(shards_table(remote), shards_table(want))
     for name in ("_manifest.jsonl", "_config.toml"):
         assert remote[name] == want[name], name
-    assert json.loads(remote["_SUCCESS"])["rows"] == 8
+    assert json.loads(remote["_SUCCESS"])["rows"] == 6
 
     verdict = vp(binary, "verify", "s3://data/sets/a")
-    assert verdict.returncode == 0 and "ok: 8 rows in 3 shards" in verdict.stdout, verdict.stdout + verdict.stderr
+    assert verdict.returncode == 0 and "ok: 6 rows in 2 shards" in verdict.stdout, verdict.stdout + verdict.stderr
     inspect = vp(binary, "inspect", "s3://data/sets/a")
-    assert "256x256: 8 rows in 3 shard(s)" in inspect.stdout, inspect.stdout + inspect.stderr
+    assert "128x128: 6 rows in 2 shard(s)" in inspect.stdout, inspect.stdout + inspect.stderr
 
     assert_same_rows(vae_pipeline.read("s3://data/sets/a").sort_by("key"), vae_pipeline.read(local).sort_by("key"))
     ds_remote, ds_local = LatentsDataset("s3://data/sets/a"), LatentsDataset(local)
-    assert len(ds_remote) == len(ds_local) == 8
-    for i in (0, 7):
+    assert len(ds_remote) == len(ds_local) == 6
+    for i in (0, 5):
         assert ds_remote[i]["key"] == ds_local[i]["key"]
         assert np.array_equal(ds_remote[i]["latent"], ds_local[i]["latent"])
 
@@ -141,7 +141,7 @@ def dozen(shared, tmp_path_factory) -> Path:
 def one_row_shards(binary, cards, folder: Path, url: str) -> list[str]:
     """A run that commits one row per shard, on one thread: many commits to interrupt."""
     return [str(binary), "precompute", "--input", str(folder), "--out", url, "--model", str(cards["taef2"]),
-            "--size", "128", "--shard-rows", "1", "--batch-size", "1", "--threads", "1"]
+            "--size", SIZE, "--shard-rows", "1", "--batch-size", "1", "--threads", "1"]
 
 
 def wait_for(what, condition, timeout=120.0):
@@ -293,4 +293,4 @@ def test_transient_errors_are_retried_and_counted(binary, cards, images, store):
     # Requests after the summary (the manifest, _SUCCESS itself) may be refused too.
     assert 0 < summary["retried_requests"] <= count["refused"], (summary["retried_requests"], count)
     assert f"{summary['retried_requests']} request(s) failed transiently and were retried" in proc.stderr
-    assert summary["rows"] == 8
+    assert summary["rows"] == 6

@@ -179,24 +179,33 @@ def test_dedupe_across_partitions_keeps_the_first_copy(binary, cards, photos, tm
         ("zz-copy-of-01.png", "duplicate"), ("zz-copy-of-02.png", "duplicate")]
 
 
-def test_indexed_job_pods_on_object_storage(binary, cards, photos, single):
+def test_indexed_job_pods_on_object_storage(binary, cards, photos, tmp_path):
+    import io
+
     import boto3
 
+    single = tmp_path / "single"
+    run_precompute(binary, flags(binary, cards, photos, single, model="avgpool8")[2:])
     with moto_server() as endpoint, environment(s3_env(endpoint)):
         client = boto3.client("s3")
         client.create_bucket(Bucket="runs")
         url = "s3://runs/set"
-        cmd = flags(binary, cards, photos, url, "--partitions", 3)
+        cmd = flags(binary, cards, photos, url, "--partitions", 3, model="avgpool8")
         # Three pods of an Indexed Job, and a replacement pod on index 1 started while the first
-        # still runs (what a Job without podReplacementPolicy: Failed can do).
+        # still runs (what a Job without podReplacementPolicy: Failed can do): pod 1 is paused
+        # once it holds its lease, so the twin meets it alive.
         pods = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "JOB_COMPLETION_INDEX": str(i)}) for i in range(3)]
-        end = time.monotonic() + 120
-        while "Contents" not in client.list_objects_v2(Bucket="runs", Prefix="set/_partitions/p00001.lock"):
-            assert time.monotonic() < end and pods[1].poll() is None, "pod 1 took no lease"
-            time.sleep(0.05)
-        twin = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "JOB_COMPLETION_INDEX": "1"})
+        try:
+            end = time.monotonic() + 120
+            while "Contents" not in client.list_objects_v2(Bucket="runs", Prefix="set/_partitions/p00001.lock"):
+                assert time.monotonic() < end and pods[1].poll() is None, "pod 1 took no lease"
+                time.sleep(0.02)
+            pods[1].send_signal(signal.SIGSTOP)
+            twin = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "JOB_COMPLETION_INDEX": "1"})
+        finally:
+            pods[1].send_signal(signal.SIGCONT)
         for pod in pods:
             assert pod.wait(timeout=600) == 0, pod.stderr.read()
         assert twin.returncode != 0 and "being written by another vae-pipeline run" in twin.stderr, twin.stderr
@@ -204,9 +213,8 @@ def test_indexed_job_pods_on_object_storage(binary, cards, photos, single):
         verdict = vp(binary, "verify", url)
         assert verdict.returncode == 0, verdict.stdout + verdict.stderr
         listed = client.list_objects_v2(Bucket="runs", Prefix="set/")["Contents"]
-        files = [client.get_object(Bucket="runs", Key=o["Key"])["Body"] for o in listed if o["Key"].endswith(".parquet")]
-        import io
-
-        got = pa.concat_tables(pq.read_table(io.BytesIO(f.read())) for f in files).sort_by("key")
-        assert_same_rows(got, single)
+        bodies = [client.get_object(Bucket="runs", Key=o["Key"])["Body"].read()
+                  for o in listed if o["Key"].endswith(".parquet")]
+        got = pa.concat_tables(pq.read_table(io.BytesIO(b)) for b in bodies).sort_by("key")
+        assert_same_rows(got, rows(sorted(single.rglob("part-*.parquet"))))
         assert not [o for o in listed if o["Key"].endswith(".lock")], "leases are released"

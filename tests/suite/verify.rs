@@ -1,14 +1,12 @@
 //! `verify` and `inspect` on real shard sets, intact and damaged in the ways a user's copy of a
 //! cache gets damaged (half-finished, a shard copied twice, a NaN written by another tool).
 
-mod common;
-
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::common::*;
 use arrow_array::{Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch};
-use common::*;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;

@@ -1,12 +1,10 @@
 //! Resume and guards: a rerun skips committed rows, re-encodes changed sources and drops stale
 //! rows, and ends with the same set a fresh run over the final folder gives.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn precompute(input: &Path, out: &Path, card: &Path) -> std::process::Output {
     precompute_f32(input, out, card, "64", &["--shard-rows", "2"])

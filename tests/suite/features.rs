@@ -1,13 +1,11 @@
 //! Training-set features through the binary: --flip against an explicitly mirrored file,
 //! --captions overriding sidecars, --dedupe, --limit, and every shipped preset.
 
-mod common;
-
 use std::fs::File;
 use std::path::Path;
 
+use crate::common::*;
 use arrow_array::{Array, StringArray};
-use common::*;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 fn run(args: &[&str]) {

@@ -1,13 +1,11 @@
 //! Real-world inputs: every case `tests/fixtures/make_fixtures.py` writes must decode to Pillow's
 //! careful reading (EXIF transposed, alpha on white) or be refused with the expected kind.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use vae_pipeline::decode::{decode_sample, DecodeOptions};
 use vae_pipeline::failure::Failure;
 use vae_pipeline::source::{FolderSource, Location, SampleRef, Source};

@@ -2,13 +2,11 @@
 //! resumes with any run settings verify, one writer at a time, lossless keys, a graceful stop, a
 //! refused run writes nothing, captions and metadata are data, bucket files by content.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn verify(out: &Path) -> (bool, String) {
     let v = vae_pipeline(&["verify", s(out)]);

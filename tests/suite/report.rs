@@ -1,15 +1,13 @@
 //! `vae-pipeline report`: the metrics against scikit-image, the checks before work, `--shards`
 //! against `--input` (the normalization round trip), and the outputs of a two-model run.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::*;
 use arrow_array::{Array, Float64Array, RecordBatch, StringArray};
 use base64::Engine as _;
-use common::*;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 use vae_pipeline::report::metrics::{psnr, ssim};
@@ -595,7 +593,7 @@ fn two_models_one_table_and_a_self_contained_page() {
 #[test]
 fn bad_setups_fail_before_any_work() {
     let dir = scratch("report-errors");
-    let input = common::kodak_subset(&dir, 1);
+    let input = crate::common::kodak_subset(&dir, 1);
     let good = report_card(&dir, "taef2");
     let no_decoder = card_file(&dir, "taef2");
     let missing_decoder = dir.join("missing-decoder.toml");

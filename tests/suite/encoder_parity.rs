@@ -1,8 +1,6 @@
 //! The encode stage against tensors PyTorch/diffusers computed (`../shared/models/golden`).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use vae_pipeline::batch::Batch;
 use vae_pipeline::config::LatentMode;
 use vae_pipeline::decode::{decode_bytes, DecodeOptions};

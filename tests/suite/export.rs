@@ -3,13 +3,11 @@
 //! files); a full-size SD 1.5 graph of random weights must load and have the published
 //! parameter count; bad checkpoints must be refused with the offending tensor named.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 use prost::Message;
 use safetensors::{serialize_to_file, Dtype, SafeTensors, View};
 use vae_pipeline::batch::Batch;

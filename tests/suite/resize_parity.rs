@@ -1,11 +1,9 @@
 //! decode + center-crop resize against Pillow (`Image.resize(LANCZOS)` + crop), computed by
 //! `tests/python/pillow_center_crop.py` in the test venv.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use vae_pipeline::decode::{decode_bytes, decode_bytes_toward, DecodeOptions};
 use vae_pipeline::resize::{prepare, Framing};
 

@@ -1,11 +1,9 @@
 //! The binary as a user runs it: bad flags and models fail before any work with a message that
 //! says what to do; results do not depend on batch size, threads or the run.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// Runs `precompute` and asserts it failed before writing any shard, with `expect` in stderr.
 fn fails_before_work(args: &[&str], out: &Path, expect: &str) {
