@@ -161,15 +161,7 @@ impl ShardStore for LocalStore {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let tmp = format::tmp_name(&path);
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        Ok(Box::new(LocalPending {
-            file,
-            tmp,
-            path,
-            commit,
-        }))
+        pending_at(path, commit)
     }
 
     fn list(&self) -> Result<Vec<String>> {
@@ -432,20 +424,29 @@ impl ChunkReader for StoreFile {
     }
 }
 
-/// Writes `bytes` to `path` whole or not at all: temporary name, fsync, rename.
+/// A local file at `path`, written under a temporary name until committed.
+fn pending_at(path: PathBuf, commit: Commit) -> Result<Box<dyn PendingFile>> {
+    let tmp = format::tmp_name(&path);
+    let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    Ok(Box::new(LocalPending {
+        file,
+        tmp,
+        path,
+        commit,
+    }))
+}
+
+/// Writes `bytes` to `path` whole or not at all (a file outside any shard set: reports, trainer
+/// caches, exports), the way a local set commits a side file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = format::tmp_name(path);
-    let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let written = f.write_all(bytes).and_then(|_| f.sync_all());
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
-    }
-    rename_durably(&tmp, path)
+    let mut file = pending_at(path.to_path_buf(), Commit::Replace)?;
+    file.write_all(bytes)
+        .with_context(|| format!("cannot write {}", file.describe()))?;
+    file.commit()
 }
 
 /// Renames a finished temporary file into place and makes the rename durable.
-pub fn rename_durably(tmp: &Path, path: &Path) -> Result<()> {
+fn rename_durably(tmp: &Path, path: &Path) -> Result<()> {
     std::fs::rename(tmp, path)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     sync_parent(path);

@@ -35,6 +35,7 @@ use onnx_pb::ModelProto;
 use wan::WanConfig;
 
 use crate::model::EncoderOutput;
+use crate::store::write_atomic;
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -429,13 +430,4 @@ fn locate(source: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         "{} has no diffusion_pytorch_model.safetensors",
         dir.display()
     )
-}
-
-/// Writes `bytes` to a temporary name beside `path`, then renames it: a killed export never
-/// leaves a truncated model behind.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
