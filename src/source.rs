@@ -351,18 +351,57 @@ pub(crate) fn escape_bytes(bytes: &[u8]) -> String {
     out
 }
 
-/// The path a key names under `root`; None for keys no file under `root` can have (`..`, `.`,
-/// empty components, an absolute path, a malformed escape).
+/// Why `key` breaks FORMAT.md's key rule, or None when it obeys it: every component is
+/// non-empty, not `.` or `..`, its escapes are well-formed, and it is written exactly as
+/// `escape_bytes` writes its bytes (so `%2F`, `%41` or a bare `%` are refused: such a key came
+/// from no source, and decoding it could reintroduce a `/`).
+pub fn key_problem(key: &str) -> Option<&'static str> {
+    if key.is_empty() {
+        return Some("the key is empty");
+    }
+    if key.starts_with('/') {
+        return Some("the key starts with `/`");
+    }
+    for component in key.split('/') {
+        let Some(bytes) = unescape(component) else {
+            return Some("a component has a malformed `%` escape");
+        };
+        if bytes.is_empty() {
+            return Some("the key has an empty component (`//` or a trailing `/`)");
+        }
+        if bytes == b"." || bytes == b".." {
+            return Some("the key has a `.` or `..` component");
+        }
+        if bytes.contains(&0) {
+            return Some("a component holds a NUL byte");
+        }
+        if escape_bytes(&bytes) != component {
+            return Some("a component is not escaped as FORMAT.md says (e.g. `%2F` for `/`)");
+        }
+    }
+    None
+}
+
+/// The path a key names under `root`; None for keys that break the key rule (`key_problem`).
+/// Each component is decoded, then checked again, so no decoded byte can leave `root`.
 pub fn path_of(root: &Path, key: &str) -> Option<PathBuf> {
+    if key_problem(key).is_some() {
+        return None;
+    }
     let mut path = root.to_path_buf();
     for component in key.split('/') {
         let bytes = unescape(component)?;
-        if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&0) {
+        if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
             return None;
         }
-        path.push(os_string(bytes)?);
+        let name = os_string(bytes)?;
+        let mut parts = Path::new(&name).components();
+        match (parts.next(), parts.next()) {
+            (Some(std::path::Component::Normal(_)), None) => path.push(name),
+            _ => return None,
+        }
     }
-    Some(path)
+    path.starts_with(root).then_some(path)
 }
 
 fn unescape(text: &str) -> Option<Vec<u8>> {
@@ -422,8 +461,23 @@ mod tests {
         assert!(keys.contains("sub/x%25FF.png"));
         assert!(keys.contains("sub/café 50%25.png"));
         assert!(keys.contains("sub/plain.png"));
-        for bad in ["../x.png", "a//b.png", "a/./b.png", "%zz.png", "%4"] {
+        for bad in [
+            "../x.png",
+            "a//b.png",
+            "a/./b.png",
+            "%zz.png",
+            "%4",
+            "..%2Fzone%2Fx.png",
+            "%2Ftmp%2Fx.png",
+            "%2E%2E/x.png",
+            "a%2F..%2F..%2Fb",
+            "/abs.png",
+            "",
+            "x/",
+            "%41.png",
+        ] {
             assert_eq!(path_of(root, bad), None, "{bad}");
+            assert!(key_problem(bad).is_some(), "{bad}");
         }
     }
 }

@@ -203,6 +203,11 @@ fn check_shard(
             break;
         };
         for key in key_col.iter().flatten() {
+            if let Some(why) = crate::source::key_problem(key) {
+                problems.push(format!(
+                    "{rel}: key {key:?} breaks FORMAT.md's key rule: {why}"
+                ));
+            }
             if !keys.insert(key.to_string()) {
                 problems.push(format!(
                     "{rel}: key {key:?} appears more than once in the set"

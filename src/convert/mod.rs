@@ -278,6 +278,11 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
     set.for_each_chunk(4096, usize::MAX, false, |rows| {
         for row in rows {
             shapes.insert((row.width, row.height));
+            // Shard sets come from strangers: a key that breaks FORMAT.md's rule names no file.
+            if let Some(why) = crate::source::key_problem(&row.key) {
+                problems.push(format!("{:?}: not a valid key ({why})", row.key));
+                continue;
+            }
             if let Err(e) = plan.check(&row) {
                 problems.push(format!("{}: {e}", row.key));
                 continue;

@@ -397,6 +397,17 @@ impl Scorer {
     fn score_shards(&mut self, plan: &Plan, set: &ShardSet, chunk: usize) -> Result<()> {
         let source = FolderSource::new(&plan.input);
         set.for_each_chunk(chunk, plan.limit, true, |rows| {
+            // A key that breaks FORMAT.md's rule names no file: the set itself is broken.
+            if let Some((row, why)) = rows
+                .iter()
+                .find_map(|r| crate::source::key_problem(&r.key).map(|why| (r, why)))
+            {
+                bail!(
+                    "{:?}: not a valid key ({why}); this shard set breaks FORMAT.md's key rule \
+                     (`vae-pipeline verify` lists every such key)",
+                    row.key
+                );
+            }
             let checked: Vec<Result<(StoredRow, Vec<f32>), Skipped>> = self.pool.install(|| {
                 rows.into_par_iter()
                     .map(|row| reread(row, &source, &plan.rows))
