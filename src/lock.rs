@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -92,6 +92,38 @@ struct LeaseBody {
     pid: u32,
 }
 
+/// The leases this process holds (bucket URL, lease key, the body it wrote), so that a refused
+/// commit can tell a lease taken over from another kind of second writer.
+static HELD: Mutex<Vec<(String, String, Vec<u8>)>> = Mutex::new(Vec::new());
+
+/// When another run took over a lease this process holds in `bucket` (it judged this run dead:
+/// not renewed for `LEASE_TTL`): says so, naming the lease and its new holder.
+pub fn taken_over(bucket: &Bucket) -> Option<String> {
+    let held: Vec<(String, Vec<u8>)> = HELD
+        .lock()
+        .ok()?
+        .iter()
+        .filter(|(url, _, _)| *url == bucket.url)
+        .map(|(_, key, body)| (key.clone(), body.clone()))
+        .collect();
+    held.into_iter().find_map(|(key, ours)| {
+        let now = bucket.get_versioned(&key).ok()?;
+        let holder = match now {
+            Some((body, _, _)) if body == ours => return None,
+            Some((body, _, _)) => serde_json::from_slice::<LeaseBody>(&body)
+                .map_or("holder unknown".to_string(), |h| h.holder),
+            None => "it is gone now".to_string(),
+        };
+        Some(format!(
+            "another run took over this run's lease {}/{key} ({holder}): it judged this run dead, \
+             as the lease was not renewed for {} s (was this process stopped, suspended or cut \
+             off from the store?)",
+            bucket.url,
+            LEASE_TTL.as_secs()
+        ))
+    })
+}
+
 /// A held lease on an object store, renewed by a background thread until dropped.
 pub struct Lease {
     bucket: Arc<Bucket>,
@@ -142,12 +174,16 @@ impl Lease {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let renewer = {
-            let (bucket, key, stop) = (bucket.clone(), key.to_string(), stop.clone());
+            let (bucket, key, body, stop) =
+                (bucket.clone(), key.to_string(), body.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("lease".into())
                 .spawn(move || renew(&bucket, &key, body, version, &stop))
                 .context("cannot start the lease thread")?
         };
+        if let Ok(mut held) = HELD.lock() {
+            held.push((bucket.url.clone(), key.to_string(), body));
+        }
         Ok(OutputLock::Lease(Lease {
             bucket,
             key: key.to_string(),
@@ -215,6 +251,9 @@ impl Drop for Lease {
         }
         if !lost {
             let _ = self.bucket.delete(&self.key);
+        }
+        if let Ok(mut held) = HELD.lock() {
+            held.retain(|(url, key, _)| *url != self.bucket.url || *key != self.key);
         }
     }
 }

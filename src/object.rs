@@ -7,12 +7,12 @@
 use std::io::Read;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
 };
@@ -29,6 +29,18 @@ pub const FETCH_AHEAD: usize = 16;
 
 /// Requests that failed transiently in this process (and were retried unless retries ran out).
 static TRANSIENT: AtomicU64 = AtomicU64::new(0);
+
+/// Objects that were listed or named but could not be read: how many, and the first one's error.
+static UNREADABLE: Mutex<(u64, Option<String>)> = Mutex::new((0, None));
+
+/// Reads of input objects that failed in this process (each also an `io` line where a sample
+/// was lost): how many, and the first one's error. A run that had any does not end as complete,
+/// whatever `--max-failures` allows: the bucket, not the image, was at fault.
+pub fn unreadable_objects() -> (u64, Option<String>) {
+    UNREADABLE
+        .lock()
+        .map_or((0, None), |seen| (seen.0, seen.1.clone()))
+}
 
 /// How many S3 requests failed transiently (5xx, 429, connection errors) so far; the client
 /// retried each with exponential back-off (up to 10 times or 3 minutes per request).
@@ -99,13 +111,19 @@ impl Bucket {
             .with_bucket_name(bucket)
             .with_http_connector(CountingConnector)
             .build()
-            .with_context(|| format!("cannot configure S3 access to bucket {bucket}"))?;
+            .map_err(|e| {
+                anyhow!(
+                    "cannot configure S3 access to bucket {bucket}: {}",
+                    redact(&e.to_string())
+                )
+            })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("s3")
             .enable_all()
             .build()
             .context("cannot start the S3 client's runtime")?;
+        check_credentials(&store, &runtime, bucket)?;
         Ok(Bucket {
             url: format!("s3://{bucket}"),
             store: Arc::new(store),
@@ -115,7 +133,7 @@ impl Bucket {
 
     /// Every object under `prefix` (a folder: `a/b`), in key order.
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
-        let prefix = (!prefix.is_empty()).then(|| ObjectPath::from(prefix));
+        let prefix = self.prefix_path(prefix)?;
         let mut objects: Vec<(String, u64)> = self
             .runtime
             .block_on(
@@ -132,11 +150,31 @@ impl Bucket {
     /// Checks that `prefix` can be listed (the bucket exists, the credentials are accepted, the
     /// prefix is not denied), with a message that says which when it cannot.
     pub fn check(&self, prefix: &str) -> Result<()> {
-        let prefix = (!prefix.is_empty()).then(|| ObjectPath::from(prefix));
+        let prefix = self.prefix_path(prefix)?;
         self.runtime
             .block_on(self.store.list_with_delimiter(prefix.as_ref()))
             .map(|_| ())
             .map_err(|e| self.explain(e, &prefix_text(&prefix)))
+    }
+
+    /// The object key `key` as object_store's `Path`, byte for byte. `Path::from` would
+    /// percent-encode `%`, `#`, `?`, `~` and every non-ASCII byte, and so name another object
+    /// (the client encodes the key for the URL once more); `Path::parse` keeps the key, and
+    /// refuses what a `Path` cannot hold.
+    fn path(&self, key: &str) -> Result<ObjectPath> {
+        match ObjectPath::parse(key) {
+            Ok(path) if path.as_ref() == key => Ok(path),
+            _ => bail!(
+                "{}/{key}: this object key cannot be addressed (an empty, `.` or `..` segment, a \
+                 leading or trailing `/`, or a control character); rename the object",
+                self.url
+            ),
+        }
+    }
+
+    /// `path` for a prefix to list under; the empty prefix is the whole bucket.
+    fn prefix_path(&self, prefix: &str) -> Result<Option<ObjectPath>> {
+        (!prefix.is_empty()).then(|| self.path(prefix)).transpose()
     }
 
     /// An error with what it means for the user: credentials rejected, no such bucket, or access
@@ -161,7 +199,7 @@ impl Bucket {
         } else {
             "request failed".to_string()
         };
-        anyhow!("{what}: {meaning}\n  the store said: {text}")
+        anyhow!("{what}: {meaning}\n  the store said: {}", redact(&text))
     }
 
     /// Stores `chunks` as `key` in one PUT: the object appears whole or not at all. With
@@ -187,7 +225,7 @@ impl Bucket {
             attributes,
             ..Default::default()
         };
-        let path = ObjectPath::from(key);
+        let path = self.path(key)?;
         let put = self.runtime.block_on(self.store.put_opts(
             &path,
             PutPayload::from_iter(chunks),
@@ -202,11 +240,19 @@ impl Bucket {
                 if self.writer(key)?.as_deref() == Some(token.as_str()) {
                     return Ok(());
                 }
-                bail!(
-                    "{}/{key} already exists: another writer committed it first (the store refused \
-                     a second create). Only one run or worker may write a shard set or partition \
-                     at a time",
-                    self.url
+                let why = match crate::lock::taken_over(self) {
+                    Some(taken) => format!(
+                        "{taken}, and committed this name first. This run stops; the other run \
+                         goes on writing the set"
+                    ),
+                    None => "another writer committed it first (the store refused a second \
+                             create). Only one run or worker may write a shard set or partition at \
+                             a time"
+                        .to_string(),
+                };
+                Err(
+                    crate::store::Refused(format!("{}/{key} already exists: {why}", self.url))
+                        .into(),
                 )
             }
             Err(e) => Err(self.explain(e, key)),
@@ -220,11 +266,10 @@ impl Bucket {
             mode,
             ..Default::default()
         };
-        let put = self.runtime.block_on(self.store.put_opts(
-            &ObjectPath::from(key),
-            PutPayload::from(body),
-            options,
-        ));
+        let path = self.path(key)?;
+        let put =
+            self.runtime
+                .block_on(self.store.put_opts(&path, PutPayload::from(body), options));
         match put {
             Ok(done) => Ok(Some(UpdateVersion {
                 e_tag: done.e_tag,
@@ -240,8 +285,9 @@ impl Bucket {
 
     /// A small object with its version and the store's last-modified time (Unix seconds).
     pub fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, UpdateVersion, i64)>> {
+        let path = self.path(key)?;
         let got = self.runtime.block_on(async {
-            match self.store.get(&ObjectPath::from(key)).await {
+            match self.store.get(&path).await {
                 Ok(result) => {
                     let meta = result.meta.clone();
                     let body = result.bytes().await?;
@@ -266,7 +312,7 @@ impl Bucket {
         };
         let got = self
             .runtime
-            .block_on(self.store.get_opts(&ObjectPath::from(key), options))
+            .block_on(self.store.get_opts(&self.path(key)?, options))
             .map_err(|e| self.explain(e, key))?;
         Ok(got
             .attributes
@@ -276,8 +322,9 @@ impl Bucket {
 
     /// The whole object, or None when there is no such object.
     pub fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let path = self.path(key)?;
         let got = self.runtime.block_on(async {
-            match self.store.get(&ObjectPath::from(key)).await {
+            match self.store.get(&path).await {
                 Ok(result) => result.bytes().await.map(Some),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(e),
@@ -288,10 +335,7 @@ impl Bucket {
 
     /// Removes `key`; a missing object is not an error.
     pub fn delete(&self, key: &str) -> Result<()> {
-        match self
-            .runtime
-            .block_on(self.store.delete(&ObjectPath::from(key)))
-        {
+        match self.runtime.block_on(self.store.delete(&self.path(key)?)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.explain(e, key)),
         }
@@ -299,13 +343,10 @@ impl Bucket {
 
     /// The object's size, or None when there is no such object.
     pub fn size(&self, key: &str) -> Result<Option<u64>> {
-        match self
-            .runtime
-            .block_on(self.store.head(&ObjectPath::from(key)))
-        {
+        match self.runtime.block_on(self.store.head(&self.path(key)?)) {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}/{key}", self.url)),
+            Err(e) => Err(self.explain(e, key)),
         }
     }
 
@@ -313,10 +354,10 @@ impl Bucket {
     pub fn get_all(&self, keys: &[String]) -> Vec<std::io::Result<Bytes>> {
         self.runtime.block_on(
             futures::stream::iter(keys.iter().map(|key| async move {
-                let got = self.store.get(&ObjectPath::from(key.as_str())).await;
-                match got {
-                    Ok(result) => result.bytes().await.map_err(std::io::Error::other),
-                    Err(e) => Err(std::io::Error::other(e)),
+                let path = self.path(key).map_err(io_error)?;
+                match self.store.get(&path).await {
+                    Ok(result) => result.bytes().await.map_err(|e| self.io_error(e, key)),
+                    Err(e) => Err(self.io_error(e, key)),
                 }
             }))
             .buffered(FETCH_AHEAD)
@@ -330,23 +371,145 @@ impl Bucket {
             range: (from > 0).then_some(GetRange::Offset(from)),
             ..Default::default()
         };
+        let path = self.path(key).map_err(io_error)?;
         let stream = self
             .runtime
-            .block_on(self.store.get_opts(&ObjectPath::from(key), options))
-            .map_err(std::io::Error::other)?
+            .block_on(self.store.get_opts(&path, options))
+            .map_err(|e| self.io_error(e, key))?
             .into_stream();
         Ok(ObjectRead {
             bucket: self.clone(),
+            key: key.to_string(),
             stream,
             chunk: Bytes::new(),
         })
     }
 
     fn range(&self, key: &str, range: Range<u64>) -> std::io::Result<Bytes> {
+        let path = self.path(key).map_err(io_error)?;
         self.runtime
-            .block_on(self.store.get_range(&ObjectPath::from(key), range))
-            .map_err(std::io::Error::other)
+            .block_on(self.store.get_range(&path, range))
+            .map_err(|e| self.io_error(e, key))
     }
+
+    /// A failed read as an I/O error: a missing object says so plainly (it was listed, so it
+    /// vanished or cannot be read as listed), anything else is `explain`ed.
+    fn io_error(&self, e: object_store::Error, key: &str) -> std::io::Error {
+        let error = match e {
+            object_store::Error::NotFound { .. } => std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "{}/{key}: no such object (it was listed or named; did it change since?)",
+                    self.url
+                ),
+            ),
+            e => io_error(self.explain(e, key)),
+        };
+        if let Ok(mut seen) = UNREADABLE.lock() {
+            seen.0 += 1;
+            seen.1.get_or_insert_with(|| error.to_string());
+        }
+        error
+    }
+}
+
+fn io_error(e: anyhow::Error) -> std::io::Error {
+    std::io::Error::other(format!("{e:#}"))
+}
+
+/// The environment variables that configure credentials, for messages.
+const CREDENTIAL_VARS: &str =
+    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with AWS_SESSION_TOKEN \
+     for temporary keys)";
+
+/// Without keys in the environment the client falls back to a role (web identity, container,
+/// or the instance metadata service). Asking for a credential once, before any work, tells a
+/// machine with none apart from one whose requests fail, instead of an error about the
+/// metadata service's address on the first request.
+fn check_credentials(store: &AmazonS3, runtime: &Runtime, bucket: &str) -> Result<()> {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    if set("AWS_ACCESS_KEY_ID")
+        || std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        return Ok(());
+    }
+    let credential = runtime.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store.credentials().get_credential(),
+        )
+        .await
+    });
+    if let Ok(Ok(_)) = credential {
+        return Ok(());
+    }
+    let role = [
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ]
+    .into_iter()
+    .find(|name| set(name));
+    let said = match (role, credential) {
+        (Some(name), Ok(Err(e))) => format!(
+            "\n  {name} is set, and its provider said: {}",
+            redact(&e.to_string())
+        ),
+        (Some(name), Err(_)) => {
+            format!("\n  {name} is set, and its provider did not answer in 10 s")
+        }
+        _ => String::new(),
+    };
+    let profile = if set("AWS_PROFILE") {
+        " AWS_PROFILE and ~/.aws are not read: export the profile's keys with \
+         `eval \"$(aws configure export-credentials --profile NAME --format env)\"`."
+    } else {
+        ""
+    };
+    bail!(
+        "s3://{bucket}: no credentials found. Set {CREDENTIAL_VARS}, or run where a role provides \
+         them (EC2 instance profile, ECS task role, EKS web identity).{profile} A public bucket \
+         is read without credentials with AWS_SKIP_SIGNATURE=true{said}"
+    )
+}
+
+/// `text` without the user and password an endpoint URL may carry
+/// (`http://user:secret@host`): error messages quote request URLs.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let authority = tail
+            .find(|c: char| c == '/' || c == '"' || c == '\'' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..authority].rfind('@') {
+            Some(user_end) => {
+                out.push_str("***");
+                rest = &tail[user_end..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    for password in endpoint_passwords() {
+        out = out.replace(&password, "***");
+    }
+    out
+}
+
+/// Passwords in the userinfo of the endpoint variables, wherever else they might be quoted.
+fn endpoint_passwords() -> Vec<String> {
+    std::env::vars()
+        .filter(|(name, _)| name.starts_with("AWS_") && name.contains("ENDPOINT"))
+        .filter_map(|(_, url)| {
+            let authority = url.split_once("://")?.1.split('/').next()?.to_string();
+            let userinfo = authority.rsplit_once('@')?.0;
+            let password = userinfo.split_once(':').map_or(userinfo, |(_, p)| p);
+            (password.len() >= 4).then(|| password.to_string())
+        })
+        .collect()
 }
 
 fn prefix_text(prefix: &Option<ObjectPath>) -> String {
@@ -356,6 +519,7 @@ fn prefix_text(prefix: &Option<ObjectPath>) -> String {
 /// An object's body as `Read`.
 pub struct ObjectRead {
     bucket: Arc<Bucket>,
+    key: String,
     stream: BoxStream<'static, object_store::Result<Bytes>>,
     chunk: Bytes,
 }
@@ -365,7 +529,7 @@ impl Read for ObjectRead {
         while self.chunk.is_empty() {
             match self.bucket.runtime.block_on(self.stream.next()) {
                 Some(Ok(chunk)) => self.chunk = chunk,
-                Some(Err(e)) => return Err(std::io::Error::other(e)),
+                Some(Err(e)) => return Err(self.bucket.io_error(e, &self.key)),
                 None => return Ok(0),
             }
         }

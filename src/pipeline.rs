@@ -442,6 +442,16 @@ fn run(
             summary.rows
         );
     }
+    let (unreadable, first) = crate::object::unreadable_objects();
+    if unreadable > 0 {
+        summary.print();
+        bail!(
+            "{unreadable} read(s) of input objects failed, e.g. {}: no _SUCCESS written (see {}). \
+             Rerun the same command to resume once the bucket is readable",
+            first.unwrap_or_default(),
+            errors
+        );
+    }
     if summary.failed_fraction() > config.max_failures {
         summary.print();
         bail!(

@@ -36,6 +36,19 @@ pub enum Commit {
     Replace,
 }
 
+/// A create-only commit refused because the name exists: another writer committed it first. Not
+/// a full disk: the writer that gets this stops, and the message says who took over.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// A place a shard set is written to and read from.
 pub trait ShardStore: Send + Sync {
     /// The set's root as the user named it (a path or an `s3://` URL), for messages.
@@ -231,11 +244,14 @@ impl PendingFile for LocalPending {
             // A hard link fails when the name exists: create-only, like the object store's.
             Commit::CreateOnly => {
                 match std::fs::hard_link(&self.tmp, &self.path) {
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
-                        "{} already exists: another writer committed it first. Only one run or \
-                         worker may write a shard set or partition at a time",
-                        self.path.display()
-                    ),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return Err(Refused(format!(
+                            "{} already exists: another writer committed it first. Only one run \
+                             or worker may write a shard set or partition at a time",
+                            self.path.display()
+                        ))
+                        .into())
+                    }
                     other => other.with_context(|| {
                         format!(
                             "cannot commit {} as {}",

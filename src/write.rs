@@ -207,8 +207,14 @@ impl ShardWriter {
         let pending = shard.finish().with_context(|| {
             format!("cannot finish {describe} (disk full?); free space and rerun the same command to resume")
         })?;
-        pending.commit().with_context(|| {
-            format!("cannot commit {describe} (disk full?); free space and rerun the same command to resume")
+        pending.commit().map_err(|e| {
+            if e.is::<crate::store::Refused>() {
+                e
+            } else {
+                e.context(format!(
+                    "cannot commit {describe} (disk full?); free space and rerun the same command to resume"
+                ))
+            }
         })?;
         self.totals.shards += 1;
         Ok(())

@@ -84,12 +84,15 @@ fn open_objects(url: &str, columns: &ParquetColumns) -> Result<Box<dyn Source + 
     let root = head.rsplit_once('/').map_or("", |(dir, _)| dir).to_string();
     let mut found: Vec<(String, u64, FileKind)> = Vec::new();
     let mut folder = false;
-    if !pattern.contains(SPECIAL) {
-        let single = match pattern {
-            "" => None,
-            p if p.ends_with('/') => None,
-            p => bucket.size(p)?,
-        };
+    let single = match pattern {
+        "" => None,
+        p if p.ends_with('/') => None,
+        p => bucket.size(p)?,
+    };
+    // A key may hold `*`, `?`, `[` or `{` itself: an object named exactly is that object, and a
+    // prefix (ending in `/`) is listed as written, as no glob matches a folder.
+    let literal = single.is_some() || pattern.ends_with('/') || !pattern.contains(SPECIAL);
+    if literal {
         match single {
             Some(size) => {
                 let kind = FileKind::of(pattern).with_context(|| {
@@ -142,6 +145,11 @@ fn open_objects(url: &str, columns: &ParquetColumns) -> Result<Box<dyn Source + 
     }
     let root = if folder {
         pattern.trim_end_matches('/').to_string()
+    } else if literal {
+        pattern
+            .rsplit_once('/')
+            .map_or("", |(dir, _)| dir)
+            .to_string()
     } else {
         root
     };
@@ -150,6 +158,13 @@ fn open_objects(url: &str, columns: &ParquetColumns) -> Result<Box<dyn Source + 
     } else {
         Vec::new()
     };
+    if folder && listed.is_empty() && !pattern.is_empty() && !pattern.ends_with('/') {
+        bail!(
+            "--input {url}: there is no object {pattern} in {}, nor any object under {pattern}/ \
+             (object keys are matched exactly: case, spaces and Unicode normalization count)",
+            bucket.url
+        );
+    }
     let names: std::collections::HashSet<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
     let sidecar = |key: &str, ext: &str| {
         let stem = key.rsplit_once('.').map_or(key, |(s, _)| s);
