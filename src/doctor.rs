@@ -3,11 +3,40 @@
 //! providers it offers, whether a CUDA GPU is visible, and the model card folders searched.
 
 use std::fmt::Write;
+use std::path::Path;
 
+use anyhow::{bail, Result};
 use ort::ep::ExecutionProvider;
 
-/// The report, one fact a line.
-pub fn report() -> String {
+/// Prints the report; fails when no ONNX Runtime library loads, as nothing can be encoded then.
+pub fn run() -> Result<()> {
+    let (text, runtime_loads) = report();
+    // A closed pipe (`doctor | head`) is not an error of the report's.
+    let mut out = std::io::stdout().lock();
+    let _ = std::io::Write::write_all(&mut out, text.as_bytes())
+        .and_then(|_| std::io::Write::flush(&mut out));
+    if !runtime_loads {
+        bail!(
+            "no usable ONNX Runtime library (see above): `pip install onnxruntime` (or \
+             onnxruntime-gpu) into the environment vae-pipeline is installed in, or set \
+             ORT_DYLIB_PATH to a libonnxruntime.so (1.24 or newer)"
+        );
+    }
+    Ok(())
+}
+
+/// A path as an absolute one: a relative folder (`models`, `.ort/…`) means the working
+/// directory's, which a user reading the report may not know.
+fn absolute(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// The report, one fact a line, and whether the ONNX Runtime library loads.
+pub fn report() -> (String, bool) {
+    let mut runtime_loads = false;
     let mut s = String::new();
     let _ = writeln!(s, "vae-pipeline {}", env!("CARGO_PKG_VERSION"));
     match crate::runtime::locate_with_rule() {
@@ -15,11 +44,12 @@ pub fn report() -> String {
             let _ = writeln!(
                 s,
                 "ONNX Runtime: {} (found through {})",
-                found.path.display(),
+                absolute(&found.path),
                 found.rule
             );
             match crate::runtime::environment() {
                 Ok(_) => {
+                    runtime_loads = true;
                     let _ = writeln!(s, "  build: {}", ort::info().trim());
                     let providers = [
                         ("CPU", ort::ep::CPU::is_available()),
@@ -63,7 +93,7 @@ pub fn report() -> String {
         let _ = writeln!(
             s,
             "  {}: {}",
-            dir.display(),
+            absolute(&dir),
             if cards.is_empty() {
                 "(none)".to_string()
             } else {
@@ -71,7 +101,7 @@ pub fn report() -> String {
             }
         );
     }
-    s
+    (s, runtime_loads)
 }
 
 /// Whether the process can see an NVIDIA GPU (device nodes and `CUDA_VISIBLE_DEVICES`).

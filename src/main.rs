@@ -379,10 +379,7 @@ fn run() -> Result<()> {
             println!("{}", serde_json::to_string(&t)?);
             Ok(())
         }
-        Command::Doctor => {
-            print_out(&vae_pipeline::doctor::report());
-            Ok(())
-        }
+        Command::Doctor => vae_pipeline::doctor::run(),
         Command::Convert(args) => {
             convert::run(&args)?.print();
             Ok(())
