@@ -55,7 +55,8 @@ pub struct ExportArgs {
     /// The VAE family: its config defaults (single files) and latent normalization.
     #[arg(long, value_enum)]
     pub family: Option<Family>,
-    /// Name in the model card [default: the --family, else the --out folder's name].
+    /// Name in the model card [default: the family (--family, or the one the config's scaling
+    /// and shift factors identify), else the --out folder's name].
     #[arg(long)]
     pub name: Option<String>,
     /// Print a draft model card for an ONNX encoder exported elsewhere (Optimum, ONNX Runtime's
@@ -142,7 +143,7 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
     let decoder_path = out.join("decoder.onnx");
     write_atomic(&encoder_path, &graph::encode(&built.encoder))?;
     write_atomic(&decoder_path, &graph::encode(&built.decoder))?;
-    let name = args.name.clone().unwrap_or_else(|| match args.family {
+    let name = args.name.clone().unwrap_or_else(|| match built.family {
         Some(f) => f.name().to_string(),
         None => out
             .file_name()

@@ -161,6 +161,7 @@ def test_flux2_batch_norm_normalization_matches_numpy(binary, tiny, shared, gold
     out = tmp_path / "onnx"
     export(binary, "--checkpoint", vae.parent, "--out", out)
     card = tomllib.loads((out / "card.toml").read_text())
+    assert card["name"] == "flux2", "the card is named after the family the config names, not --out"
     assert card["batch_norm"]["patch_size"] == 2 and card["batch_norm"]["eps"] == pytest.approx(1e-4)
     assert np.array_equal(np.float32(card["batch_norm"]["running_mean"]), mean)
     assert np.array_equal(np.float32(card["batch_norm"]["running_var"]), var)
