@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -210,7 +212,10 @@ def test_a_second_writer_is_refused_by_the_lease_and_by_create_only_commits(bina
         first.send_signal(signal.SIGCONT)
     first_err = first.communicate(timeout=600)[1]
     second_err = second.communicate(timeout=600)[1]
-    assert first.returncode != 0 and "already exists: another writer committed it first" in first_err, first_err
+    assert first.returncode != 0, first_err
+    # The first run is told why: its lease was taken over; no full disk is suspected.
+    assert "already exists: another run took over this run's lease s3://data/sets/l/_lock" in first_err, first_err
+    assert "disk full" not in first_err, first_err
     assert second.returncode == 0, second_err
     assert_every_key_once(store, "sets/l/", binary, 12)
 
@@ -232,6 +237,16 @@ def test_bad_credentials_and_a_missing_bucket_fail_before_work(binary, cards, im
 def flaky(endpoint: str, every: int):
     """A proxy in front of the S3 endpoint that answers every `every`-th request with 503 SlowDown
     (moto never throttles) and forwards the rest unchanged. Yields (proxy URL, refused count)."""
+    slow_down = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+    with proxy(endpoint, lambda method, path, seen: (503, slow_down) if seen % every == 0 else None) as got:
+        yield got
+
+
+@contextmanager
+def proxy(endpoint: str, answer):
+    """A proxy in front of the S3 endpoint: `answer(method, path, n)` (n counts requests from 1)
+    gives (status, body) to send instead of the store's reply, or None to forward the request
+    unchanged. Yields (proxy URL, {"seen": requests, "refused": requests answered})."""
     upstream = endpoint.removeprefix("http://")
     count = {"seen": 0, "refused": 0}
     lock = threading.Lock()
@@ -246,11 +261,11 @@ def flaky(endpoint: str, every: int):
             body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
             with lock:
                 count["seen"] += 1
-                refuse = count["seen"] % every == 0
-                count["refused"] += refuse
-            if refuse:
-                reply = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                self.send_response(503)
+                refuse = answer(self.command, self.path, count["seen"])
+                count["refused"] += refuse is not None
+            if refuse is not None:
+                status, reply = refuse
+                self.send_response(status)
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
@@ -294,3 +309,123 @@ def test_transient_errors_are_retried_and_counted(binary, cards, images, store):
     assert 0 < summary["retried_requests"] <= count["refused"], (summary["retried_requests"], count)
     assert f"{summary['retried_requests']} request(s) failed transiently and were retried" in proc.stderr
     assert summary["rows"] == 6
+
+
+#: Object keys S3 allows that object_store's `Path::from` would percent-encode (and so name
+#: another object): spaces, `+`, `%`, `#`, `?`, `=`, non-ASCII and emoji, both Unicode forms of one
+#: name (two different keys), and a key of about 900 bytes.
+CAFE_NFC = unicodedata.normalize("NFC", "café photo.png")
+CAFE_NFD = unicodedata.normalize("NFD", "café photo.png")
+LONG = "long/" + "é" * 200 + "/" + "x" * 480 + ".png"
+ODD_KEYS = [CAFE_NFC, CAFE_NFD, "a%b.png", "a%25b.png", "1+1=2 #?.png", "ü/x.png", "\U0001F642.png", LONG]
+
+
+def dataset_key(rel: str) -> str:
+    """FORMAT.md's key for an object key relative to the pattern's folder: `%` escaped as `%25`."""
+    return rel.replace("%", "%25")
+
+
+def avgpool(binary, cards, *args, env=None) -> subprocess.CompletedProcess:
+    return vp(binary, "precompute", "--model", cards["avgpool8"], "--size", "64", "--threads", "2", *args, env=env)
+
+
+def set_keys(client, bucket: str, prefix: str) -> list[str]:
+    tables = [pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()))
+              for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+              if o["Key"].endswith(".parquet")]
+    return sorted(k for t in tables for k in t.column("key").to_pylist())
+
+
+def test_every_key_s3_allows_round_trips_as_input_and_as_out_prefix(binary, cards, shared, store, tmp_path):
+    assert len(LONG.encode()) > 880 and CAFE_NFC != CAFE_NFD
+    photos = sorted(require(shared / "data" / "kodak", "Kodak photos").glob("*.png"))
+    for photo, key in zip(photos, ODD_KEYS):
+        store.upload_file(str(photo), "data", f"uni/{key}")
+    want = sorted(dataset_key(k) for k in ODD_KEYS)
+    assert len(set(want)) == len(ODD_KEYS), "the dataset keys are unique"
+
+    # A prefix, and as `--out` a prefix of the same odd characters in a bucket of its own.
+    store.create_bucket(Bucket="emp")
+    out = "ü #?%+=\U0001F642/" + CAFE_NFD
+    proc = avgpool(binary, cards, "--input", "s3://data/uni/", "--out", f"s3://emp/{out}")
+    assert proc.returncode == 0, proc.stderr
+    assert set_keys(store, "emp", out + "/") == want
+    listed = [o["Key"] for o in store.list_objects_v2(Bucket="emp")["Contents"]]
+    assert listed and all(k.startswith(out + "/") for k in listed), listed
+    assert b"" == store.get_object(Bucket="emp", Key=f"{out}/_errors.jsonl")["Body"].read()
+    verdict = vp(binary, "verify", f"s3://emp/{out}")
+    assert verdict.returncode == 0 and f"ok: {len(ODD_KEYS)} rows" in verdict.stdout, verdict.stdout + verdict.stderr
+    again = avgpool(binary, cards, "--input", "s3://data/uni/", "--out", f"s3://emp/{out}")
+    assert again.returncode == 0 and "encoded 0 images" in again.stderr, again.stderr
+    assert set_keys(store, "emp", out + "/") == want
+
+    # One object named by its key, each odd form: keys are relative to its folder.
+    for key in (CAFE_NFD, "a%b.png", "1+1=2 #?.png", LONG):
+        proc = avgpool(binary, cards, "--input", f"s3://data/uni/{key}", "--out", tmp_path / f"one-{ODD_KEYS.index(key)}")
+        assert proc.returncode == 0, f"{key}: {proc.stderr}"
+        assert "encoded 1 images" in proc.stderr, proc.stderr
+    # A glob and a brace list over the odd keys; a `?` in a glob matches any one character.
+    proc = avgpool(binary, cards, "--input", "s3://data/uni/*.png", "--out", tmp_path / "glob")
+    assert proc.returncode == 0 and "encoded 6 images, 0 failed" in proc.stderr, proc.stderr
+    proc = avgpool(binary, cards, "--input", f"s3://data/uni/{{ü/x,{CAFE_NFC[:-4]}}}.png", "--out", tmp_path / "brace")
+    assert proc.returncode == 0 and "encoded 2 images, 0 failed" in proc.stderr, proc.stderr
+    # NFC and NFD are two keys: naming one form does not find the other.
+    store.delete_object(Bucket="data", Key=f"uni/{CAFE_NFC}")
+    proc = avgpool(binary, cards, "--input", f"s3://data/uni/{CAFE_NFC}", "--out", tmp_path / "nfc")
+    assert proc.returncode == 2 and "there is no object" in proc.stderr, proc.stderr
+    for key in ODD_KEYS:
+        store.delete_object(Bucket="data", Key=f"uni/{key}")
+
+
+def test_a_listed_object_that_cannot_be_read_fails_the_run_and_no_password_is_shown(binary, cards, images, store):
+    for p in sorted(images.iterdir()):
+        store.upload_file(str(p), "data", f"gone-in/{p.name}")
+    gone = f"/data/gone-in/{sorted(p.name for p in images.iterdir())[2]}"
+    no_such_key = b"<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>"
+    # The listing names the object; fetching it says there is no such key (it vanished).
+    answer = lambda method, path, n: (404, no_such_key) if method == "GET" and urllib.parse.unquote(path) == gone else None  # noqa: E731
+    password = "vp-endpoint-pass-7Qk2"
+    with proxy(os.environ["AWS_ENDPOINT_URL"], answer) as (url, count):
+        endpoint = url.replace("http://", f"http://vpuser:{password}@")
+        proc = avgpool(binary, cards, "--input", "s3://data/gone-in/", "--out", "s3://data/sets/gone",
+                       env={"AWS_ENDPOINT_URL": endpoint})
+        missing = avgpool(binary, cards, "--input", "s3://data/gone-in/", "--out", "s3://nosuchbucket/x",
+                          env={"AWS_ENDPOINT_URL": endpoint})
+    assert count["refused"] >= 1
+    assert proc.returncode == 2, proc.stderr
+    assert "1 read(s) of input objects failed" in proc.stderr and "no such object" in proc.stderr, proc.stderr
+    written = objects(store, "sets/gone/")
+    assert "_SUCCESS" not in written and b"no such object" in written["_errors.jsonl"]
+    assert missing.returncode == 2 and "bucket s3://nosuchbucket does not exist" in missing.stderr, missing.stderr
+    assert "***@127.0.0.1" in missing.stderr, "the store's words, with the endpoint's password taken out"
+    for text in (proc.stderr, proc.stdout, missing.stderr, missing.stdout):
+        assert password not in text
+    for name, body in written.items():
+        assert password.encode() not in body, name
+
+    direct = os.environ["AWS_ENDPOINT_URL"].replace("http://", f"http://vpuser:{password}@")
+    rerun = avgpool(binary, cards, "--input", "s3://data/gone-in/", "--out", "s3://data/sets/gone",
+                    env={"AWS_ENDPOINT_URL": direct})
+    assert rerun.returncode == 0 and "encoded 1 images" in rerun.stderr, rerun.stderr
+    written = objects(store, "sets/gone/")
+    assert "_SUCCESS" in written
+    for name, body in written.items():
+        assert password.encode() not in body, name
+
+
+def test_no_credentials_is_said_before_any_work(binary, cards, images, store):
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    # No instance metadata service here: a closed port answers at once, as 169.254.169.254 would not.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env.update(AWS_PROFILE="vp-dev", AWS_METADATA_ENDPOINT=f"http://127.0.0.1:{port}")
+    before = store.list_objects_v2(Bucket="data", Prefix="sets/nocred/").get("KeyCount")
+    proc = subprocess.run([str(binary), "precompute", "--input", str(images), "--out", "s3://data/sets/nocred",
+                           "--model", str(cards["avgpool8"]), "--size", "64"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "no credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in proc.stderr, proc.stderr
+    assert "AWS_PROFILE and ~/.aws are not read" in proc.stderr, proc.stderr
+    assert "169.254" not in proc.stderr and f"127.0.0.1:{port}" not in proc.stderr, proc.stderr
+    assert store.list_objects_v2(Bucket="data", Prefix="sets/nocred/").get("KeyCount") == before
