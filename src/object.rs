@@ -568,3 +568,20 @@ impl ChunkReader for ObjectFile {
             .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_takes_the_userinfo_out_of_every_url_and_nothing_else() {
+        assert_eq!(
+            redact("GET http://u:p4ss@127.0.0.1:9000/b/k@2x.png failed; PUT https://x@h/y"),
+            "GET http://***@127.0.0.1:9000/b/k@2x.png failed; PUT https://***@h/y"
+        );
+        assert_eq!(
+            redact("s3://bucket/a@b.png and http://host:1/p"),
+            "s3://bucket/a@b.png and http://host:1/p"
+        );
+    }
+}
