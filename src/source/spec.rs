@@ -386,7 +386,27 @@ pub fn expand_braces(text: &str) -> Result<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::expand_braces;
+    use super::{expand_braces, key_root, FileKind};
+    use std::path::PathBuf;
+
+    #[test]
+    fn keys_are_relative_to_the_pattern_folder_or_else_the_common_folder() {
+        let root = |head: &str, files: &[&str]| {
+            let files: Vec<_> = files
+                .iter()
+                .map(|f| (PathBuf::from(f), FileKind::Tar))
+                .collect();
+            key_root(PathBuf::from(head), &files)
+        };
+        assert_eq!(root("data", &["data/a/x.tar"]), PathBuf::from("data"));
+        assert_eq!(root("", &["a/x.tar", "b/x.tar"]), PathBuf::from(""));
+        assert_eq!(
+            root("", &["/data/a/x.tar", "/data/b/x.tar"]),
+            PathBuf::from("/data")
+        );
+        assert_eq!(root("", &["/data/a/x.tar"]), PathBuf::from("/data/a"));
+        assert_eq!(root("", &["../a/x.tar", "../b/x.tar"]), PathBuf::from(".."));
+    }
 
     #[test]
     fn braces_expand_like_webdataset() {
