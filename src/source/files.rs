@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::bounded;
 
-use super::parquet::{self, ParquetColumns};
+use super::parquet::{self, Beside, ParquetColumns};
 use super::webdataset::{self, TarInput};
 use super::{
     json_object, load_file, metadata_of, path_of, source_bytes, Location, MetadataRead, SourceBytes,
@@ -225,16 +225,26 @@ pub(super) fn read_units(
             }
             (Place::Local(path), FileKind::Parquet) => {
                 let open = || File::open(path);
-                let base = path.parent();
-                parquet::stream(&unit.key, &open, base, columns, images, send)
+                let beside = Beside::Folder(path.parent().unwrap_or(Path::new("")));
+                parquet::stream(&unit.key, &open, beside, columns, images, send)
             }
             (Place::Object { key, size, .. }, FileKind::Parquet) => {
+                let bucket = bucket.expect("objects have a bucket");
                 let file = ObjectFile {
-                    bucket: bucket.expect("objects have a bucket").clone(),
+                    bucket: bucket.clone(),
                     key: key.clone(),
                     size: *size,
                 };
-                parquet::stream(&unit.key, &|| Ok(file.clone()), None, columns, images, send)
+                let folder = key.rsplit_once('/').map_or("", |(folder, _)| folder);
+                let beside = Beside::Objects(bucket, folder);
+                parquet::stream(
+                    &unit.key,
+                    &|| Ok(file.clone()),
+                    beside,
+                    columns,
+                    images,
+                    send,
+                )
             }
         };
         if !more {

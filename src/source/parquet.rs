@@ -21,6 +21,7 @@ use super::{
     SourceBytes,
 };
 use crate::failure::{Failure, FailureKind};
+use crate::object::Bucket;
 use crate::pool;
 
 /// Rows per read batch: a few dozen images in memory at a time.
@@ -195,12 +196,11 @@ fn choose(schema: &Schema, columns: &ParquetColumns) -> Result<Chosen> {
 /// Streams the rows of the Parquet file `open` opens (keys `UNIT/KEY`, or `UNIT/ROW` without a
 /// key column) into `send`; false once `send` refused one. Without `images`, the image column is
 /// not read and each sample carries only its metadata (the pre-flight's pass). An `Image` cell
-/// without bytes is read from its path, taken relative to `folder` (the local file's folder) or
-/// as it is.
+/// without bytes is read from its path, looked for `beside` the file.
 pub fn stream<T: ChunkReader + 'static>(
     unit: &str,
     open: &dyn Fn() -> std::io::Result<T>,
-    folder: Option<&Path>,
+    beside: Beside<'_>,
     columns: &ParquetColumns,
     images: bool,
     send: &mut dyn FnMut(Result<SampleRef, Failure>) -> bool,
@@ -256,7 +256,7 @@ pub fn stream<T: ChunkReader + 'static>(
                     Ok((count, batch)) => {
                         let read = Read {
                             unit,
-                            folder,
+                            beside,
                             batch: &batch,
                             chosen: &chosen,
                             images,
@@ -291,10 +291,19 @@ pub fn stream<T: ChunkReader + 'static>(
     true
 }
 
+/// Where an `Image` cell's path is looked for when the cell has no bytes.
+#[derive(Clone, Copy)]
+pub enum Beside<'a> {
+    /// Relative to a local Parquet file's folder, then as written.
+    Folder(&'a Path),
+    /// Relative to the folder of a Parquet object's key, in its bucket.
+    Objects(&'a Bucket, &'a str),
+}
+
 /// One read batch of a file, with what `sample` needs to make its rows.
 struct Read<'a> {
     unit: &'a str,
-    folder: Option<&'a Path>,
+    beside: Beside<'a>,
     /// The batch's columns, dictionaries unpacked.
     batch: &'a [ArrayRef],
     chosen: &'a Chosen,
@@ -393,12 +402,9 @@ impl Read<'_> {
             let message = format!("row {row}: the image cell is null (no embedded bytes)");
             return Err(Failure::new(key, FailureKind::Empty, message));
         };
-        let Some(folder) = self.folder else {
-            let message = format!(
-                "row {row}: the image cell has no bytes, only the path {path:?}, and paths are \
-                 not read for Parquet files in object storage: embed the images' bytes"
-            );
-            return Err(Failure::new(key, FailureKind::Empty, message));
+        let folder = match self.beside {
+            Beside::Folder(folder) => folder,
+            Beside::Objects(bucket, folder) => return object_image(key, row, path, bucket, folder),
         };
         let beside = folder.join(path);
         match [beside.clone(), PathBuf::from(path)]
@@ -415,6 +421,46 @@ impl Read<'_> {
                 Err(Failure::new(key, FailureKind::Io, message))
             }
         }
+    }
+}
+
+/// The object an `Image` path names beside a Parquet object (`folder` is its key's folder).
+fn object_image(
+    key: &str,
+    row: usize,
+    path: &str,
+    bucket: &Bucket,
+    folder: &str,
+) -> Result<SourceBytes, Failure> {
+    let fail = |message: String| Err(Failure::new(key, FailureKind::Io, message));
+    if path
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return fail(format!(
+            "row {row}: the image cell has no bytes, and its path {path:?} is not a plain \
+             relative path, so it names no object beside the Parquet file"
+        ));
+    }
+    let name = match folder {
+        "" => path.to_string(),
+        folder => format!("{folder}/{path}"),
+    };
+    match bucket.get(&name) {
+        Ok(Some(body)) => {
+            let mut bytes = pool::BYTES.take(body.len());
+            bytes.extend_from_slice(&body);
+            source_bytes(key, bytes)
+        }
+        Ok(None) => fail(format!(
+            "row {row}: the image cell has no bytes, and its path {path:?} names no object \
+             ({}/{name} does not exist)",
+            bucket.url
+        )),
+        Err(e) => fail(format!(
+            "row {row}: cannot fetch {}/{name}: {e:#}",
+            bucket.url
+        )),
     }
 }
 

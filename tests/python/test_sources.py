@@ -488,6 +488,21 @@ def test_parquet_image_paths_without_bytes_are_read(binary, cards, photos, tmp_p
     assert gone["kind"] == "io" and "gone.png" in gone["message"], gone
 
 
+def test_s3_parquet_image_paths_are_read_beside_the_object(binary, cards, photos, s3, tmp_path):
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": p} for p in ("imgs/kodim01.png", "gone.png", "../kodim01.png")]
+    pq.write_table(pa.table({"image": pa.array(cells, image)}), tmp_path / "p.parquet")
+    s3.upload_file(str(tmp_path / "p.parquet"), "data", "hf/p.parquet")
+    s3.put_object(Bucket="data", Key="hf/imgs/kodim01.png", Body=photos["kodim01"])
+    out = tmp_path / "out"
+    table, _ = fast(binary, cards, "s3://data/hf/p.parquet", out)
+    assert table.column("key").to_pylist() == ["p.parquet/000000000"]
+    assert table.column("source_sha256").to_pylist() == [sha(photos["kodim01"])]
+    errs = failures(out)
+    assert errs["p.parquet/000000001"]["kind"] == "io" and "s3://data/hf/gone.png" in errs["p.parquet/000000001"]["message"]
+    assert errs["p.parquet/000000002"]["kind"] == "io", errs
+
+
 def test_report_reads_a_tar(binary, shared, photos, tmp_path):
     from report_reference import report_card, run_report
 
