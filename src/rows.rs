@@ -82,7 +82,7 @@ impl RowMaker {
                 .get(&sample.key)
                 .cloned()
                 .or_else(|| sample.caption.clone()),
-            extra: self.sidecars.values(sample.metadata.as_ref()),
+            extra: self.sidecars.values(sample.metadata.object()),
         }
     }
 

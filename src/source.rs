@@ -11,6 +11,7 @@ mod spec;
 mod webdataset;
 
 pub use files::FilesSource;
+use files::{FileKind, Place, Unit};
 pub use parquet::ParquetColumns;
 pub use spec::open;
 
@@ -87,16 +88,27 @@ pub struct Sample {
     pub key: String,
     pub bytes: SourceBytes,
     pub caption: Option<String>,
-    /// The sample's JSON metadata object, if it has one.
-    pub metadata: Option<Map<String, Value>>,
+    /// The sample's JSON metadata (unreadable metadata is counted by the schema inference).
+    pub metadata: MetadataRead,
 }
 
 /// A sample's JSON metadata as the schema inference sees it.
+#[derive(Debug, Clone)]
 pub enum MetadataRead {
     Absent,
     /// Present but not a JSON object: counted, contributes nothing.
     Unreadable,
     Object(Map<String, Value>),
+}
+
+impl MetadataRead {
+    /// The metadata object, if the sample has a readable one.
+    pub fn object(&self) -> Option<&Map<String, Value>> {
+        match self {
+            MetadataRead::Object(map) => Some(map),
+            _ => None,
+        }
+    }
 }
 
 /// Where samples come from.
@@ -126,11 +138,14 @@ pub trait Source: Sync {
 }
 
 /// A folder of image files with sidecars: `NAME.txt` / `NAME.caption` (caption), `NAME.json`
-/// (metadata). Walked recursively in name order; symlinks followed, loops reported.
+/// (metadata), and of containers (tars, Parquet files) read as a list of files reads them.
+/// Walked recursively in name order; symlinks followed, loops reported.
+#[derive(Clone)]
 pub struct FolderSource {
     root: PathBuf,
     /// The listed items kept (`restrict`), by index.
     only: Option<Range<usize>>,
+    columns: ParquetColumns,
 }
 
 impl FolderSource {
@@ -138,11 +153,18 @@ impl FolderSource {
         FolderSource {
             root: root.to_path_buf(),
             only: None,
+            columns: ParquetColumns::default(),
         }
     }
 
-    /// Every item of the walk, restricted or not.
-    fn walk(&self) -> impl Iterator<Item = Result<SampleRef, Failure>> + Send + '_ {
+    /// The same folder with its Parquet files' columns named (`--image-column` and the others).
+    pub fn with_columns(self, columns: ParquetColumns) -> Self {
+        FolderSource { columns, ..self }
+    }
+
+    /// Every item of the walk, restricted or not: an image or a container, or why an entry
+    /// cannot be one.
+    fn walk(&self) -> impl Iterator<Item = Result<Unit, Failure>> + Send + '_ {
         WalkDir::new(&self.root)
             .follow_links(true)
             .sort_by_file_name()
@@ -163,30 +185,8 @@ impl FolderSource {
             })
     }
 
-    fn classify(&self, path: &Path) -> Option<Result<SampleRef, Failure>> {
-        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-        let key = key_of(&self.root, path);
-        if DECODED.contains(&ext.as_str()) {
-            Some(Ok(SampleRef {
-                key,
-                at: Location::File(path.to_path_buf()),
-            }))
-        } else if NOT_DECODED.contains(&ext.as_str()) {
-            Some(Err(Failure::new(
-                key,
-                FailureKind::Unsupported,
-                format!(
-                    ".{ext} images are not decoded by vae-pipeline; convert them to PNG or JPEG"
-                ),
-            )))
-        } else {
-            None
-        }
-    }
-}
-
-impl Source for FolderSource {
-    fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_> {
+    /// The walk's items that `restrict` kept.
+    fn items(&self) -> Box<dyn Iterator<Item = Result<Unit, Failure>> + Send + '_> {
         match self.only.clone() {
             None => Box::new(self.walk()),
             Some(range) => Box::new(
@@ -199,10 +199,83 @@ impl Source for FolderSource {
         }
     }
 
+    /// The Parquet files in the folder, to check their columns before any work.
+    pub(crate) fn parquet_files(&self) -> Vec<PathBuf> {
+        self.walk()
+            .filter_map(|item| match item {
+                Ok(Unit {
+                    kind: FileKind::Parquet,
+                    place: Place::Local(path),
+                    ..
+                }) => Some(path),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn classify(&self, path: &Path) -> Option<Result<Unit, Failure>> {
+        let key = key_of(&self.root, path);
+        if let Some(kind) = FileKind::of_path(path) {
+            return Some(Ok(Unit {
+                key,
+                kind,
+                place: Place::Local(path.to_path_buf()),
+            }));
+        }
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        NOT_DECODED.contains(&ext.as_str()).then(|| {
+            Err(Failure::new(
+                key,
+                FailureKind::Unsupported,
+                format!(
+                    ".{ext} images are not decoded by vae-pipeline; convert them to PNG or JPEG"
+                ),
+            ))
+        })
+    }
+
+    /// The reader thread's items: images as files, containers' samples as read (without image
+    /// bytes unless `images`).
+    fn read(&self, images: bool) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send> {
+        let folder = self.clone();
+        files::reader(move |send| {
+            for item in folder.items() {
+                let more = match item {
+                    Ok(unit) => files::read_units(
+                        std::slice::from_ref(&unit),
+                        None,
+                        &folder.columns,
+                        images,
+                        send,
+                    ),
+                    Err(failure) => send(Err(failure)),
+                };
+                if !more {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+impl Source for FolderSource {
+    fn list(&self) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send + '_> {
+        self.read(true)
+    }
+
+    /// Containers are walked without reading their images (as for a list of files).
+    fn metadata_pass(&self) -> Box<dyn Iterator<Item = MetadataRead> + Send + '_> {
+        Box::new(self.read(false).map(|item| match item {
+            Ok(sample) => metadata_of(&sample),
+            Err(_) => MetadataRead::Absent,
+        }))
+    }
+
+    /// Each image file and each container is one unit.
     fn units(&self) -> Vec<String> {
         self.walk()
             .map(|item| match item {
-                Ok(sample) => sample.key,
+                Ok(unit) => unit.key,
                 Err(failure) => failure.key,
             })
             .collect()
@@ -220,10 +293,12 @@ impl Source for FolderSource {
         metadata_of(sample)
     }
 
+    /// Image files only: a container's sample is found by reading the container again.
     fn locate(&self, key: &str) -> Option<SampleRef> {
-        Some(SampleRef {
+        let path = path_of(&self.root, key)?;
+        (FileKind::of_path(&path) == Some(FileKind::Image)).then(|| SampleRef {
             key: key.to_string(),
-            at: Location::File(path_of(&self.root, key)?),
+            at: Location::File(path),
         })
     }
 }
@@ -238,10 +313,7 @@ pub(crate) fn load_file(sample: SampleRef) -> Result<Sample, Failure> {
     Ok(Sample {
         bytes,
         caption: read_caption(&path),
-        metadata: match json_sidecar(&path) {
-            MetadataRead::Object(map) => Some(map),
-            _ => None,
-        },
+        metadata: json_sidecar(&path),
         key: sample.key,
     })
 }
@@ -250,10 +322,7 @@ pub(crate) fn load_file(sample: SampleRef) -> Result<Sample, Failure> {
 pub(crate) fn metadata_of(sample: &SampleRef) -> MetadataRead {
     match &sample.at {
         Location::File(path) => json_sidecar(path),
-        Location::Read(read) => match &read.metadata {
-            Some(map) => MetadataRead::Object(map.clone()),
-            None => MetadataRead::Absent,
-        },
+        Location::Read(read) => read.metadata.clone(),
     }
 }
 

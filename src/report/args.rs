@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::reconstruct::decoder_path;
 use crate::config::{PrecomputeConfig, ResizePolicy};
@@ -13,12 +13,14 @@ use crate::model::ModelCard;
 use crate::resize::Framing;
 use crate::rows::RowMaker;
 use crate::shards::ShardSet;
+use crate::source::{ParquetColumns, Source};
 
 /// Flags of `vae-pipeline report`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {
-    /// Folder of images, walked recursively in name order as `precompute` does. With --shards:
-    /// the folder the shards were made from (their keys are paths relative to it).
+    /// What `precompute --input` reads: a folder (walked recursively in name order), an image,
+    /// tar or Parquet file, a glob or brace range, locally or under s3://. With --shards: the
+    /// input the shards were made from (their keys name its image files).
     #[arg(long)]
     pub input: PathBuf,
     /// Decode the stored latents of this shard set (a `precompute --out` folder) instead of
@@ -67,7 +69,10 @@ pub enum Origin {
 
 /// A checked report run.
 pub struct Plan {
+    /// `--input` as given, for messages.
     pub input: PathBuf,
+    /// What `--input` names, opened and checked.
+    pub source: Box<dyn Source + Send>,
     pub origin: Origin,
     pub cards: Vec<ModelCard>,
     /// How source images become windows (size, resize, decode settings): the shards' own with
@@ -83,11 +88,7 @@ impl ReportArgs {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
-        let input = std::fs::canonicalize(&self.input)
-            .with_context(|| format!("--input {} does not exist", self.input.display()))?;
-        if !input.is_dir() {
-            bail!("--input {} is not a folder", self.input.display());
-        }
+        let source = crate::source::open(&self.input, &ParquetColumns::default())?;
         if self.out.exists() && !self.out.is_dir() {
             bail!("--out {} exists and is not a folder", self.out.display());
         }
@@ -114,7 +115,8 @@ impl ReportArgs {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         };
         Ok(Plan {
-            input,
+            input: self.input.clone(),
+            source,
             origin,
             cards,
             rows,

@@ -41,7 +41,7 @@ use crate::progress::Progress;
 use crate::resize::Prepared;
 use crate::rows::RowMaker;
 use crate::shards::{ShardSet, StoredRow};
-use crate::source::{FolderSource, SampleRef, Source};
+use crate::source::{SampleRef, Source};
 
 /// One image's scores for one model: a row of `metrics.parquet`.
 #[derive(Debug, Clone)]
@@ -134,10 +134,7 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
         None => None,
     };
     let inputs = match &plan.origin {
-        Origin::Images => FolderSource::new(&plan.input)
-            .list()
-            .take(plan.limit)
-            .count(),
+        Origin::Images => plan.source.metadata_pass().take(plan.limit).count(),
         Origin::Shards(set) => set.rows.min(plan.limit),
     };
     if inputs == 0 {
@@ -316,14 +313,14 @@ fn planar01(image: &Prepared) -> Vec<f32> {
 impl Scorer {
     /// Discover → decode+resize (parallel) → per model: batch → encode → decode → score.
     fn score_images(&mut self, plan: &Plan, chunk: usize) -> Result<()> {
-        let source = FolderSource::new(&plan.input);
+        let source = plan.source.as_ref();
         let mut sources = source.list().take(plan.limit).peekable();
         while sources.peek().is_some() {
             let items: Vec<Result<SampleRef, Failure>> = sources.by_ref().take(chunk).collect();
             let prepared: Vec<Result<(Prepared, RowMeta), Failure>> = self.pool.install(|| {
                 items
                     .into_par_iter()
-                    .map(|item| item.and_then(|s| load_row(&source, &plan.rows, s)))
+                    .map(|item| item.and_then(|s| load_row(source, &plan.rows, s)))
                     .collect()
             });
             let mut images = Vec::with_capacity(prepared.len());
@@ -395,7 +392,7 @@ impl Scorer {
 
     /// Shard rows → re-read and check their sources (parallel) → decode → score.
     fn score_shards(&mut self, plan: &Plan, set: &ShardSet, chunk: usize) -> Result<()> {
-        let source = FolderSource::new(&plan.input);
+        let source = plan.source.as_ref();
         set.for_each_chunk(chunk, plan.limit, true, |rows| {
             // A key that breaks FORMAT.md's rule names no file: the set itself is broken.
             if let Some((row, why)) = rows
@@ -410,7 +407,7 @@ impl Scorer {
             }
             let checked: Vec<Result<(StoredRow, Vec<f32>), Skipped>> = self.pool.install(|| {
                 rows.into_par_iter()
-                    .map(|row| reread(row, &source, &plan.rows))
+                    .map(|row| reread(row, source, &plan.rows))
                     .collect()
             });
             let mut ready = Vec::with_capacity(checked.len());
@@ -545,7 +542,11 @@ fn reread(
             key: row.key.clone(),
             model: None,
             kind: FailureKind::Io,
-            message: format!("key {:?} names no file under --input", row.key),
+            message: format!(
+                "key {:?} names no image file under --input (a sample in a tar or Parquet \
+                 file cannot be re-read by its key)",
+                row.key
+            ),
         });
     };
     let origin = sample.describe();

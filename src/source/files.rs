@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::bounded;
 
-use super::parquet::{self, ParquetColumns};
+use super::parquet::{self, Beside, ParquetColumns};
 use super::webdataset::{self, TarInput};
 use super::{
     json_object, load_file, metadata_of, path_of, source_bytes, Location, MetadataRead, SourceBytes,
@@ -27,17 +27,16 @@ const READ_AHEAD: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
     Image,
-    Tar { gzip: bool },
+    /// Plain or gzip-compressed (told apart by content, whatever the name says).
+    Tar,
     Parquet,
 }
 
 impl FileKind {
     pub fn of(name: &str) -> Option<FileKind> {
         let name = name.rsplit('/').next()?.to_ascii_lowercase();
-        if name.ends_with(".tar") {
-            Some(FileKind::Tar { gzip: false })
-        } else if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
-            Some(FileKind::Tar { gzip: true })
+        if name.ends_with(".tar") || name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+            Some(FileKind::Tar)
         } else if name.ends_with(".parquet") {
             Some(FileKind::Parquet)
         } else {
@@ -101,35 +100,42 @@ impl FilesSource {
     }
 }
 
-type Send_<'a> = &'a mut dyn FnMut(Result<SampleRef, Failure>) -> bool;
+pub(super) type Send_<'a> = &'a mut dyn FnMut(Result<SampleRef, Failure>) -> bool;
+
+/// Runs `job` on a reader thread that hands its items to the returned iterator, at most
+/// `READ_AHEAD` ahead; `send` fails once the consumer stopped (a limit, a signal): then the job
+/// stops reading.
+pub(super) fn reader(
+    job: impl FnOnce(Send_) + Send + 'static,
+) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send> {
+    let (tx, rx) = bounded(READ_AHEAD);
+    let spawned = std::thread::Builder::new()
+        .name("read".into())
+        .spawn(move || job(&mut |item| tx.send(item).is_ok()));
+    match spawned {
+        Ok(_) => Box::new(rx.into_iter()),
+        Err(e) => Box::new(std::iter::once(Err(Failure::new(
+            "<input>",
+            FailureKind::Io,
+            format!("cannot start the reader thread: {e}"),
+        )))),
+    }
+}
 
 impl FilesSource {
     /// The reader thread's items; without `images`, samples carry their metadata alone.
     fn read(&self, images: bool) -> Box<dyn Iterator<Item = Result<SampleRef, Failure>> + Send> {
-        let (tx, rx) = bounded(READ_AHEAD);
         let units = self.units.clone();
         let (bucket, columns) = (self.bucket.clone(), self.columns.clone());
         let refused = self.refused.clone();
-        let spawned = std::thread::Builder::new()
-            .name("read".into())
-            .spawn(move || {
-                // A send fails once the consumer stopped (a limit, a signal): then stop reading.
-                let mut send = |item| tx.send(item).is_ok();
-                for failure in refused {
-                    if !send(Err(failure)) {
-                        return;
-                    }
+        reader(move |send| {
+            for failure in refused {
+                if !send(Err(failure)) {
+                    return;
                 }
-                read_units(&units, bucket.as_ref(), &columns, images, &mut send);
-            });
-        match spawned {
-            Ok(_) => Box::new(rx.into_iter()),
-            Err(e) => Box::new(std::iter::once(Err(Failure::new(
-                "<input>",
-                FailureKind::Io,
-                format!("cannot start the reader thread: {e}"),
-            )))),
-        }
+            }
+            read_units(&units, bucket.as_ref(), &columns, images, send);
+        })
     }
 }
 
@@ -178,15 +184,15 @@ impl Source for FilesSource {
     }
 }
 
-/// Reads every unit in order into `send` (without image bytes unless `images`); stops when
-/// `send` refuses.
-fn read_units(
+/// Reads every unit in order into `send` (without image bytes unless `images`); false once
+/// `send` refused an item.
+pub(super) fn read_units(
     units: &[Unit],
     bucket: Option<&Arc<Bucket>>,
     columns: &ParquetColumns,
     images: bool,
     send: Send_,
-) {
+) -> bool {
     let mut objects: Vec<&Unit> = Vec::new();
     for unit in units {
         let is_object_image =
@@ -195,7 +201,7 @@ fn read_units(
             && !objects.is_empty()
             && !fetch_images(&std::mem::take(&mut objects), bucket, images, send)
         {
-            return;
+            return false;
         }
         let more = match (&unit.place, unit.kind) {
             (Place::Local(path), FileKind::Image) => send(Ok(SampleRef {
@@ -207,7 +213,7 @@ fn read_units(
                 objects.len() < FETCH_AHEAD
                     || fetch_images(&std::mem::take(&mut objects), bucket, images, send)
             }
-            (place, FileKind::Tar { gzip }) => {
+            (place, FileKind::Tar) => {
                 let input = match place {
                     Place::Local(path) => File::open(path).map(TarInput::File),
                     Place::Object { key, .. } => bucket
@@ -215,27 +221,37 @@ fn read_units(
                         .reader(key, 0)
                         .map(|r| TarInput::Stream(Box::new(r))),
                 };
-                webdataset::stream(&unit.key, input, gzip, images, send)
+                webdataset::stream(&unit.key, input, images, send)
             }
             (Place::Local(path), FileKind::Parquet) => {
-                parquet::stream(&unit.key, &|| File::open(path), columns, images, send)
+                let open = || File::open(path);
+                let beside = Beside::Folder(path.parent().unwrap_or(Path::new("")));
+                parquet::stream(&unit.key, &open, beside, columns, images, send)
             }
             (Place::Object { key, size, .. }, FileKind::Parquet) => {
+                let bucket = bucket.expect("objects have a bucket");
                 let file = ObjectFile {
-                    bucket: bucket.expect("objects have a bucket").clone(),
+                    bucket: bucket.clone(),
                     key: key.clone(),
                     size: *size,
                 };
-                parquet::stream(&unit.key, &|| Ok(file.clone()), columns, images, send)
+                let folder = key.rsplit_once('/').map_or("", |(folder, _)| folder);
+                let beside = Beside::Objects(bucket, folder);
+                parquet::stream(
+                    &unit.key,
+                    &|| Ok(file.clone()),
+                    beside,
+                    columns,
+                    images,
+                    send,
+                )
             }
         };
         if !more {
-            return;
+            return false;
         }
     }
-    if !objects.is_empty() {
-        fetch_images(&objects, bucket, images, send);
-    }
+    objects.is_empty() || fetch_images(&objects, bucket, images, send)
 }
 
 /// Fetches single-image objects and their sidecars concurrently (only the `.json` sidecars
@@ -282,10 +298,9 @@ fn fetch_images(units: &[&Unit], bucket: Option<&Arc<Bucket>>, images: bool, sen
                 caption: caption
                     .and_then(|c| c.ok())
                     .map(|c| String::from_utf8_lossy(&c).trim().to_string()),
-                metadata: match json.and_then(|j| j.ok()).map(|j| json_object(&j)) {
-                    Some(MetadataRead::Object(map)) => Some(map),
-                    _ => None,
-                },
+                metadata: json
+                    .and_then(|j| j.ok())
+                    .map_or(MetadataRead::Absent, |j| json_object(&j)),
             })),
         });
         if !send(item) {

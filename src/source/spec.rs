@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::files::{FileKind, FilesSource, Place, Unit};
 use super::parquet::{self, ParquetColumns};
-use super::{escape_bytes, key_of, FolderSource, Source};
+use super::{escape_bytes, key_of, key_problem, FolderSource, Source};
 use crate::failure::{Failure, FailureKind};
 use crate::object::{self, Bucket, ObjectFile};
 
@@ -30,10 +30,11 @@ pub fn open(input: &Path, columns: &ParquetColumns) -> Result<Box<dyn Source + S
         let meta = std::fs::metadata(input)
             .with_context(|| format!("--input {} does not exist", input.display()))?;
         if meta.is_dir() {
-            check_columns_unused(columns)?;
             let root = std::fs::canonicalize(input)
                 .with_context(|| format!("cannot resolve --input {}", input.display()))?;
-            return Ok(Box::new(FolderSource::new(&root)));
+            let folder = FolderSource::new(&root).with_columns(columns.clone());
+            check_parquet_files(folder.parquet_files(), columns)?;
+            return Ok(Box::new(folder));
         }
         let kind = FileKind::of_path(input).with_context(|| {
             format!(
@@ -47,23 +48,28 @@ pub fn open(input: &Path, columns: &ParquetColumns) -> Result<Box<dyn Source + S
         matched(&text)?
     };
     let parquet = files.iter().filter(|(_, k)| *k == FileKind::Parquet);
-    if parquet.clone().count() > 0 {
-        for (path, _) in parquet {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("cannot open {}", path.display()))?;
-            parquet::check(&file, &path.display().to_string(), columns)?;
-        }
-    } else {
-        check_columns_unused(columns)?;
-    }
+    check_parquet_files(parquet.map(|(path, _)| path.clone()).collect(), columns)?;
+    let root = key_root(root, &files);
     let units = files
         .into_iter()
-        .map(|(path, kind)| Unit {
-            key: key_of(&root, &path),
-            kind,
-            place: Place::Local(path),
+        .map(|(path, kind)| {
+            let key = key_of(&root, &path);
+            if let Some(why) = key_problem(&key) {
+                bail!(
+                    "--input {text}: {} gives the key {key:?} relative to {:?}, which breaks \
+                     FORMAT.md's key rule ({why}); name the files by paths below one folder, \
+                     without `..`",
+                    path.display(),
+                    root.display()
+                );
+            }
+            Ok(Unit {
+                key,
+                kind,
+                place: Place::Local(path),
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok(Box::new(FilesSource::new(
         Some(root),
         None,
@@ -74,6 +80,55 @@ pub fn open(input: &Path, columns: &ParquetColumns) -> Result<Box<dyn Source + S
 }
 
 const SPECIAL: [char; 4] = ['*', '?', '[', '{'];
+
+/// Checks the Parquet files' columns before any work (and warns once about columns that will
+/// not be stored); without Parquet files, the column flags are refused.
+fn check_parquet_files(paths: Vec<PathBuf>, columns: &ParquetColumns) -> Result<()> {
+    if paths.is_empty() {
+        return check_columns_unused(columns);
+    }
+    let mut ignored = Vec::new();
+    for path in paths {
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        ignored.extend(parquet::check(&file, &path.display().to_string(), columns)?);
+    }
+    parquet::warn_ignored(ignored);
+    Ok(())
+}
+
+/// The folder keys are relative to: the pattern's literal head when every file lies below it;
+/// else (an absolute brace list, `{../a,../b}`) the files' deepest common folder, so that a
+/// key's FILE part never starts with `/` or holds `..`.
+fn key_root(head: PathBuf, files: &[(PathBuf, FileKind)]) -> PathBuf {
+    let below = |root: &Path, path: &Path| {
+        path.strip_prefix(root).is_ok_and(|rel| {
+            rel.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+    };
+    if files.iter().all(|(path, _)| below(&head, path)) {
+        return head;
+    }
+    let folders: Vec<Vec<_>> = files
+        .iter()
+        .map(|(path, _)| {
+            path.parent()
+                .map(|p| p.components().collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut common = folders.first().cloned().unwrap_or_default();
+    for folder in &folders {
+        let same = common
+            .iter()
+            .zip(folder)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common.truncate(same);
+    }
+    common.iter().collect()
+}
 
 /// `s3://bucket/…`: a prefix (its images and their sidecars, like a folder), one object, or a glob
 /// or brace pattern over object keys (images, tars and Parquet files).
@@ -174,19 +229,21 @@ fn open_objects(url: &str, columns: &ParquetColumns) -> Result<Box<dyn Source + 
     if folder {
         found = listed
             .iter()
-            .filter(|(key, _)| FileKind::of(key) == Some(FileKind::Image))
-            .map(|(key, size)| (key.clone(), *size, FileKind::Image))
+            .filter_map(|(key, size)| Some((key.clone(), *size, FileKind::of(key)?)))
             .collect();
     }
     if found.iter().any(|(_, _, k)| *k == FileKind::Parquet) {
+        let mut ignored = Vec::new();
         for (key, size, _) in found.iter().filter(|(_, _, k)| *k == FileKind::Parquet) {
             let file = ObjectFile {
                 bucket: bucket.clone(),
                 key: key.clone(),
                 size: *size,
             };
-            parquet::check(&file, &format!("{}/{key}", bucket.url), columns)?;
+            let name = format!("{}/{key}", bucket.url);
+            ignored.extend(parquet::check(&file, &name, columns)?);
         }
+        parquet::warn_ignored(ignored);
     } else {
         check_columns_unused(columns)?;
     }
@@ -200,20 +257,16 @@ fn open_objects(url: &str, columns: &ParquetColumns) -> Result<Box<dyn Source + 
                 .and_then(|k| k.strip_prefix('/'))
                 .unwrap_or(&key),
         };
-        let components: Vec<&str> = rel.split('/').collect();
-        let escaped: Vec<String> = components
-            .iter()
+        let unit_key = rel
+            .split('/')
             .map(|c| escape_bytes(c.as_bytes()))
-            .collect();
-        let unit_key = escaped.join("/");
-        if components
-            .iter()
-            .any(|c| c.is_empty() || *c == "." || *c == "..")
-        {
+            .collect::<Vec<_>>()
+            .join("/");
+        if let Some(why) = key_problem(&unit_key) {
             refused.push(Failure::new(
                 unit_key,
                 FailureKind::Refused,
-                "object key has an empty, `.` or `..` component: refused",
+                format!("object key {key:?} cannot give keys ({why}): refused"),
             ));
             continue;
         }
@@ -348,7 +401,27 @@ pub fn expand_braces(text: &str) -> Result<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::expand_braces;
+    use super::{expand_braces, key_root, FileKind};
+    use std::path::PathBuf;
+
+    #[test]
+    fn keys_are_relative_to_the_pattern_folder_or_else_the_common_folder() {
+        let root = |head: &str, files: &[&str]| {
+            let files: Vec<_> = files
+                .iter()
+                .map(|f| (PathBuf::from(f), FileKind::Tar))
+                .collect();
+            key_root(PathBuf::from(head), &files)
+        };
+        assert_eq!(root("data", &["data/a/x.tar"]), PathBuf::from("data"));
+        assert_eq!(root("", &["a/x.tar", "b/x.tar"]), PathBuf::from(""));
+        assert_eq!(
+            root("", &["/data/a/x.tar", "/data/b/x.tar"]),
+            PathBuf::from("/data")
+        );
+        assert_eq!(root("", &["/data/a/x.tar"]), PathBuf::from("/data/a"));
+        assert_eq!(root("", &["../a/x.tar", "../b/x.tar"]), PathBuf::from(".."));
+    }
 
     #[test]
     fn braces_expand_like_webdataset() {

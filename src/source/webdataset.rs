@@ -6,12 +6,13 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 
 use flate2::read::GzDecoder;
 
 use super::{
-    escape_bytes, json_object, source_bytes, Location, MetadataRead, Sample, SampleRef, SourceBytes,
+    escape_bytes, json_object, key_problem, source_bytes, Location, MetadataRead, Sample,
+    SampleRef, SourceBytes,
 };
 use super::{DECODED, NOT_DECODED};
 use crate::failure::{Failure, FailureKind};
@@ -42,14 +43,16 @@ pub enum TarInput {
 
 /// Streams the samples of `input` (keys `UNIT/KEY`) into `send`; false once `send` refused one
 /// (the consumer stopped). Without `images`, image members are skipped and each sample carries
-/// only its metadata (the pre-flight's pass).
+/// only its metadata (the pre-flight's pass). A gzip-compressed tar is recognized by its first
+/// bytes, whatever its name.
 pub fn stream(
     unit: &str,
     input: std::io::Result<TarInput>,
-    gzip: bool,
     images: bool,
     send: &mut dyn FnMut(Result<SampleRef, Failure>) -> bool,
 ) -> bool {
+    let cannot_read =
+        |e: std::io::Error| Failure::new(unit, FailureKind::Io, format!("cannot read: {e}"));
     let input = match input {
         Ok(input) => input,
         Err(e) => {
@@ -60,34 +63,58 @@ pub fn stream(
             )))
         }
     };
-    let not_a_tar =
-        |e: std::io::Error| Failure::new(unit, FailureKind::Corrupt, format!("not a tar: {e}"));
-    match input {
-        // Seeking past members drops the read buffer, so only the pass that skips images seeks.
-        TarInput::File(file) if !gzip && !images => {
-            let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
-            match archive.entries_with_seek() {
-                Ok(entries) => walk(unit, entries, images, send),
-                Err(e) => send(Err(not_a_tar(e))),
+    let (raw, gzip): (Box<dyn Read>, bool) = match input {
+        TarInput::File(mut file) => {
+            let mut magic = [0u8; 2];
+            let gzip = file.read_exact(&mut magic).is_ok() && magic == GZIP_MAGIC;
+            if let Err(e) = file.seek(SeekFrom::Start(0)) {
+                return send(Err(cannot_read(e)));
+            }
+            // Seeking past members drops the read buffer, so only the pass that skips images
+            // seeks.
+            if !gzip && !images {
+                let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+                return match archive.entries_with_seek() {
+                    Ok(entries) => walk(unit, entries, images, send),
+                    Err(e) => send(Err(not_a_tar(unit, e))),
+                };
+            }
+            (Box::new(BufReader::with_capacity(1 << 20, file)), gzip)
+        }
+        TarInput::Stream(stream) => {
+            let mut buffered = BufReader::with_capacity(1 << 20, stream);
+            match buffered.fill_buf() {
+                Ok(head) => {
+                    let gzip = head.starts_with(&GZIP_MAGIC);
+                    (Box::new(buffered), gzip)
+                }
+                Err(e) => return send(Err(cannot_read(e))),
             }
         }
-        input => {
-            let raw: Box<dyn Read> = match input {
-                TarInput::File(file) => Box::new(file),
-                TarInput::Stream(stream) => stream,
-            };
-            let reader: Box<dyn Read> = if gzip {
-                Box::new(GzDecoder::new(BufReader::with_capacity(1 << 20, raw)))
-            } else {
-                Box::new(BufReader::with_capacity(1 << 20, raw))
-            };
-            let mut archive = tar::Archive::new(reader);
-            match archive.entries() {
-                Ok(entries) => walk(unit, entries, images, send),
-                Err(e) => send(Err(not_a_tar(e))),
-            }
-        }
+    };
+    let reader: Box<dyn Read> = if gzip {
+        Box::new(GzDecoder::new(raw))
+    } else {
+        raw
+    };
+    let mut archive = tar::Archive::new(reader);
+    match archive.entries() {
+        Ok(entries) => walk(unit, entries, images, send),
+        Err(e) => send(Err(not_a_tar(unit, e))),
     }
+}
+
+/// The first bytes of a gzip stream (RFC 1952).
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+fn not_a_tar(unit: &str, e: std::io::Error) -> Failure {
+    // The tar reader quotes header bytes: a file that is no tar would print binary garbage.
+    let message = e.to_string();
+    Failure::new(
+        unit,
+        FailureKind::Corrupt,
+        format!("not a tar: {}", message.escape_debug()),
+    )
 }
 
 /// Groups the members `entries` yields into samples.
@@ -144,6 +171,17 @@ fn walk<R: Read>(
             continue;
         };
         let key = format!("{unit}/{}", escape_bytes(sample_key));
+        if let Some(why) = key_problem(&key) {
+            let message = format!(
+                "tar member's WebDataset key {:?} (its name up to the first dot of the last \
+                 component) cannot be a key: {why}; refused",
+                String::from_utf8_lossy(sample_key)
+            );
+            if !send(Err(Failure::new(member_key, FailureKind::Refused, message))) {
+                return false;
+            }
+            continue;
+        }
         if group.as_ref().is_none_or(|g| g.key != key) {
             if let Some(done) = group.take() {
                 if !flush(unit, done, images, send) {
@@ -172,6 +210,21 @@ fn walk<R: Read>(
                 FailureKind::Refused,
                 format!("duplicate key: two .{ext} members for one sample"),
             ));
+            continue;
+        }
+        if let Some((first, _)) = current
+            .image
+            .as_ref()
+            .filter(|_| DECODED.contains(&ext.as_str()))
+        {
+            let message = format!(
+                "a second image for sample {} (it has .{first}): not encoded; a WebDataset \
+                 sample holds one image, so give each image its own key",
+                current.key
+            );
+            if !send(Err(Failure::new(member_key, FailureKind::Refused, message))) {
+                return false;
+            }
             continue;
         }
         if !images && DECODED.contains(&ext.as_str()) {
@@ -210,8 +263,12 @@ fn walk<R: Read>(
 }
 
 /// `dir/name.ext.more` → (`dir/name`, `ext.more`); None for names that are not plain relative
-/// paths.
-fn split_member(raw: &[u8]) -> Option<(&[u8], &[u8])> {
+/// paths. A leading `./` (what `tar -C dir -cf x.tar .` writes) is dropped, as tar and
+/// WebDataset do.
+fn split_member(mut raw: &[u8]) -> Option<(&[u8], &[u8])> {
+    while let Some(rest) = raw.strip_prefix(b"./") {
+        raw = rest;
+    }
     if raw.first() == Some(&b'/') {
         return None;
     }
@@ -252,7 +309,7 @@ impl Group {
                 self.metadata = Some(json_object(&bytes));
                 pool::BYTES.give(bytes);
             }
-            e if DECODED.contains(&e) && self.image.is_none() => self.image = Some((ext, bytes)),
+            e if DECODED.contains(&e) => self.image = Some((ext, bytes)),
             _ => {
                 self.others.push(ext);
                 pool::BYTES.give(bytes);
@@ -285,10 +342,28 @@ fn flush(
                 ".{ext} images are not decoded by vae-pipeline; convert them to PNG or JPEG"
             ),
             None if group.others.is_empty() => "no image member (only caption or JSON)".into(),
-            None => format!(
-                "no image member (has .{}) in {unit}",
-                group.others.join(", .")
-            ),
+            None => {
+                let dotted = group.others.iter().find(|e| {
+                    e.rsplit_once('.').is_some_and(|(_, last)| {
+                        DECODED.contains(&last) || NOT_DECODED.contains(&last)
+                    })
+                });
+                let rule = match dotted {
+                    Some(ext) => {
+                        let stem = group.key.rsplit('/').next().unwrap_or_default();
+                        format!(
+                            "; WebDataset keys end at the first dot of a member's name, so \
+                             `{stem}.{ext}` is the member .{ext} of sample `{stem}`: name \
+                             images KEY.EXT with no dot in KEY"
+                        )
+                    }
+                    None => String::new(),
+                };
+                format!(
+                    "no image member (has .{}) in {unit}{rule}",
+                    group.others.join(", .")
+                )
+            }
         };
         let kind = if group
             .others
@@ -309,15 +384,11 @@ fn flush(
     } else {
         SourceBytes::none()
     };
-    let metadata = match group.metadata {
-        Some(MetadataRead::Object(map)) => Some(map),
-        _ => None,
-    };
     let sample = Sample {
         key: group.key.clone(),
         bytes,
         caption: group.caption,
-        metadata,
+        metadata: group.metadata.unwrap_or(MetadataRead::Absent),
     };
     send(Ok(SampleRef {
         key: group.key,
@@ -345,11 +416,14 @@ mod tests {
             Some(("a.b/x".into(), "seg.png".into()))
         );
         assert_eq!(split("noext"), Some(("noext".into(), "".into())));
+        assert_eq!(split("./x.jpg"), Some(("x".into(), "jpg".into())));
+        assert_eq!(split("././a/x.jpg"), Some(("a/x".into(), "jpg".into())));
         for bad in [
             "/etc/passwd.jpg",
             "../x.jpg",
             "a/../x.jpg",
-            "./x.jpg",
+            "./../x.jpg",
+            "a/./x.jpg",
             "a//x.jpg",
         ] {
             assert_eq!(split(bad), None, "{bad}");

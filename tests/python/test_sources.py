@@ -3,9 +3,11 @@ Face `Image` column (made with `datasets`), globs and brace ranges. The same Kod
 ways must give identical latents and identical caption and metadata columns; hostile or broken
 containers give error lines while the rest is still encoded."""
 import gzip
+import hashlib
 import io
 import json
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -223,7 +225,7 @@ def test_parquet_null_image_and_corrupt_row_group(binary, cards, photos, tmp_pat
     got = encode(binary, cards, d / "b.parquet", out)
     assert got.column("key").to_pylist() == [f"b.parquet/{s}" for s in ("kodim01", "kodim03", "kodim04")]
     errs = errors(out)
-    assert errs.get("b.parquet/kodim02") == "empty", errs
+    assert errs.get("b.parquet/kodim02") == "io", errs  # its path names no file
     assert errs.get("b.parquet/row-group-2") == "corrupt", errs
 
 
@@ -293,3 +295,220 @@ def test_s3_bad_bucket_and_missing_objects_fail_before_work(binary, cards, s3, t
     assert "bucket s3://nosuchbucket does not exist" in fails("s3://nosuchbucket/in/*.tar")
     assert "1 named object(s) do not exist" in fails("s3://data/in/tars/{00001..00002}.tar")
     assert "matches no image" in fails("s3://data/in/tars/*.zip")
+
+
+# Containers in folders, dictionary columns, the key rule, GNU tars and other rough edges: small
+# windows and the avgpool8 card keep these fast.
+FAST = 64
+
+
+def fast(binary, cards, input_spec, out: Path, *extra) -> tuple[pa.Table, subprocess.CompletedProcess]:
+    proc = run_precompute(binary, ["--input", input_spec, "--out", out, "--model", cards["avgpool8"], "--size", FAST, *extra])
+    return read_shards(out, FAST), proc
+
+
+def failures(out: Path) -> dict[str, dict]:
+    return {e["key"]: e for e in map(json.loads, (out / "_errors.jsonl").read_text().splitlines())}
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+#: Key -> (photo, caption) of the `mixed` folder's samples.
+MIXED = {
+    "00000.tar/kodim02": ("kodim02", "in a tar"),
+    "00000.tar/kodim03": ("kodim03", None),
+    "kodim01.png": ("kodim01", "loose"),
+    "sub/00001.tar/kodim04": ("kodim04", None),
+    "zz.parquet/k5": ("kodim05", "in parquet"),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(photos, tmp_path_factory) -> Path:
+    """A folder of one loose photo with a caption, a tar, a tar in a subfolder and a Parquet file."""
+    d = tmp_path_factory.mktemp("mixed")
+    (d / "kodim01.png").write_bytes(photos["kodim01"])
+    (d / "kodim01.txt").write_text("loose")
+    with tarfile.open(d / "00000.tar", "w") as tar:
+        add(tar, "kodim02.png", photos["kodim02"])
+        add(tar, "kodim02.txt", b"in a tar")
+        add(tar, "kodim03.png", photos["kodim03"])
+    (d / "sub").mkdir()
+    with tarfile.open(d / "sub" / "00001.tar", "w") as tar:
+        add(tar, "kodim04.png", photos["kodim04"])
+    table = pa.table({"key": ["k5"], "image": pa.array([photos["kodim05"]], pa.binary()), "caption": ["in parquet"]})
+    pq.write_table(table, d / "zz.parquet")
+    return d
+
+
+def assert_mixed_rows(table: pa.Table, photos) -> None:
+    assert table.column("key").to_pylist() == sorted(MIXED)
+    for key, digest, caption in zip(*(table.column(c).to_pylist() for c in ("key", "source_sha256", "caption"))):
+        stem, want = MIXED[key]
+        assert digest == sha(photos[stem]), key
+        assert caption == want, key
+
+
+def test_a_folder_reads_its_tars_and_parquet_files_also_in_partitions(binary, cards, photos, mixed, tmp_path):
+    table, _ = fast(binary, cards, mixed, tmp_path / "whole")
+    assert_mixed_rows(table, photos)
+    out = tmp_path / "parts"
+    flags = ["--input", mixed, "--out", out, "--model", cards["avgpool8"], "--size", FAST, "--partitions", 2]
+    plan = subprocess.run([str(binary), "plan", *map(str, flags)], capture_output=True, text=True, timeout=600)
+    assert "plan: 2 partitions over 4 units" in plan.stdout, plan.stdout + plan.stderr  # each file is one unit
+    for p in (0, 1):
+        run_precompute(binary, [*flags, "--partition", p])
+    done = subprocess.run([str(binary), "finalize", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    parts = pa.concat_tables(pq.read_table(f) for f in sorted(out.rglob("part-*.parquet"))).sort_by("key")
+    assert_mixed_rows(parts, photos)
+    assert np.array_equal(tensor(parts, "latent"), tensor(table, "latent"))
+
+
+def test_an_s3_prefix_reads_its_tars_and_parquet_files(binary, cards, photos, mixed, s3, tmp_path):
+    for path in sorted(mixed.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), "data", f"mixed/{path.relative_to(mixed).as_posix()}")
+    table, _ = fast(binary, cards, "s3://data/mixed/", tmp_path / "out")
+    assert_mixed_rows(table, photos)
+
+
+def test_dictionary_large_and_view_parquet_columns_are_read_as_their_values(binary, cards, photos, tmp_path):
+    stems = STEMS[:3]
+    d = tmp_path / "in"
+    d.mkdir()
+    # pandas writes a `category` column as a dictionary.
+    pq.write_table(pa.table({
+        "image": pa.array([photos[s] for s in stems], pa.large_binary()),
+        "key": pa.array(stems).dictionary_encode(),
+        "caption": pa.array([f"caption {s}" for s in stems]).dictionary_encode(),
+        "tag": pa.array(["a", "b", "a"]).dictionary_encode(),
+        "note": pa.array(["x", "y", "z"], pa.large_string()),
+        "view": pa.array(["p", "q", "r"], pa.string_view()),
+        "points": pa.array([[1], [2], [3]], pa.list_(pa.int64())),
+    }), d / "a.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(d / "a.parquet").field("caption").type)
+    table, proc = fast(binary, cards, d / "a.parquet", tmp_path / "a")
+    assert table.column("key").to_pylist() == [f"a.parquet/{s}" for s in stems]
+    assert table.column("source_sha256").to_pylist() == [sha(photos[s]) for s in stems]
+    assert table.column("caption").to_pylist() == [f"caption {s}" for s in stems]
+    for column, want in (("tag", ["a", "b", "a"]), ("note", ["x", "y", "z"]), ("view", ["p", "q", "r"])):
+        assert table.column(column).to_pylist() == want, column
+    assert "points" not in table.column_names
+    assert "warning" in proc.stderr and "points" in proc.stderr, "a column not stored is named"
+
+    pq.write_table(pa.table({
+        "image": pa.array([photos[s] for s in stems], pa.binary_view()),
+        "name": pa.array(stems, pa.string_view()),
+        "label": pa.array([f"label {s}" for s in stems]).dictionary_encode(),
+    }), d / "b.parquet")
+    table, _ = fast(binary, cards, d / "b.parquet", tmp_path / "b", "--key-column", "name", "--caption-column", "label")
+    assert table.column("key").to_pylist() == [f"b.parquet/{s}" for s in stems]
+    assert table.column("caption").to_pylist() == [f"label {s}" for s in stems]
+    assert table.column("source_sha256").to_pylist() == [sha(photos[s]) for s in stems]
+
+
+def test_keys_that_break_the_key_rule_are_refused_and_brace_lists_key_by_their_common_folder(
+    binary, cards, photos, tmp_path
+):
+    d = tmp_path / "in"
+    d.mkdir()
+    bad = ["../../etc/passwd", "/abs", "", "a//b", "a/./b"]
+    keys = [*bad, "fine/one"]
+    images = pa.array([photos[f"kodim0{i + 1}"] for i in range(len(keys))], pa.binary())
+    pq.write_table(pa.table({"image": images, "key": keys}), d / "k.parquet")
+    out = tmp_path / "out"
+    table, _ = fast(binary, cards, d / "k.parquet", out)
+    assert table.column("key").to_pylist() == ["k.parquet/fine/one"]
+    errs = failures(out)
+    for row, value in enumerate(bad):
+        line = errs[f"k.parquet/{row:09d}"]
+        assert line["kind"] == "refused" and repr(value).strip("'") in line["message"], line
+
+    for sub, stem in (("a", "kodim02"), ("b", "kodim03")):
+        (d / sub).mkdir()
+        with tarfile.open(d / sub / "x.tar", "w") as tar:
+            add(tar, f"{stem}.png", photos[stem])
+    spec = "{" + ",".join(str((d / sub / "x.tar").resolve()) for sub in "ab") + "}"
+    table, _ = fast(binary, cards, spec, tmp_path / "braces")
+    assert table.column("key").to_pylist() == ["a/x.tar/kodim02", "b/x.tar/kodim03"]
+
+
+def test_gnu_tars_and_tar_rough_edges(binary, cards, photos, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "kodim01.png").write_bytes(photos["kodim01"])
+    (src / "kodim01.txt").write_text("dot slash")
+    d = tmp_path / "in"
+    d.mkdir()
+    with tarfile.open(d / "a.tar", "w") as tar:  # as `tar -C src -cf a.tar .` writes it
+        tar.add(src, arcname=".")
+    with tarfile.open(d / "a.tar") as tar:
+        assert "./kodim01.png" in tar.getnames()
+    with tarfile.open(d / "b.tar", "w") as tar:
+        add(tar, "kodim02.json", b"[1, 2]")
+        add(tar, "kodim02.png", photos["kodim02"])
+        add(tar, "kodim03.png", photos["kodim03"])
+        add(tar, "kodim03.bmp", b"BM not encoded")
+        add(tar, "kodim04.v2.png", photos["kodim04"])
+        add(tar, ".hidden.png", photos["kodim04"])
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        add(tar, "kodim05.png", photos["kodim05"])
+    (d / "c.tar").write_bytes(gzip.compress(plain.getvalue()))  # gzip named .tar
+    out = tmp_path / "out"
+    table, proc = fast(binary, cards, f"{d}/*.tar", out)
+    assert table.column("key").to_pylist() == ["a.tar/kodim01", "b.tar/kodim02", "b.tar/kodim03", "c.tar/kodim05"]
+    assert table.column("caption")[0].as_py() == "dot slash"
+    assert table.column("source_sha256")[2].as_py() == sha(photos["kodim03"]), "the first image is kept"
+    assert "1 .json sidecar(s) are not JSON objects" in proc.stderr, proc.stderr
+    errs = failures(out)
+    assert errs["b.tar/kodim03.bmp"]["kind"] == "refused" and "second image" in errs["b.tar/kodim03.bmp"]["message"]
+    assert errs["b.tar/kodim04"]["kind"] == "refused" and "first dot" in errs["b.tar/kodim04"]["message"], errs
+    assert errs["b.tar/.hidden.png"]["kind"] == "refused", errs
+    assert not any(k.startswith("c.tar") for k in errs), errs
+
+
+def test_parquet_image_paths_without_bytes_are_read(binary, cards, photos, tmp_path):
+    d = tmp_path / "in"
+    (d / "imgs").mkdir(parents=True)
+    (d / "imgs" / "kodim01.png").write_bytes(photos["kodim01"])
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes(photos["kodim02"])
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": p} for p in ("imgs/kodim01.png", str(elsewhere), "gone.png")]
+    pq.write_table(pa.table({"image": pa.array(cells, image)}), d / "p.parquet")
+    out = tmp_path / "out"
+    table, _ = fast(binary, cards, d / "p.parquet", out)
+    assert table.column("key").to_pylist() == ["p.parquet/000000000", "p.parquet/000000001"]
+    assert table.column("source_sha256").to_pylist() == [sha(photos["kodim01"]), sha(photos["kodim02"])]
+    gone = failures(out)["p.parquet/000000002"]
+    assert gone["kind"] == "io" and "gone.png" in gone["message"], gone
+
+
+def test_s3_parquet_image_paths_are_read_beside_the_object(binary, cards, photos, s3, tmp_path):
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": p} for p in ("imgs/kodim01.png", "gone.png", "../kodim01.png")]
+    pq.write_table(pa.table({"image": pa.array(cells, image)}), tmp_path / "p.parquet")
+    s3.upload_file(str(tmp_path / "p.parquet"), "data", "hf/p.parquet")
+    s3.put_object(Bucket="data", Key="hf/imgs/kodim01.png", Body=photos["kodim01"])
+    out = tmp_path / "out"
+    table, _ = fast(binary, cards, "s3://data/hf/p.parquet", out)
+    assert table.column("key").to_pylist() == ["p.parquet/000000000"]
+    assert table.column("source_sha256").to_pylist() == [sha(photos["kodim01"])]
+    errs = failures(out)
+    assert errs["p.parquet/000000001"]["kind"] == "io" and "s3://data/hf/gone.png" in errs["p.parquet/000000001"]["message"]
+    assert errs["p.parquet/000000002"]["kind"] == "io", errs
+
+
+def test_report_reads_a_tar(binary, shared, photos, tmp_path):
+    from report_reference import report_card, run_report
+
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        for stem in STEMS[:2]:
+            add(tar, f"{stem}.png", photos[stem])
+    out = tmp_path / "report"
+    run_report(binary, ["--input", tmp_path / "x.tar", "--model", report_card(shared, tmp_path), "--size", FAST, "--out", out])
+    assert sorted(pq.read_table(out / "metrics.parquet").column("key").to_pylist()) == [f"x.tar/{s}" for s in STEMS[:2]]
