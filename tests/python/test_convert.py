@@ -94,9 +94,14 @@ def kohya_select_no_upscale(w, h, max_area, steps=64):
     return reso, resized, ((resized[0] - reso[0]) // 2, (resized[1] - reso[1]) // 2)
 
 
-def musubi_select(resolution, w, h, steps=16):
+def musubi_select(resolution, w, h, steps=16, no_upscale=False):
     """musubi-tuner BucketSelector (enable_bucket) + resize_image_to_bucket."""
     area = resolution[0] * resolution[1]
+    if no_upscale and w * h <= area:
+        reso = (w - w % steps, h - h % steps)
+        scale = max(reso[0] / w, reso[1] / h)
+        resized = (int(w * scale + 0.5), int(h * scale + 0.5))
+        return reso, resized, ((resized[0] - reso[0]) // 2, (resized[1] - reso[1]) // 2)
     sqrt_size = int(math.sqrt(area))
     min_size = sqrt_size // 2 - (sqrt_size // 2) % steps
     resos = set()
@@ -350,9 +355,11 @@ def test_precompute_makes_kohyas_buckets_and_convert_reads_them(binary, kodak, s
                 *kohya_flags, ok=False)
     assert "2 of 4 row(s) cannot be written" in r.stderr and "--buckets kohya" in r.stderr, r.stderr
 
+    # One setting, in the preset as on the command line.
+    preset = tmp_path / "kohya.toml"
+    preset.write_text('resize = "bucket"\nbuckets = "kohya"\nbucket_res = 1024\nmax_bucket_reso = 2048\n')
     out = tmp_path / "shards"
-    run_precompute(binary, ["--input", inp, "--out", out, "--model", sdxl_like, "--size", 1024,
-                            "--resize", "bucket", "--buckets", "kohya", "--max-bucket-reso", 2048,
+    run_precompute(binary, ["--pipeline", preset, "--input", inp, "--out", out, "--model", sdxl_like,
                             "--dtype", "f32", "--threads", 2])
     resos = kohya_buckets((1024, 1024), max_reso=2048)
     rows = rows_by_key(out)
@@ -391,7 +398,7 @@ def test_precompute_makes_musubis_buckets(binary, kodak, tmp_path):
     flux_like = card(tmp_path / "flux1.toml", "flux1", enc, 16, 0.3611, 0.1159)
     inp = tmp_path / "in"
     inp.mkdir()
-    sizes = {"a.png": (961, 701), "b.png": (1333, 495), "c.png": (512, 512)}
+    sizes = {"a.png": (961, 701), "b.png": (1333, 495), "c.png": (512, 512), "d.png": (300, 203)}
     for (name, (w, h)), src in zip(sizes.items(), KODAK):
         photo(kodak / src, inp / name, w, h)
     out = tmp_path / "shards"
@@ -403,9 +410,19 @@ def test_precompute_makes_musubis_buckets(binary, kodak, tmp_path):
         assert ((row["width"], row["height"]), (row["crop_left"], row["crop_top"])) == (bucket, crop), key
     cache = tmp_path / "cache"
     convert(binary, "--to", "musubi", "--arch", "z-image", "--shards", out, "--out", cache)
-    assert len(list(cache.glob("*_zi.safetensors"))) == 3
+    assert len(list(cache.glob("*_zi.safetensors"))) == 4
     r = convert(binary, "--to", "kohya", "--arch", "flux", "--shards", out, "--out", cache, ok=False)
     assert "precompute again with --buckets kohya" in r.stderr, r.stderr
+
+    small = tmp_path / "small"
+    run_precompute(binary, ["--input", inp, "--out", small, "--model", flux_like, "--size", 512,
+                            "--resize", "bucket", "--buckets", "musubi", "--no-upscale", "--dtype", "f32"])
+    rows = rows_by_key(small)
+    assert (rows["d.png"]["width"], rows["d.png"]["height"]) == (288, 192)
+    for key, row in rows.items():
+        bucket, _, crop = musubi_select((512, 512), row["orig_width"], row["orig_height"], no_upscale=True)
+        assert ((row["width"], row["height"]), (row["crop_left"], row["crop_top"])) == (bucket, crop), key
+    convert(binary, "--to", "musubi", "--arch", "z-image", "--shards", small, "--out", tmp_path / "small-cache")
 
 
 # ---------------------------------------------------------------------- musubi's other writers
