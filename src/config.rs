@@ -99,6 +99,11 @@ impl AlphaPolicy {
 
 pub use crate::format::StorageDType;
 
+use crate::bucket::{KohyaBuckets, MusubiBuckets, TrainerBuckets};
+
+/// `buckets` values that name a list or rule rather than a file.
+pub const NAMED_BUCKETS: [&str; 3] = ["sdxl", "kohya", "musubi"];
+
 /// Everything a `precompute` run needs. What decides the latents becomes the run's identity
 /// (`identity::RunIdentity`, hashed); the rest are run settings, recorded per run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,8 +134,12 @@ pub struct PrecomputeConfig {
     pub max_pixels: u64,
     /// The run exits non-zero when more than this fraction of inputs failed.
     pub max_failures: f64,
-    /// `sdxl` or a file of `WxH` lines; generated from `bucket_res` when absent.
+    /// `sdxl`, a file of `WxH` lines, or a trainer's own rule (`kohya`, `musubi`: its list, choice
+    /// and crop, at `bucket_res`); generated from `bucket_res` when absent.
     pub buckets: Option<String>,
+    /// `buckets = "kohya"`: kohya's `--min_bucket_reso` [256] and `--max_bucket_reso` [1024].
+    pub min_bucket_reso: Option<u32>,
+    pub max_bucket_reso: Option<u32>,
     /// Area of generated buckets, as a side (0 = `size`).
     pub bucket_res: u32,
     pub bucket_step: u32,
@@ -199,6 +208,8 @@ impl Default for PrecomputeConfig {
             max_pixels: crate::decode::DEFAULT_MAX_PIXELS,
             max_failures: 1.0,
             buckets: None,
+            min_bucket_reso: None,
+            max_bucket_reso: None,
             bucket_res: 0,
             bucket_step: 64,
             max_aspect: 4.0,
@@ -255,7 +266,7 @@ impl PrecomputeConfig {
             c.out = anchor(&c.out);
         }
         c.captions = c.captions.as_deref().map(anchor);
-        if let Some(b) = c.buckets.as_deref().filter(|b| *b != "sdxl") {
+        if let Some(b) = c.buckets.as_deref().filter(|b| !NAMED_BUCKETS.contains(b)) {
             c.buckets = Some(anchor(Path::new(b)).display().to_string());
         }
         if crate::model::is_card_path(&c.model) {
@@ -337,6 +348,23 @@ impl PrecomputeConfig {
                 self.max_aspect
             );
         }
+        if self.trainer_buckets().is_some() {
+            if self.crop != CropPlacement::Center {
+                bail!(
+                    "{} {}: the trainer crops the centre; drop {}",
+                    k("buckets"),
+                    self.buckets.as_deref().unwrap_or_default(),
+                    k("crop")
+                );
+            }
+        } else if self.min_bucket_reso.is_some() || self.max_bucket_reso.is_some() {
+            bail!(
+                "{} and {} are kohya's: they apply to {} kohya",
+                k("min_bucket_reso"),
+                k("max_bucket_reso"),
+                k("buckets")
+            );
+        }
         if self.resize != ResizePolicy::Bucket
             && (self.buckets.is_some()
                 || self.bucket_res > 0
@@ -350,6 +378,55 @@ impl PrecomputeConfig {
             );
         }
         Ok(())
+    }
+
+    /// The side of the bucket area: `bucket_res`, or `size` when 0.
+    pub fn bucket_side(&self) -> u32 {
+        if self.bucket_res > 0 {
+            self.bucket_res
+        } else {
+            self.size
+        }
+    }
+
+    /// The trainer rule `buckets = "kohya"` / `"musubi"` names, at `bucket_side()` (kohya's
+    /// `--enable_bucket`, musubi's `enable_bucket = true`).
+    pub fn trainer_buckets(&self) -> Option<TrainerBuckets> {
+        if self.resize != ResizePolicy::Bucket {
+            return None;
+        }
+        let side = self.bucket_side();
+        match self.buckets.as_deref()? {
+            "kohya" => Some(TrainerBuckets::Kohya(KohyaBuckets {
+                resolution: (side, side),
+                enable_bucket: true,
+                min_bucket_reso: self.min_bucket_reso.unwrap_or(256),
+                max_bucket_reso: self.max_bucket_reso.unwrap_or(1024),
+                bucket_reso_steps: self.bucket_step,
+                bucket_no_upscale: self.no_upscale,
+            })),
+            "musubi" => Some(TrainerBuckets::Musubi(MusubiBuckets {
+                resolution: (side, side),
+                enable_bucket: true,
+                no_upscale: self.no_upscale,
+                steps: MusubiBuckets::STEPS,
+            })),
+            _ => None,
+        }
+    }
+
+    /// The shards' `resize` metadata: the policy and what sizes its windows (`center-crop 256`,
+    /// `bucket 1024` for buckets generated at --bucket-res 1024, `bucket sdxl`, `bucket FILE`,
+    /// or the trainer's own settings).
+    pub fn resize_text(&self) -> String {
+        if let Some(rule) = self.trainer_buckets() {
+            return format!("bucket {}", rule.describe());
+        }
+        match (self.resize, self.buckets.as_deref()) {
+            (ResizePolicy::Bucket, Some(list)) => format!("bucket {list}"),
+            (ResizePolicy::Bucket, None) => format!("bucket {}", self.bucket_side()),
+            (policy, _) => format!("{} {}", policy.as_str(), self.size),
+        }
     }
 
     /// Worker threads for the run: `threads`, or every core when 0.

@@ -85,6 +85,8 @@ impl RunIdentity {
             size: _,
             resize: _,
             buckets: _,
+            min_bucket_reso: _,
+            max_bucket_reso: _,
             bucket_res: _,
             bucket_step: _,
             max_aspect: _,

@@ -160,9 +160,15 @@ struct PrecomputeArgs {
     /// Exit non-zero (and write no _SUCCESS) when more than this fraction of inputs failed [default: 1.0].
     #[arg(long)]
     max_failures: Option<f64>,
-    /// Bucket list for --resize bucket: `sdxl` (the SDXL 1024² list) or a file of WxH lines [default: generated].
+    /// Bucket list for --resize bucket: `sdxl` (the SDXL 1024² list), a file of WxH lines, or a trainer's own buckets, choice and crop at --bucket-res: `kohya` (sd-scripts --enable_bucket; --bucket-step, --no-upscale, --min/--max-bucket-reso are its numbers) or `musubi` (musubi-tuner's BucketSelector) [default: generated].
     #[arg(long)]
     buckets: Option<String>,
+    /// --buckets kohya: kohya's --min_bucket_reso [default: 256].
+    #[arg(long)]
+    min_bucket_reso: Option<u32>,
+    /// --buckets kohya: kohya's --max_bucket_reso (SDXL configs usually set 2048) [default: 1024].
+    #[arg(long)]
+    max_bucket_reso: Option<u32>,
     /// Generated buckets: every WxH with sides multiple of --bucket-step and W·H ≤ R² (0 = --size) [default: 0].
     #[arg(long)]
     bucket_res: Option<u32>,
@@ -258,6 +264,23 @@ impl PrecomputeArgs {
         if self.buckets.is_some() {
             c.buckets = self.buckets;
             c.set_by_flag("buckets");
+        }
+        for (value, field, name) in [
+            (
+                self.min_bucket_reso,
+                &mut c.min_bucket_reso,
+                "min_bucket_reso",
+            ),
+            (
+                self.max_bucket_reso,
+                &mut c.max_bucket_reso,
+                "max_bucket_reso",
+            ),
+        ] {
+            if value.is_some() {
+                *field = value;
+                c.origin.preset_keys.remove(name);
+            }
         }
         if self.captions.is_some() {
             c.captions = self.captions;

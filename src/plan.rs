@@ -124,7 +124,7 @@ pub fn plan(config: &PrecomputeConfig, scope: Scope) -> Result<RunPlan> {
         normalization: card.normalization(),
         latent_mode: config.latent_mode.as_str().into(),
         dtype: config.dtype,
-        resize: format!("{} {}", config.resize.as_str(), config.size),
+        resize: config.resize_text(),
         identity_hash: identity.hash(),
         identity: identity.to_toml(),
     };

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
-use crate::bucket;
+use crate::bucket::{self, TrainerBuckets};
 use crate::config::{CropPlacement, PrecomputeConfig, ResizePolicy};
 use crate::pool;
 
@@ -66,20 +66,24 @@ pub struct Framing {
     pub no_upscale: bool,
     pub step: u32,
     pub seed: u64,
+    /// A trainer's own rule (`--buckets kohya|musubi`): its choice, resize and crop replace
+    /// `assign`'s, and `buckets` is its list. Absent otherwise, so older identities still read
+    /// and hash the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer: Option<TrainerBuckets>,
 }
 
 impl Framing {
     pub fn new(config: &PrecomputeConfig) -> Result<Self> {
-        let buckets = match (config.resize, config.buckets.as_deref()) {
-            (ResizePolicy::Bucket, Some("sdxl")) => bucket::SDXL.to_vec(),
-            (ResizePolicy::Bucket, Some(file)) => bucket::from_file(std::path::Path::new(file))?,
-            (ResizePolicy::Bucket, None) => {
-                let res = if config.bucket_res > 0 {
-                    config.bucket_res
-                } else {
-                    config.size
-                };
-                bucket::generate(res, config.bucket_step, config.max_aspect)
+        let trainer = config.trainer_buckets();
+        let buckets = match (&trainer, config.resize, config.buckets.as_deref()) {
+            (Some(rule), _, _) => rule.resolutions(),
+            (None, ResizePolicy::Bucket, Some("sdxl")) => bucket::SDXL.to_vec(),
+            (None, ResizePolicy::Bucket, Some(file)) => {
+                bucket::from_file(std::path::Path::new(file))?
+            }
+            (None, ResizePolicy::Bucket, None) => {
+                bucket::generate(config.bucket_side(), config.bucket_step, config.max_aspect)
             }
             _ => Vec::new(),
         };
@@ -91,6 +95,7 @@ impl Framing {
             no_upscale: config.no_upscale,
             step: config.bucket_step,
             seed: config.seed,
+            trainer,
         })
     }
 
@@ -104,6 +109,7 @@ impl Framing {
             no_upscale: false,
             step: 64,
             seed: 0,
+            trainer: None,
         }
     }
 
@@ -137,6 +143,15 @@ impl Framing {
         Some(match self.policy {
             ResizePolicy::CenterCrop => cover(square, CropPlacement::Center),
             ResizePolicy::RandomCrop => cover(square, CropPlacement::Random),
+            ResizePolicy::Bucket if self.trainer.is_some() => {
+                let rule = self.trainer.as_ref()?;
+                let p = rule.place(&self.buckets, w, h)?;
+                Geometry {
+                    resized: p.resized,
+                    target: p.bucket,
+                    offset: (p.crop.0 as i32, p.crop.1 as i32),
+                }
+            }
             ResizePolicy::Bucket => cover(
                 bucket::assign(&self.buckets, w, h, self.no_upscale, self.step)?,
                 self.crop,

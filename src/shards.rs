@@ -97,6 +97,52 @@ impl ShardSet {
         })
     }
 
+    /// Why the set is unfinished and how to finish it; None when `_SUCCESS` says it is complete.
+    /// `dir` is the set as the user named it.
+    pub fn unfinished(&self, dir: &Path) -> Result<Option<String>> {
+        if self.complete {
+            return Ok(None);
+        }
+        let shown = dir.display();
+        if crate::partition::PartitionPlan::read(self.store.as_ref())?.is_none() {
+            return Ok(Some(format!(
+                "{shown} has no _SUCCESS: the precompute run that writes it has not finished \
+                 ({} rows so far); run it again with the same settings, it resumes",
+                self.rows
+            )));
+        }
+        let status = crate::partition::status(dir, crate::partition::MAX_ARRAY_SIZE)?;
+        let compact = crate::partition::compact;
+        Ok(Some(
+            if status.missing.is_empty() && status.running.is_empty() {
+                format!(
+                    "{shown} has no _SUCCESS: all {} partitions are done but the run was not \
+                 finalized; run `vae-pipeline finalize {shown}`",
+                    status.partitions
+                )
+            } else {
+                format!(
+                    "{shown} has no _SUCCESS: {} of {} partitions are done ({} rows){}{}; finish \
+                 them (`vae-pipeline status {shown}` prints the commands), then run \
+                 `vae-pipeline finalize {shown}`",
+                    status.done.len(),
+                    status.partitions,
+                    status.rows,
+                    if status.missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", partitions {} missing", compact(&status.missing))
+                    },
+                    if status.running.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", partitions {} still running", compact(&status.running))
+                    },
+                )
+            },
+        ))
+    }
+
     /// Calls `each` with up to `chunk` rows at a time, in shard order, for the first `limit` rows.
     /// Without `tensors` the latent columns are not read (`latent` is empty, `shape` still set):
     /// a pass over geometry and keys alone.

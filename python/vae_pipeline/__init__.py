@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -19,12 +20,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["find_bin", "read", "ShardRoot", "FORMAT_VERSION"]
+__all__ = ["find_bin", "read", "unfinished", "ShardRoot", "FORMAT_VERSION"]
 
 #: The shard format these readers understand (FORMAT.md in the repository).
 FORMAT_VERSION = "2"
 
 _SHAPE_DIR = re.compile(r"^(\d+)x(\d+)$")
+_DONE_MARKER = re.compile(r"^p(\d+)\.json$")
 
 
 def find_bin() -> str:
@@ -92,15 +94,40 @@ def _shape_folders(root: ShardRoot) -> list[tuple[str, str]]:
     return [(n, p) for n, p in root.folders() if _SHAPE_DIR.match(n)]
 
 
-def read(shards, shape: str | None = None) -> pa.Table:
+def unfinished(root: ShardRoot) -> str | None:
+    """Why the set at `root` is unfinished (no `_SUCCESS`) and how to finish it, or None."""
+    if root.exists("_SUCCESS"):
+        return None
+    if not root.exists("_plan.json"):
+        return (f"{root.uri}/_SUCCESS is missing: the precompute run did not finish "
+                "(run it again with the same settings, it resumes)")
+    with root.fs.open_input_stream(f"{root.path}/_plan.json") as f:
+        partitions = int(json.load(f)["partitions"])
+    infos = root.fs.get_file_info(pafs.FileSelector(f"{root.path}/_partitions", allow_not_found=True))
+    done = {int(m.group(1)) for i in infos if (m := _DONE_MARKER.match(i.base_name))}
+    missing = [p for p in range(partitions) if p not in done]
+    if not missing:
+        return (f"{root.uri}/_SUCCESS is missing: all {partitions} partitions are done but the run was "
+                f"not finalized (run `vae-pipeline finalize {root.uri}`)")
+    shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+    return (f"{root.uri}/_SUCCESS is missing: {partitions - len(missing)} of {partitions} partitions are "
+            f"done, partitions {shown} are not (finish them, then run `vae-pipeline finalize {root.uri}`)")
+
+
+def read(shards, shape: str | None = None, *, require_success: bool = True) -> pa.Table:
     """Read a shard set's rows into one pyarrow Table, tensor columns combined into single
     chunks: `read(s).column("latent").chunk(0).to_numpy_ndarray()` is `(N, C, h, w)`.
 
     `shards` is a `precompute --out` folder or one of its `<W>x<H>` folders, local or an
     `s3://bucket/prefix` URL. A set with several window sizes (buckets) holds tensors of several
-    shapes: pass `shape="WxH"` to pick one.
+    shapes: pass `shape="WxH"` to pick one. As `LatentsDataset`, a set whose run has not
+    finished (no `_SUCCESS`, partitions missing) is refused unless `require_success=False`.
     """
     root = ShardRoot(shards)
+    if require_success and not (_SHAPE_DIR.match(root.name) and root.parts(root.path)):
+        why = unfinished(root)
+        if why is not None:
+            raise FileNotFoundError(why + "; or pass require_success=False to read the rows there are")
     folders = _shape_folders(root)
     if shape is not None:
         folders = [f for f in folders if f[0] == shape]

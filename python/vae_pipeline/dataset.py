@@ -74,7 +74,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vae_pipeline import FORMAT_VERSION  # the shard format this loader reads (FORMAT.md "Versions")
-from vae_pipeline import ShardRoot
+from vae_pipeline import ShardRoot, unfinished
 
 __all__ = ["LatentsDataset", "BucketBatchSampler", "collate", "worker_init_fn", "decode_latents"]
 
@@ -228,9 +228,9 @@ class LatentsDataset:
         m = _BUCKET_DIR.match(store.name)
         if m and store.parts(store.path):  # one bucket folder given directly
             return [((int(m.group(1)), int(m.group(2))), store.path)]
-        if require_success and not store.exists("_SUCCESS"):
-            raise FileNotFoundError(f"{self.root}/_SUCCESS is missing: the precompute run did not finish "
-                                    "(re-run it, or pass require_success=False to read what is there)")
+        why = unfinished(store) if require_success else None
+        if why is not None:
+            raise FileNotFoundError(why + "; or pass require_success=False to read what is there")
         out = []
         for name, path in store.folders():
             m = _BUCKET_DIR.match(name)

@@ -197,6 +197,15 @@ impl Moments {
         self.count += other.count;
     }
 
+    /// The moments of `a·x + b` over the same values.
+    pub fn affine(&self, a: f64, b: f64) -> Moments {
+        Moments {
+            count: self.count,
+            mean: a * self.mean + b,
+            m2: a * a * self.m2,
+        }
+    }
+
     /// NaN when empty.
     pub fn mean(&self) -> f64 {
         if self.count == 0 {
@@ -245,6 +254,17 @@ impl LatentStats {
         &self.channels
     }
 
+    /// Moments over every element of the latents as a normalization stores them: channel `c`'s
+    /// raw value `z` becomes `a·z + b` for `(a, b) = map(c)`.
+    pub fn mapped(&self, map: impl Fn(usize) -> (f64, f64)) -> Moments {
+        let mut all = Moments::default();
+        for (c, m) in self.channels.iter().enumerate() {
+            let (a, b) = map(c);
+            all.merge(&m.affine(a, b));
+        }
+        all
+    }
+
     /// Moments over every element of every channel.
     pub fn global(&self) -> Moments {
         let mut all = Moments::default();
@@ -275,6 +295,28 @@ mod tests {
         assert_eq!(ssim_window(10, 40), 9);
         assert_eq!(ssim_window(64, 2), 1);
         assert_eq!(ssim_window(1, 1), 1);
+    }
+
+    #[test]
+    fn mapped_moments_equal_the_mapped_values() {
+        let latent: Vec<f32> = (0..32)
+            .map(|i| (i as f32 * 0.37).sin() * (1 + i / 16) as f32)
+            .collect();
+        let mut stats = LatentStats::new(2);
+        stats.add(&latent);
+        let map = |c: usize| if c == 0 { (2.0, -1.0) } else { (0.5, 3.0) };
+        let stored: Vec<f32> = latent
+            .iter()
+            .enumerate()
+            .map(|(i, &z)| {
+                let (a, b) = map(i / 16);
+                (a * f64::from(z) + b) as f32
+            })
+            .collect();
+        let direct = Moments::of(&stored);
+        let mapped = stats.mapped(map);
+        assert!((mapped.mean() - direct.mean()).abs() < 1e-6);
+        assert!((mapped.std() - direct.std()).abs() < 1e-6);
     }
 
     #[test]

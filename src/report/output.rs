@@ -71,12 +71,25 @@ pub struct ModelSummary {
     pub latent_channel_mean: Vec<f64>,
     pub latent_channel_std: Vec<f64>,
     /// `1 / latent_std` and `latent_mean`: the normalization that gives these latents unit std
-    /// and zero mean.
+    /// and zero mean. For a card normalized per channel, the card's own values: its advice is
+    /// `recommended_latents_mean` / `recommended_latents_std`.
     pub recommended_scaling_factor: f64,
     pub recommended_shift_factor: f64,
     pub card_scaling_factor: f64,
     pub card_shift_factor: f64,
-    /// Std and mean of the stored latents under the card's normalization, `(z − shift) · scale`.
+    /// Per-channel cards (Qwen-Image, Wan): the card's `latents_mean`/`latents_std`, and the
+    /// values that give every channel of these latents zero mean and unit std under the card's
+    /// scale and shift.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card_latents_mean: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card_latents_std: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recommended_latents_mean: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recommended_latents_std: Option<Vec<f64>>,
+    /// Std and mean of the latents as the card stores them: `((z − latents_mean[c]) /
+    /// latents_std[c] − shift) · scale`, the per-channel step only for per-channel cards.
     pub stored_latent_std: f64,
     pub stored_latent_mean: f64,
     pub scaling_factor_fits: bool,
@@ -99,10 +112,44 @@ impl ModelSummary {
         let global = stats.global();
         let (mean, std) = (global.mean(), global.std());
         let (scale, shift) = (decimal(card.scaling_factor), decimal(card.shift_factor));
-        let stored_std = std * scale.abs();
-        let stored_mean = (mean - shift) * scale;
+        let card_channels: Option<(Vec<f64>, Vec<f64>)> = card.per_channel().map(|p| {
+            (
+                p.mean.iter().map(|&v| decimal(v)).collect(),
+                p.std.iter().map(|&v| decimal(v)).collect(),
+            )
+        });
+        // stored = a·z + b per channel.
+        let stored = stats.mapped(|c| match &card_channels {
+            Some((m, s)) => (scale / s[c], -(m[c] / s[c] + shift) * scale),
+            None => (scale, -shift * scale),
+        });
+        let (stored_std, stored_mean) = (stored.std(), stored.mean());
         let scaling_fits = (stored_std - 1.0).abs() <= FIT_TOLERANCE;
         let shift_fits = stored_mean.abs() <= FIT_TOLERANCE;
+        // Per channel: std_c / s_c · |scale| = 1 and (mean_c − m_c) / s_c = shift.
+        let recommended_channels = card_channels.as_ref().map(|_| {
+            let s: Vec<f64> = stats
+                .channels()
+                .iter()
+                .map(|m| m.std() * scale.abs())
+                .collect();
+            let m: Vec<f64> = stats
+                .channels()
+                .iter()
+                .zip(&s)
+                .map(|(moments, s)| moments.mean() - shift * s)
+                .collect();
+            (m, s)
+        });
+        let normalization = Normalization {
+            scale,
+            shift,
+            per_channel: recommended_channels.is_some(),
+            mean,
+            std,
+            stored_std,
+            stored_mean,
+        };
         ModelSummary {
             card: card.card_path.display().to_string(),
             decoder: card
@@ -122,15 +169,23 @@ impl ModelSummary {
             latent_std: std,
             latent_channel_mean: stats.channels().iter().map(|m| m.mean()).collect(),
             latent_channel_std: stats.channels().iter().map(|m| m.std()).collect(),
-            recommended_scaling_factor: 1.0 / std,
-            recommended_shift_factor: mean,
+            recommended_scaling_factor: if card_channels.is_some() {
+                scale
+            } else {
+                1.0 / std
+            },
+            recommended_shift_factor: if card_channels.is_some() { shift } else { mean },
             card_scaling_factor: scale,
             card_shift_factor: shift,
+            card_latents_mean: card_channels.as_ref().map(|c| c.0.clone()),
+            card_latents_std: card_channels.map(|c| c.1),
+            recommended_latents_mean: recommended_channels.as_ref().map(|c| c.0.clone()),
+            recommended_latents_std: recommended_channels.map(|c| c.1),
             stored_latent_std: stored_std,
             stored_latent_mean: stored_mean,
             scaling_factor_fits: scaling_fits,
             shift_factor_fits: shift_fits,
-            verdict: verdict(scale, shift, mean, std, stored_std, stored_mean),
+            verdict: verdict(&normalization),
         }
     }
 }
@@ -140,39 +195,70 @@ fn decimal(v: f32) -> f64 {
     v.to_string().parse().expect("an f32 prints as a number")
 }
 
-/// The plain-words judgement of the card's normalization on these latents.
-fn verdict(
+/// The card's normalization and what it makes of the measured latents.
+struct Normalization {
     scale: f64,
     shift: f64,
+    /// The card normalizes per channel (`latents_mean`/`latents_std`).
+    per_channel: bool,
+    /// Raw latents `z`.
     mean: f64,
     std: f64,
+    /// The latents as stored.
     stored_std: f64,
     stored_mean: f64,
-) -> String {
+}
+
+/// The plain-words judgement of the card's normalization on these latents, with advice in
+/// the card's own terms: `scaling_factor`/`shift_factor`, or per-channel statistics.
+fn verdict(n: &Normalization) -> String {
+    let Normalization {
+        scale,
+        shift,
+        per_channel,
+        mean,
+        std,
+        stored_std,
+        stored_mean,
+    } = *n;
     if !std.is_finite() {
         return "No latents were measured, so the normalization cannot be judged.".into();
     }
+    let std_off = (stored_std - 1.0).abs() > FIT_TOLERANCE;
+    let mean_off = stored_mean.abs() > FIT_TOLERANCE;
     let mut parts = Vec::new();
-    if (stored_std - 1.0).abs() > FIT_TOLERANCE {
-        let how = if stored_std > 1.0 {
-            "larger"
-        } else {
-            "smaller"
-        };
-        parts.push(format!(
-            "the card's scaling_factor {scale} does not fit these images: the stored latents have \
-             std {stored_std:.3}, {:.0}% {how} than the unit std a diffusion model expects; \
-             scaling_factor {:.4} would give std 1",
-            (stored_std - 1.0).abs() * 100.0,
-            1.0 / std
-        ));
-    }
-    if stored_mean.abs() > FIT_TOLERANCE {
-        parts.push(format!(
-            "the card's shift_factor {shift} leaves the stored latents with mean {stored_mean:.3} \
-             (more than {:.0}% of their std away from 0); shift_factor {mean:.4} would centre them",
-            FIT_TOLERANCE * 100.0
-        ));
+    if per_channel {
+        if std_off || mean_off {
+            parts.push(format!(
+                "the card's latents_mean/latents_std do not fit these images: the stored latents \
+                 have std {stored_std:.3} and mean {stored_mean:.3} (a diffusion model expects 1 \
+                 and 0); recommended_latents_mean and recommended_latents_std in summary.json \
+                 (each channel's measured mean and std) would give every channel mean 0 and std 1"
+            ));
+        }
+    } else {
+        if std_off {
+            let how = if stored_std > 1.0 {
+                "larger"
+            } else {
+                "smaller"
+            };
+            parts.push(format!(
+                "the card's scaling_factor {scale} does not fit these images: the stored latents \
+                 have std {stored_std:.3}, {:.0}% {how} than the unit std a diffusion model \
+                 expects; scaling_factor {:.4} would give std 1",
+                (stored_std - 1.0).abs() * 100.0,
+                1.0 / std
+            ));
+        }
+        if mean_off {
+            parts.push(format!(
+                "the card's shift_factor {shift} leaves the stored latents with mean \
+                 {stored_mean:.3} (more than {:.0}% of their std away from 0); shift_factor \
+                 {mean:.4} would centre them",
+                FIT_TOLERANCE * 100.0
+            ));
+        }
     }
     if parts.is_empty() {
         format!(
@@ -252,22 +338,42 @@ pub fn write_errors(path: &Path, skipped: &[Skipped]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::verdict;
+    use super::{verdict, Normalization};
+
+    fn judge(per_channel: bool, mean: f64, std: f64, stored_std: f64, stored_mean: f64) -> String {
+        verdict(&Normalization {
+            scale: 1.0,
+            shift: 0.0,
+            per_channel,
+            mean,
+            std,
+            stored_std,
+            stored_mean,
+        })
+    }
 
     #[test]
     fn verdict_names_what_does_not_fit() {
-        let fits = verdict(1.0, 0.0, 0.02, 1.03, 1.03, 0.02);
+        let fits = judge(false, 0.02, 1.03, 1.03, 0.02);
         assert!(fits.starts_with("The card's normalization fits"), "{fits}");
-        let scale = verdict(1.0, 0.0, 0.0, 0.5, 0.5, 0.0);
+        let scale = judge(false, 0.0, 0.5, 0.5, 0.0);
         assert!(
             scale.contains("scaling_factor 1 does not fit") && scale.contains("2.0000"),
             "{scale}"
         );
         assert!(!scale.contains("shift_factor"), "{scale}");
-        let shift = verdict(1.0, 0.0, 0.3, 1.0, 1.0, 0.3);
+        let shift = judge(false, 0.3, 1.0, 1.0, 0.3);
         assert!(
             shift.starts_with("The card's shift_factor 0") && shift.contains("0.3000"),
             "{shift}"
+        );
+        // Per-channel cards are advised in their own terms, never with a scaling_factor.
+        let channels = judge(true, 0.1, 0.288, 0.392, 0.05);
+        assert!(
+            channels.contains("latents_mean/latents_std do not fit")
+                && channels.contains("std 0.392")
+                && !channels.contains("scaling_factor"),
+            "{channels}"
         );
     }
 }

@@ -434,6 +434,7 @@ def test_bucket_file(binary, cards, synth_inputs, tmp_path):
                                             check_latents=[synth_name(300, 300), synth_name(200, 120)])
     assert set(tables) <= set(buckets)
     assert summary_histogram(proc) == br.histogram(expect(w, h) for w, h in sizes.values())
+    assert all(t.schema.metadata[b"vae_pipeline.resize"] == f"bucket {f}".encode() for t in tables.values())
 
 
 def test_bucket_file_no_upscale(binary, cards, synth_inputs, tmp_path):
@@ -460,6 +461,7 @@ def test_sdxl_buckets(binary, cards, shared, tmp_path):
                                             check_latents=["kodim01.png", synth_name(1344, 700)])
     assert set(tables) <= set(buckets)
     assert summary_histogram(proc) == br.histogram(expect(w, h) for w, h in sizes.values())
+    assert all(t.schema.metadata[b"vae_pipeline.resize"] == b"bucket sdxl" for t in tables.values())
 
 
 def _probe_sizes(buckets, div=32):
@@ -500,6 +502,9 @@ def test_kodak_buckets_1024(binary, cards, kodak_inputs, tmp_path):
     assert want_hist == {(1216, 832): 18, (832, 1216): 6}
     assert {b: t.num_rows for b, t in tables.items()} == want_hist
     assert summary_histogram(proc) == want_hist
+    # The metadata names the bucket area (--bucket-res), not --size (256 here).
+    for t in tables.values():
+        assert t.schema.metadata[b"vae_pipeline.resize"] == b"bucket 1024"
 
 
 def test_bucket_random_crop(binary, cards, kodak_inputs, tmp_path):

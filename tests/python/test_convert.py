@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -22,7 +23,11 @@ import pytest
 from onnx import TensorProto, helper
 
 import bucket_reference as br
-from vp_helpers import require, run_precompute, tensor
+from PIL import Image
+from vp_helpers import REPO, require, run_precompute, tensor
+
+sys.path.insert(0, str(REPO / "python"))
+from vae_pipeline import read  # noqa: E402
 
 KODAK = [f"kodim{i:02d}.png" for i in range(1, 25)]
 
@@ -63,6 +68,49 @@ def kohya_select(resos, w, h):
         ars = np.array([bw / bh for bw, bh in resos])
         reso = resos[int(np.argmin(np.abs(ars - w / h)))]
     scale = reso[1] / h if w / h > reso[0] / reso[1] else reso[0] / w
+    resized = (int(w * scale + 0.5), int(h * scale + 0.5))
+    return reso, resized, ((resized[0] - reso[0]) // 2, (resized[1] - reso[1]) // 2)
+
+
+def kohya_select_no_upscale(w, h, max_area, steps=64):
+    """BucketManager.select_bucket with bucket_no_upscale."""
+    ar = w / h
+
+    def round_to_steps(x):
+        x = int(x + 0.5)
+        return x - x % steps
+
+    if w * h > max_area:
+        rw = math.sqrt(max_area * ar)
+        rh = max_area / rw
+        bwr = round_to_steps(rw)
+        ar_wr = bwr / round_to_steps(bwr / ar)
+        bhr = round_to_steps(rh)
+        ar_hr = round_to_steps(bhr * ar) / bhr
+        resized = (bwr, int(bwr / ar + 0.5)) if abs(ar_wr - ar) < abs(ar_hr - ar) else (int(bhr * ar + 0.5), bhr)
+    else:
+        resized = (w, h)
+    reso = (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
+    return reso, resized, ((resized[0] - reso[0]) // 2, (resized[1] - reso[1]) // 2)
+
+
+def musubi_select(resolution, w, h, steps=16, no_upscale=False):
+    """musubi-tuner BucketSelector (enable_bucket) + resize_image_to_bucket."""
+    area = resolution[0] * resolution[1]
+    if no_upscale and w * h <= area:
+        reso = (w - w % steps, h - h % steps)
+        scale = max(reso[0] / w, reso[1] / h)
+        resized = (int(w * scale + 0.5), int(h * scale + 0.5))
+        return reso, resized, ((resized[0] - reso[0]) // 2, (resized[1] - reso[1]) // 2)
+    sqrt_size = int(math.sqrt(area))
+    min_size = sqrt_size // 2 - (sqrt_size // 2) % steps
+    resos = set()
+    for bw in range(min_size, sqrt_size + steps, steps):
+        bh = area // bw - (area // bw) % steps
+        resos |= {(bw, bh), (bh, bw)}
+    resos = sorted(resos)
+    reso = resos[int(np.argmin(np.abs(np.array([a / b for a, b in resos]) - w / h)))]
+    scale = max(reso[0] / w, reso[1] / h)
     resized = (int(w * scale + 0.5), int(h * scale + 0.5))
     return reso, resized, ((resized[0] - reso[0]) // 2, (resized[1] - reso[1]) // 2)
 
@@ -257,7 +305,7 @@ def test_musubi_flux2_safetensors(binary, kodak, tmp_path):
     shutil.copyfile(kodak / KODAK[0], inp / "sub" / KODAK[0])
     run_precompute(binary, ["--input", inp, "--out", out, "--model", flux2_like, "--size", 256, "--dtype", "f32"])
     r = convert(binary, "--to", "musubi", "--shards", out, "--out", tmp_path / "c2", "--resolution", 256, ok=False)
-    assert r.returncode == 2 and "both become" in r.stderr, r.stderr
+    assert r.returncode == 2 and 'share the base name "kodim01"' in r.stderr, r.stderr
 
 
 # -------------------------------------------------------------------------------- diffusers
@@ -283,3 +331,258 @@ def test_diffusers_dataset_loads_with_datasets(binary, kodak, sdxl_like, tmp_pat
         assert ds[i]["original_sizes"].tolist() == [row["orig_height"], row["orig_width"]]
         assert ds[i]["crop_top_lefts"].tolist() == [row["crop_top"], row["crop_left"]]
         assert ds[i]["text"] == row["caption"]
+
+
+# ----------------------------------------------------------------- the trainers' own buckets
+
+def photo(src, dest, w, h):
+    """A Kodak photo resized to w x h (a real image of an awkward size)."""
+    Image.open(src).convert("RGB").resize((w, h), Image.BILINEAR).save(dest)
+
+
+def test_precompute_makes_kohyas_buckets_and_convert_reads_them(binary, kodak, sdxl_like, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    # Issue 21: the log-ratio rule puts these two elsewhere (1216x832 and 1664x576) than kohya.
+    sizes = {"a.png": (961, 701), "b.png": (1333, 495), "c.png": (768, 512), "d.png": (700, 1200)}
+    for (name, (w, h)), src in zip(sizes.items(), KODAK):
+        photo(kodak / src, inp / name, w, h)
+    generated = tmp_path / "generated"
+    run_precompute(binary, ["--input", inp, "--out", generated, "--model", sdxl_like, "--size", 1024,
+                            "--resize", "bucket", "--dtype", "f32", "--threads", 2])
+    kohya_flags = ["--resolution", 1024, "--enable-bucket", "--max-bucket-reso", 2048]
+    r = convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", generated, "--out", tmp_path / "x",
+                *kohya_flags, ok=False)
+    assert "2 of 4 row(s) cannot be written" in r.stderr and "--buckets kohya" in r.stderr, r.stderr
+
+    # One setting, in the preset as on the command line.
+    preset = tmp_path / "kohya.toml"
+    preset.write_text('resize = "bucket"\nbuckets = "kohya"\nbucket_res = 1024\nmax_bucket_reso = 2048\n')
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--pipeline", preset, "--input", inp, "--out", out, "--model", sdxl_like,
+                            "--dtype", "f32", "--threads", 2])
+    resos = kohya_buckets((1024, 1024), max_reso=2048)
+    rows = rows_by_key(out)
+    for key, row in rows.items():
+        bucket, _, crop = kohya_select(resos, row["orig_width"], row["orig_height"])
+        assert ((row["width"], row["height"]), (row["crop_left"], row["crop_top"])) == (bucket, crop), key
+    assert (rows["a.png"]["width"], rows["a.png"]["height"]) == (1152, 896)
+    assert (rows["b.png"]["width"], rows["b.png"]["height"]) == (1600, 640)
+    meta = pq.read_metadata(next(out.glob("*/part-*.parquet"))).metadata
+    assert meta[b"vae_pipeline.resize"].decode() == ("bucket kohya --resolution 1024,1024 --enable_bucket "
+                                                     "--min_bucket_reso 256 --max_bucket_reso 2048 --bucket_reso_steps 64")
+
+    # convert reads the bucket settings from the shards: no flags, no refused row.
+    cache = tmp_path / "cache"
+    convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", out, "--out", cache)
+    assert len(list(cache.glob("*.npz"))) == 4
+    r = convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", out, "--out", cache, *kohya_flags, ok=False)
+    assert "drop --resolution, --enable-bucket, --max-bucket-reso" in r.stderr, r.stderr
+    r = convert(binary, "--to", "musubi", "--arch", "z-image", "--shards", out, "--out", cache, ok=False)
+    assert "precompute again with --buckets musubi" in r.stderr, r.stderr
+
+    # --bucket_no_upscale: small images keep their size, large ones shrink to the area.
+    small = tmp_path / "small"
+    run_precompute(binary, ["--input", inp, "--out", small, "--model", sdxl_like, "--size", 768,
+                            "--resize", "bucket", "--buckets", "kohya", "--no-upscale", "--dtype", "f32"])
+    for key, row in rows_by_key(small).items():
+        bucket, _, crop = kohya_select_no_upscale(row["orig_width"], row["orig_height"], 768 * 768)
+        assert ((row["width"], row["height"]), (row["crop_left"], row["crop_top"])) == (bucket, crop), key
+    convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", small, "--out", tmp_path / "small-cache")
+
+
+def test_precompute_makes_musubis_buckets(binary, kodak, tmp_path):
+    from safetensors.numpy import load_file
+
+    enc = pooling_encoder(tmp_path / "pool16.onnx", 16, seed=4)
+    flux_like = card(tmp_path / "flux1.toml", "flux1", enc, 16, 0.3611, 0.1159)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    sizes = {"a.png": (961, 701), "b.png": (1333, 495), "c.png": (512, 512), "d.png": (300, 203)}
+    for (name, (w, h)), src in zip(sizes.items(), KODAK):
+        photo(kodak / src, inp / name, w, h)
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", flux_like, "--size", 512,
+                            "--resize", "bucket", "--buckets", "musubi", "--dtype", "f32"])
+    rows = rows_by_key(out)
+    for key, row in rows.items():
+        bucket, _, crop = musubi_select((512, 512), row["orig_width"], row["orig_height"])
+        assert ((row["width"], row["height"]), (row["crop_left"], row["crop_top"])) == (bucket, crop), key
+    cache = tmp_path / "cache"
+    convert(binary, "--to", "musubi", "--arch", "z-image", "--shards", out, "--out", cache)
+    assert len(list(cache.glob("*_zi.safetensors"))) == 4
+    r = convert(binary, "--to", "kohya", "--arch", "flux", "--shards", out, "--out", cache, ok=False)
+    assert "precompute again with --buckets kohya" in r.stderr, r.stderr
+
+    small = tmp_path / "small"
+    run_precompute(binary, ["--input", inp, "--out", small, "--model", flux_like, "--size", 512,
+                            "--resize", "bucket", "--buckets", "musubi", "--no-upscale", "--dtype", "f32"])
+    rows = rows_by_key(small)
+    assert (rows["d.png"]["width"], rows["d.png"]["height"]) == (288, 192)
+    for key, row in rows.items():
+        bucket, _, crop = musubi_select((512, 512), row["orig_width"], row["orig_height"], no_upscale=True)
+        assert ((row["width"], row["height"]), (row["crop_left"], row["crop_top"])) == (bucket, crop), key
+    convert(binary, "--to", "musubi", "--arch", "z-image", "--shards", small, "--out", tmp_path / "small-cache")
+
+
+# ---------------------------------------------------------------------- musubi's other writers
+
+def test_musubi_z_image_and_kontext(binary, kodak, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    enc = pooling_encoder(tmp_path / "pool16.onnx", 16, seed=5)
+    flux_like = card(tmp_path / "flux1.toml", "flux1", enc, 16, 0.3611, 0.1159)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in KODAK[:2]:
+        shutil.copyfile(kodak / name, inp / name)
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", flux_like, "--size", 256, "--dtype", "f32"])
+    cache = tmp_path / "cache"
+    convert(binary, "--to", "musubi", "--arch", "z-image", "--shards", out, "--out", cache, "--resolution", 256)
+    for key, row in rows_by_key(out).items():
+        w, h = row["orig_width"], row["orig_height"]
+        path = cache / f"{key[:-4]}_{w:04d}x{h:04d}_zi.safetensors"
+        tensors = load_file(path)
+        # save_latent_cache_z_image: a (C, H, W) latent under latents_1x{H}x{W}; the VAE's mode,
+        # unscaled (zimage_cache_latents.py).
+        assert list(tensors) == ["latents_1x32x32_float32"], list(tensors)
+        lat = tensors["latents_1x32x32_float32"]
+        assert lat.shape == (16, 32, 32) and lat.dtype == np.float32
+        np.testing.assert_allclose(lat, row["latent"] / np.float32(0.3611) + np.float32(0.1159), rtol=1e-5, atol=1e-5)
+        with safe_open(path, "np") as f:
+            assert f.metadata() == {"architecture": "z_image", "width": str(w), "height": str(h),
+                                    "format_version": "1.0.1"}
+    r = convert(binary, "--to", "musubi", "--arch", "flux-kontext", "--shards", out, "--out", tmp_path / "k", ok=False)
+    assert r.returncode == 2 and "latents_control_" in r.stderr and "control images" in r.stderr, r.stderr
+    assert not (tmp_path / "k").exists()
+
+
+QWEN_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+             -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+QWEN_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+            1.6382, 1.1253, 2.8251, 1.916]
+
+
+def test_musubi_qwen_image_per_channel(binary, kodak, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    enc = pooling_encoder(tmp_path / "pool16.onnx", 16, seed=6)
+    per_channel = f"latents_mean = {json.dumps(QWEN_MEAN)}\nlatents_std = {json.dumps(QWEN_STD)}\n"
+    qwen = card(tmp_path / "qwen-image.toml", "qwen-image", enc, 16, 1.0, extra=per_channel)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in KODAK[:2]:
+        shutil.copyfile(kodak / name, inp / name)
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", qwen, "--size", 256, "--dtype", "f32"])
+    cache = tmp_path / "cache"
+    convert(binary, "--to", "musubi", "--shards", out, "--out", cache)
+    rows = rows_by_key(out)
+    for key, row in rows.items():
+        w, h = row["orig_width"], row["orig_height"]
+        path = cache / f"{key[:-4]}_{w:04d}x{h:04d}_qi.safetensors"
+        tensors = load_file(path)
+        # save_latent_cache_qwen_image: (C, F, H, W) = (16, 1, h, w), normalized (z - mean) / std as
+        # these shards store it.
+        assert list(tensors) == ["latents_1x32x32_float32"], list(tensors)
+        np.testing.assert_array_equal(tensors["latents_1x32x32_float32"], row["latent"][:, None])
+        with safe_open(path, "np") as f:
+            assert f.metadata()["architecture"] == "qwen_image"
+
+    # Another card's per-channel statistics are undone and musubi's applied.
+    mean, std = np.linspace(-1, 1, 16), np.linspace(0.5, 3, 16)
+    other = card(tmp_path / "other.toml", "other", enc, 16, 1.0,
+                 extra=f"latents_mean = {json.dumps(mean.tolist())}\nlatents_std = {json.dumps(std.tolist())}\n")
+    out2 = tmp_path / "shards2"
+    run_precompute(binary, ["--input", inp, "--out", out2, "--model", other, "--size", 256, "--dtype", "f32"])
+    r = convert(binary, "--to", "kohya", "--arch", "flux", "--shards", out2, "--out", tmp_path / "k", ok=False)
+    assert "--to musubi --arch qwen-image" in r.stderr, r.stderr
+    convert(binary, "--to", "musubi", "--arch", "qwen-image", "--shards", out2, "--out", tmp_path / "c2")
+    for key, row in rows_by_key(out2).items():
+        w, h = row["orig_width"], row["orig_height"]
+        got = load_file(tmp_path / "c2" / f"{key[:-4]}_{w:04d}x{h:04d}_qi.safetensors")["latents_1x32x32_float32"]
+        z = row["latent"] * std[:, None, None] + mean[:, None, None]
+        want = (z - np.array(QWEN_MEAN)[:, None, None]) / np.array(QWEN_STD)[:, None, None]
+        np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_musubi_refuses_one_base_name_in_two_folders(binary, kodak, tmp_path):
+    enc = pooling_encoder(tmp_path / "pool16.onnx", 16, seed=7)
+    flux_like = card(tmp_path / "flux1.toml", "flux1", enc, 16, 0.3611, 0.1159)
+    inp = tmp_path / "in"
+    for sub in ("s1", "s2"):
+        (inp / sub).mkdir(parents=True)
+    # Different sizes: two latent files, but one `img_zi_te.safetensors` text-encoder cache.
+    photo(kodak / KODAK[0], inp / "s1" / "img.png", 512, 768)
+    photo(kodak / KODAK[1], inp / "s2" / "img.png", 768, 512)
+    (inp / "s1" / "img.txt").write_text("a parrot")
+    (inp / "s2" / "img.txt").write_text("a lighthouse")
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", flux_like, "--size", 512,
+                            "--resize", "bucket", "--buckets", "musubi"])
+    r = convert(binary, "--to", "musubi", "--arch", "z-image", "--shards", out, "--out", tmp_path / "c", ok=False)
+    assert r.returncode == 2 and 'share the base name "img"' in r.stderr and "img_zi_te.safetensors" in r.stderr, r.stderr
+    assert "to fix: give every image a distinct file name" in r.stderr, r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------------------ unfinished sets
+
+def test_unfinished_sets_are_refused_unless_asked(binary, kodak, sdxl_like, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in KODAK[:3]:
+        shutil.copyfile(kodak / name, inp / name)
+    out = tmp_path / "parts"
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", sdxl_like, "--size", 64,
+                            "--partitions", 3, "--partition", 0])
+    assert not (out / "_SUCCESS").exists()
+    r = convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", out, "--out", tmp_path / "c", ok=False)
+    assert r.returncode == 2 and "1 of 3 partitions are done" in r.stderr and "partitions 1,2 missing" in r.stderr, r.stderr
+    assert "--allow-partial" in r.stderr and not (tmp_path / "c").exists()
+    convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", out, "--out", tmp_path / "c", "--allow-partial")
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 1
+    with pytest.raises(FileNotFoundError, match="partitions 1, 2 are not"):
+        read(out)
+    assert read(out, require_success=False).num_rows == 1
+
+    whole = tmp_path / "whole"
+    run_precompute(binary, ["--input", inp, "--out", whole, "--model", sdxl_like, "--size", 64])
+    (whole / "_SUCCESS").unlink()
+    r = convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", whole, "--out", tmp_path / "d", ok=False)
+    assert "has no _SUCCESS" in r.stderr and "it resumes" in r.stderr, r.stderr
+    with pytest.raises(FileNotFoundError, match="_SUCCESS is missing"):
+        read(whole)
+    assert read(whole, require_success=False).num_rows == 3
+
+
+# --------------------------------------------------------------------------------- rough edges
+
+def test_refusals_count_rows_and_say_what_to_do(binary, bucketed, tmp_path):
+    r = convert(binary, "--to", "diffusers", "--arch", "sdxl", "--shards", bucketed, "--out", tmp_path / "d",
+                "--resolution", 1024, ok=False)
+    assert "24 of 24 row(s) cannot be written" in r.stderr and "… and 17 more" in r.stderr, r.stderr
+    assert "\n  the shards hold 2 window sizes" in r.stderr, r.stderr
+    assert "to fix: pass the --resolution you train at" in r.stderr, r.stderr
+    r = convert(binary, "--to", "diffusers", "--arch", "sdxl", "--shards", bucketed, "--out", tmp_path / "d",
+                "--resolution", "1216,832", ok=False)
+    assert "--resolution 1216x832: the diffusers script trains on squares" in r.stderr, r.stderr
+
+
+def test_kohya_from_a_tar_writes_folders_kohya_can_use(binary, kodak, sdxl_like, tmp_path):
+    import tarfile
+
+    tar = tmp_path / "00003.tar"
+    with tarfile.open(tar, "w") as t:
+        for i, name in enumerate(KODAK[:2]):
+            t.add(kodak / name, arcname=f"{i:09d}.png")
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--input", tar, "--out", out, "--model", sdxl_like, "--size", 64])
+    cache = tmp_path / "cache"
+    r = convert(binary, "--to", "kohya", "--arch", "sdxl", "--shards", out, "--out", cache)
+    files = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*.npz"))
+    assert files == ["00003/000000000_0768x0512_sdxl.npz", "00003/000000001_0768x0512_sdxl.npz"], files
+    assert "tar -xf 00003.tar -C 00003" in r.stderr, r.stderr

@@ -266,3 +266,36 @@ def test_report_html_renders_in_headless_chromium(kodak_report, tmp_path):
     assert pixels.std() > 30 and not_white > 0.2, (
         f"screenshot looks blank: std {pixels.std():.1f}, {not_white:.1%} non-white (see {kept / 'screenshot.png'})"
     )
+
+
+def test_per_channel_card_statistics_are_of_the_stored_latents(binary, shared, kodak, tmp_path):
+    """A Qwen-Image-style card (latents_mean/latents_std): the report's stored-latent statistics
+    are those of what precompute stores, and its advice is per-channel, never a scaling_factor."""
+    from vp_helpers import run_precompute, tensor
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in sorted(p.name for p in kodak.glob("*.png"))[:4]:
+        shutil.copyfile(kodak / name, inp / name)
+    base = report_card(shared, tmp_path).read_text()
+    rng = np.random.default_rng(8)
+    mean, std = rng.normal(0, 0.3, 32).round(4), rng.uniform(0.2, 0.6, 32).round(4)
+    card = tmp_path / "per-channel.toml"
+    card.write_text(base.replace('name = "taef2"', 'name = "per-channel"')
+                    + f"latents_mean = {json.dumps(mean.tolist())}\nlatents_std = {json.dumps(std.tolist())}\n")
+    shards = tmp_path / "shards"
+    run_precompute(binary, ["--input", inp, "--out", shards, "--model", card, "--size", 64, "--dtype", "f32"])
+    stored = np.concatenate([tensor(pq.read_table(f), "latent").astype(np.float64).ravel()
+                             for f in sorted(shards.glob("*/part-*.parquet"))])
+    out = tmp_path / "report"
+    run_report(binary, ["--input", inp, "--model", card, "--size", 64, "--out", out])
+    m = json.loads((out / "summary.json").read_text())["models"]["per-channel"]
+    assert m["stored_latent_std"] == pytest.approx(stored.std(), rel=1e-3)
+    assert m["stored_latent_mean"] == pytest.approx(stored.mean(), abs=1e-3)
+    assert m["card_latents_mean"] == pytest.approx(mean.tolist()) and m["card_latents_std"] == pytest.approx(std.tolist())
+    # The recommended per-channel values give every channel mean 0 and std 1.
+    channel_mean, channel_std = np.array(m["latent_channel_mean"]), np.array(m["latent_channel_std"])
+    np.testing.assert_allclose(m["recommended_latents_mean"], channel_mean, rtol=1e-9)
+    np.testing.assert_allclose(m["recommended_latents_std"], channel_std, rtol=1e-9)
+    assert (m["recommended_scaling_factor"], m["recommended_shift_factor"]) == (1.0, 0.0)
+    assert "latents_mean/latents_std do not fit" in m["verdict"] and "scaling_factor" not in m["verdict"], m["verdict"]

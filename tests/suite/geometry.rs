@@ -16,6 +16,7 @@ fn framing(policy: ResizePolicy, size: u32, no_upscale: bool) -> Framing {
         no_upscale,
         step: 64,
         seed: 7,
+        trainer: None,
     }
 }
 
