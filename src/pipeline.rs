@@ -19,13 +19,15 @@ use crate::batch::{Batch, Batcher};
 use crate::config::PrecomputeConfig;
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
-use crate::format::Scope;
+use crate::format::{done_marker, Scope, SUCCESS};
+use crate::partition::DoneMarker;
 use crate::plan::RunPlan;
 use crate::progress::Progress;
 use crate::resize::Prepared;
 use crate::resume::{self, Committed, Current};
 use crate::rows::{MetadataDigest, RowMaker};
 use crate::source::{SampleRef, Source};
+use crate::store::ShardStore;
 use crate::write::{self, ShardWriter};
 
 pub use crate::plan::thread_split;
@@ -287,8 +289,9 @@ pub fn precompute_scope(plan: RunPlan, scope: Scope, stop: &AtomicBool) -> Resul
     let out = plan.out.clone();
     let _lock = out.lock(&scope.lock())?;
     // Another run may have finished between the plan's look and the lock: look again.
-    let state = resume::inspect_output(out.as_ref(), &plan.identity, config.overwrite)?;
+    let state = resume::inspect_output(out.as_ref(), &plan.identity, config.overwrite, scope)?;
     let committed = resume::open_output(out.as_ref(), &plan.identity, state, scope)?;
+    let finality = Finality::new(out.clone(), scope)?;
     record_run(config, &plan, scope)?;
     if !committed.is_empty() {
         eprintln!(
@@ -297,7 +300,47 @@ pub fn precompute_scope(plan: RunPlan, scope: Scope, stop: &AtomicBool) -> Resul
             committed.len()
         );
     }
-    run(plan, scope, &committed, stop)
+    run(plan, scope, &committed, stop, finality)
+}
+
+/// Whether the set's `_SUCCESS` still describes it while one scope is written. A whole run
+/// removes it before it starts (`resume::open_output`), a partition that is not done too. A
+/// rerun of a done partition removes it, and the partition's done marker, only once the
+/// partition changes (a row encoded or pruned, other failures): a worker requeued on a finished
+/// partition whose inputs are unchanged leaves a finalized set final.
+struct Finality {
+    out: Arc<dyn ShardStore>,
+    scope: Scope,
+    /// The partition's done marker and error lines as this rerun found them; None once it
+    /// changed the partition (or when it was not done).
+    done: Option<(DoneMarker, Option<Vec<u8>>)>,
+}
+
+impl Finality {
+    fn new(out: Arc<dyn ShardStore>, scope: Scope) -> Result<Self> {
+        let done = match scope {
+            Scope::Whole => None,
+            Scope::Partition(p) => match DoneMarker::read(out.as_ref(), p)? {
+                Some(marker) => Some((marker, out.read(&scope.errors())?)),
+                None => {
+                    out.remove(SUCCESS)?;
+                    None
+                }
+            },
+        };
+        Ok(Finality { out, scope, done })
+    }
+
+    /// The scope is about to change: the set is no longer final, the partition no longer done.
+    fn changed(&mut self) -> Result<()> {
+        if self.done.take().is_some() {
+            self.out.remove(SUCCESS)?;
+            if let Scope::Partition(p) = self.scope {
+                self.out.remove(&done_marker(p))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn run(
@@ -305,6 +348,7 @@ fn run(
     scope: Scope,
     committed: &Committed,
     stop: &AtomicBool,
+    mut finality: Finality,
 ) -> Result<RunSummary> {
     let RunPlan {
         config,
@@ -375,7 +419,7 @@ fn run(
             })
             .collect();
         drop((batch_rx, write_tx));
-        let write_busy = consume(&mut writer, write_rx, &mut progress);
+        let write_busy = consume(&mut writer, write_rx, &mut progress, &mut finality);
         let encode_busy = encoding
             .into_iter()
             .map(|e| e.join().expect("encoder thread panicked"))
@@ -396,11 +440,18 @@ fn run(
 
     let t = Instant::now();
     let totals = writer.close()?;
+    if let Some((_, errors)) = &finality.done {
+        if out.read(&scope.errors())? != *errors {
+            finality.changed()?;
+        }
+    }
     // Pruning needs every input seen: an interrupted run leaves it to the rerun.
     let pruned = if produced.interrupted {
         0
     } else {
-        resume::prune(out.as_ref(), committed, &produced.current)?
+        resume::prune(out.as_ref(), committed, &produced.current, || {
+            finality.changed()
+        })?
     };
     let manifest = write::manifest(out.as_ref(), |shard| scope.owns(shard))?;
     let mut summary = RunSummary {
@@ -461,7 +512,15 @@ fn run(
     }
     match scope {
         Scope::Whole => write::seal(out.as_ref(), &manifest, &serde_json::to_value(&summary)?)?,
-        Scope::Partition(p) => crate::partition::mark_done(out.as_ref(), p, &manifest, &summary)?,
+        Scope::Partition(p) => match &finality.done {
+            Some((marker, _)) if marker.still_describes(&manifest, &summary) => eprintln!(
+                "partition {p} was done and its inputs are unchanged: its done marker stands"
+            ),
+            _ => {
+                finality.changed()?;
+                crate::partition::mark_done(out.as_ref(), p, &manifest, &summary)?
+            }
+        },
     }
     Ok(summary)
 }
@@ -730,6 +789,7 @@ fn consume(
     writer: &mut ShardWriter,
     rx: Receiver<Message>,
     progress: &mut Progress,
+    finality: &mut Finality,
 ) -> Result<Duration> {
     let mut busy = Duration::ZERO;
     // Batches from several sessions can arrive out of order; they are written in order.
@@ -740,6 +800,7 @@ fn consume(
         let t = Instant::now();
         match message {
             Message::Encoded(seq, batch) => {
+                finality.changed()?;
                 waiting.insert(seq, batch);
                 while let Some(batch) = waiting.remove(&next) {
                     writer.write(batch)?;
