@@ -68,7 +68,9 @@ pub fn verify(root: &Path) -> Result<Verdict> {
     let mut v = Verdict::default();
     if out.read(SUCCESS)?.is_none() {
         v.problems.push(if out.read(PLAN)?.is_some() {
-            unfinalized(root)?
+            unfinalized(root).unwrap_or_else(|e| {
+                format!("{SUCCESS} is missing: this many-worker run is not finalized ({e:#})")
+            })
         } else {
             format!(
                 "{SUCCESS} is missing: the run did not finish (rerun the same command to resume)"

@@ -267,6 +267,16 @@ def test_finalize_is_idempotent_and_survives_kill_9(binary, cards, shared, tmp_p
         verdict = vp(binary, "verify", ref)
         assert verdict.returncode == 0, verdict.stdout + verdict.stderr
 
+    # Two at once: one takes the set's lock, the other is refused; the files are the same.
+    out = tmp_path / "concurrent"
+    shutil.copytree(base, out)
+    both = [subprocess.Popen([str(binary), "finalize", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    results = [(w.wait(timeout=60), w.stderr.read()) for w in both]
+    assert any(rc == 0 for rc, _ in results), results
+    assert all(rc == 0 or "being written by another vae-pipeline run" in err for rc, err in results), results
+    assert side_files(out) == want
+
     def finalized_again(out: Path) -> None:
         rerun = vp(binary, "finalize", out)
         assert rerun.returncode == 0, rerun.stderr
