@@ -484,7 +484,7 @@ pub fn status(root: &Path, max_array_size: usize) -> Result<Status> {
             root.display()
         )
     })?;
-    let markers = done_markers(out)?;
+    let markers = done_markers(out, &out.list()?)?;
     let running: HashSet<usize> = (0..plan.partitions)
         .filter(|p| !markers.contains_key(p))
         .filter(|&p| out.is_locked(&Scope::Partition(p).lock()).unwrap_or(false))
@@ -560,10 +560,10 @@ impl Status {
     }
 }
 
-/// The done markers, by partition.
-fn done_markers(out: &dyn ShardStore) -> Result<BTreeMap<usize, DoneMarker>> {
+/// The done markers among `names` (a listing of the set), by partition.
+fn done_markers(out: &dyn ShardStore, names: &[String]) -> Result<BTreeMap<usize, DoneMarker>> {
     let mut markers = BTreeMap::new();
-    for name in out.list()? {
+    for name in names {
         let Some(file) = name.strip_prefix(&format!("{PARTITIONS}/")) else {
             continue;
         };
@@ -571,9 +571,9 @@ fn done_markers(out: &dyn ShardStore) -> Result<BTreeMap<usize, DoneMarker>> {
             continue;
         };
         if let Ok(p) = number.parse::<usize>() {
-            let bytes = out.read(&name)?.unwrap_or_default();
+            let bytes = out.read(name)?.unwrap_or_default();
             let marker: DoneMarker = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a done marker", out.name(&name)))?;
+                .with_context(|| format!("{} is not a done marker", out.name(name)))?;
             markers.insert(p, marker);
         }
     }
@@ -615,7 +615,8 @@ pub fn finalize(root: &Path) -> Result<Finalized> {
             root.display()
         )
     })?;
-    let mut markers = done_markers(out)?;
+    let names = out.list()?;
+    let mut markers = done_markers(out, &names)?;
     let missing: Vec<usize> = (0..plan.partitions)
         .filter(|p| !markers.contains_key(p))
         .collect();
@@ -629,8 +630,13 @@ pub fn finalize(root: &Path) -> Result<Finalized> {
             root.display()
         );
     }
+    // Only a lock in the listing can be held (a lease is deleted on release): one request per
+    // listed lock, not per partition.
+    let locks: HashSet<&String> = names.iter().filter(|n| n.ends_with(".lock")).collect();
     let running: Vec<usize> = (0..plan.partitions)
-        .filter(|&p| out.is_locked(&Scope::Partition(p).lock()).unwrap_or(false))
+        .map(|p| (p, Scope::Partition(p).lock()))
+        .filter(|(_, lock)| locks.contains(lock) && out.is_locked(lock).unwrap_or(false))
+        .map(|(p, _)| p)
         .collect();
     if !running.is_empty() {
         bail!(

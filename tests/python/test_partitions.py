@@ -370,6 +370,14 @@ def test_a_done_partition_is_checked_and_resumes_per_row(binary, cards, shared, 
     assert (out / "_partitions" / "p00000.json").read_bytes() == marker
     assert (out / "_SUCCESS").read_bytes() == success
 
+    # While a worker holds partition 0 (as a rerun of it would), finalize waits for it.
+    import fcntl
+
+    with open(out / "_partitions" / "p00000.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = vp(binary, "finalize", out)
+    assert busy.returncode != 0 and "partition(s) 0 are being written by a worker now" in busy.stderr, busy.stderr
+
     # Another card, or other inputs, on the done partition: refused, naming what differs.
     other_card = worker(0, model="taef2")
     assert other_card.returncode != 0, other_card.stderr
