@@ -429,24 +429,27 @@ def test_no_units_no_plan_and_no_rows_no_success(binary, cards, tmp_path):
     assert not (out / "_SUCCESS").exists()
 
 
-def test_launchers_take_input_and_out_from_the_preset(binary, cards, tmp_path):
+def test_launchers_take_input_and_out_from_the_preset(binary, cards, shared, tmp_path):
     import importlib.util
 
-
+    kodak = require(shared / "data" / "kodak", "Kodak photos")
+    (tmp_path / "photos").mkdir()
+    for name in ("kodim01.png", "kodim02.png", "kodim03.png"):
+        shutil.copy(kodak / name, tmp_path / "photos" / name)
     preset = tmp_path / "preset.toml"
-    preset.write_text(f'model = "{cards["avgpool8"]}"\ninput = "photos"\nout = "latents"\n')
-    # The sbatch script, run as an array task would run it: without INPUT and OUT it passes neither.
-    log = tmp_path / "calls"
-    fake = tmp_path / "fake-bin"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
-    fake.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("INPUT", "OUT", "OFFSET")}
-    task = subprocess.run(["bash", str(REPO / "pipelines" / "slurm" / "precompute.sbatch")], capture_output=True,
-                          text=True, env={**env, "BIN": str(fake), "PIPELINE": str(preset), "PARTITIONS": "2",
-                                          "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "7", "SLURM_JOB_ID": "8"})
-    assert task.returncode == 0, task.stdout + task.stderr
-    assert log.read_text().split() == ["precompute", "--pipeline", str(preset), "--partitions", "2",
-                                       "--partition-offset", "0"]
+    preset.write_text(f'model = "{cards["avgpool8"]}"\nsize = 64\nthreads = 1\ninput = "photos"\nout = "latents"\n')
+    # The Slurm scripts, run as an array's tasks and the finalize job would run them, with neither
+    # INPUT nor OUT set: the preset's are used.
+    env = {k: v for k, v in os.environ.items() if k not in ("INPUT", "OUT", "OFFSET") and not k.startswith("SLURM_")}
+    env.update(BIN=str(binary), PIPELINE=str(preset), PARTITIONS="2", SLURM_ARRAY_JOB_ID="7", SLURM_JOB_ID="8")
+    for task in ("0", "1"):
+        worker = subprocess.run(["bash", str(REPO / "pipelines" / "slurm" / "precompute.sbatch")], capture_output=True,
+                                text=True, env={**env, "SLURM_ARRAY_TASK_ID": task}, timeout=300)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+    closing = subprocess.run(["bash", str(REPO / "pipelines" / "slurm" / "finalize.sbatch")], capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert closing.returncode == 0, closing.stdout + closing.stderr
+    assert (tmp_path / "latents" / "_SUCCESS").exists() and "ok: 3 rows" in closing.stdout, closing.stdout
     # The Ray launcher finds the run's --out in the preset, as the workers do.
     spec = importlib.util.spec_from_file_location("launch", REPO / "pipelines" / "ray" / "launch.py")
     launch = importlib.util.module_from_spec(spec)
