@@ -396,6 +396,18 @@ pub struct DroppedRow {
     pub kept: String,
 }
 
+impl DroppedRow {
+    pub fn sha256(&self) -> Result<[u8; 32]> {
+        parse_sha256(&self.source_sha256).with_context(|| {
+            format!(
+                "a done marker's dropped row {:?} has no valid source_sha256: rerun its partition \
+                 after deleting the marker",
+                self.key
+            )
+        })
+    }
+}
+
 impl DoneMarker {
     pub fn read(out: &dyn ShardStore, p: usize) -> Result<Option<Self>> {
         let Some(bytes) = out.read(&done_marker(p))? else {
@@ -407,11 +419,17 @@ impl DoneMarker {
     }
 
     /// Whether a rerun that encoded and pruned nothing left the partition as this marker
-    /// describes it: the same shards with the same rows, and the same failures.
-    pub fn still_describes(&self, manifest: &[ManifestEntry], summary: &RunSummary) -> bool {
+    /// describes it: the same shards with the same rows, the same rows dropped by `finalize`,
+    /// and the same failures.
+    pub fn still_describes(
+        &self,
+        manifest: &[ManifestEntry],
+        summary: &RunSummary,
+        dropped: &[DroppedRow],
+    ) -> bool {
         summary.encoded == 0
             && summary.pruned == 0
-            && self.dropped.is_empty()
+            && self.dropped == dropped
             && self.failures == summary.failures
             && self.shards.len() == manifest.len()
             && self
@@ -422,12 +440,14 @@ impl DoneMarker {
     }
 }
 
-/// Marks partition `p` done, last, once its shards (`manifest`) are committed.
+/// Marks partition `p` done, last, once its shards (`manifest`) are committed; `dropped` are
+/// the rows an earlier `finalize` dropped that stay dropped.
 pub fn mark_done(
     out: &dyn ShardStore,
     p: usize,
     manifest: &[ManifestEntry],
     summary: &RunSummary,
+    dropped: Vec<DroppedRow>,
 ) -> Result<()> {
     let mut keys = Vec::new();
     for entry in manifest {
@@ -453,7 +473,7 @@ pub fn mark_done(
         keys_sha256: units_sha256(&keys),
         finished: crate::lock::now_utc(),
         host: crate::lock::hostname(),
-        dropped: Vec::new(),
+        dropped,
     };
     out.write(&done_marker(p), &serde_json::to_vec_pretty(&marker)?)
 }
@@ -823,13 +843,9 @@ fn drop_duplicates(
     }
     for marker in markers.values() {
         for d in &marker.dropped {
-            let hash = parse_sha256(&d.source_sha256).with_context(|| {
-                format!(
-                    "{}: dropped row {:?} has no valid source_sha256",
-                    out.name(&done_marker(marker.partition)),
-                    d.key
-                )
-            })?;
+            let hash = d
+                .sha256()
+                .with_context(|| out.name(&done_marker(marker.partition)))?;
             let rows = by_hash.entry(hash).or_default();
             if !rows.iter().any(|r| r.shard == d.shard && r.key == d.key) {
                 rows.push(SeenRow {
@@ -849,10 +865,13 @@ fn drop_duplicates(
             .min_by(|a, b| (a.partition, &a.key).cmp(&(b.partition, &b.key)))
             .expect("a hash has a row");
         if kept.row.is_none() {
+            // Its worker would keep it dropped while its source is unchanged: the partition is
+            // no longer done, so that its rerun encodes it.
+            out.remove(&done_marker(kept.partition))?;
             bail!(
                 "{} (partition {}) was dropped by an earlier finalize as a copy of another row, \
-                 which has changed or gone since: rerun partition {} (`--partition {}`) so it is \
-                 encoded again, then finalize",
+                 which has changed or gone since: partition {} is no longer done; rerun it \
+                 (`--partition {}`) so the row is encoded, then finalize",
                 kept.key,
                 kept.partition,
                 kept.partition,

@@ -5,7 +5,7 @@
 //! SIGINT, SIGTERM and SIGUSR1 stop it gracefully: no new images, the batches in flight finish,
 //! the open shards are committed.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use crate::config::PrecomputeConfig;
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
 use crate::format::{done_marker, Scope, SUCCESS};
-use crate::partition::DoneMarker;
+use crate::partition::{DoneMarker, DroppedRow};
 use crate::plan::RunPlan;
 use crate::progress::Progress;
 use crate::resize::Prepared;
@@ -290,8 +290,13 @@ pub fn precompute_scope(plan: RunPlan, scope: Scope, stop: &AtomicBool) -> Resul
     let _lock = out.lock(&scope.lock())?;
     // Another run may have finished between the plan's look and the lock: look again.
     let state = resume::inspect_output(out.as_ref(), &plan.identity, config.overwrite, scope)?;
-    let committed = resume::open_output(out.as_ref(), &plan.identity, state, scope)?;
+    let mut committed = resume::open_output(out.as_ref(), &plan.identity, state, scope)?;
     let finality = Finality::new(out.clone(), scope)?;
+    if let Some((marker, _)) = &finality.done {
+        for row in &marker.dropped {
+            committed.add_dropped(row.key.clone(), row.sha256()?);
+        }
+    }
     record_run(config, &plan, scope)?;
     if !committed.is_empty() {
         eprintln!(
@@ -512,15 +517,32 @@ fn run(
     }
     match scope {
         Scope::Whole => write::seal(out.as_ref(), &manifest, &serde_json::to_value(&summary)?)?,
-        Scope::Partition(p) => match &finality.done {
-            Some((marker, _)) if marker.still_describes(&manifest, &summary) => eprintln!(
-                "partition {p} was done and its inputs are unchanged: its done marker stands"
-            ),
-            _ => {
-                finality.changed()?;
-                crate::partition::mark_done(out.as_ref(), p, &manifest, &summary)?
+        Scope::Partition(p) => {
+            // Rows finalize dropped whose sources are unchanged stay dropped.
+            let dropped: Vec<DroppedRow> = finality
+                .done
+                .as_ref()
+                .map(|(marker, _)| {
+                    marker
+                        .dropped
+                        .iter()
+                        .filter(|row| produced.still_dropped.contains(&row.key))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            match &finality.done {
+                Some((marker, _)) if marker.still_describes(&manifest, &summary, &dropped) => {
+                    eprintln!(
+                        "partition {p} was done and its inputs are unchanged: its done marker stands"
+                    )
+                }
+                _ => {
+                    finality.changed()?;
+                    crate::partition::mark_done(out.as_ref(), p, &manifest, &summary, dropped)?
+                }
             }
-        },
+        }
     }
     Ok(summary)
 }
@@ -533,6 +555,12 @@ enum PreparedRow {
         key: String,
         sha256: [u8; 32],
         digest: MetadataDigest,
+    },
+    /// `finalize` dropped this key's row as a copy of another partition's, and its source is
+    /// unchanged: it stays dropped.
+    Dropped {
+        key: String,
+        sha256: [u8; 32],
     },
     /// The source could not be read now, but has a committed row: the row stays.
     Unreadable(Failure),
@@ -554,6 +582,8 @@ struct Produced {
     busy: Duration,
     current: HashMap<String, Current>,
     skipped: usize,
+    /// Keys whose row `finalize` dropped and that stay dropped (`PreparedRow::Dropped`).
+    still_dropped: HashSet<String>,
     interrupted: bool,
 }
 
@@ -595,6 +625,7 @@ fn produce(
             busy: Duration::ZERO,
             current: HashMap::new(),
             skipped: 0,
+            still_dropped: HashSet::new(),
             interrupted: false,
         },
         batch_tx: &batch_tx,
@@ -666,6 +697,12 @@ fn prepare_row(
             digest,
         };
     }
+    if committed.was_dropped(&loaded.key, &loaded.bytes.sha256) {
+        return PreparedRow::Dropped {
+            key: loaded.key.clone(),
+            sha256: loaded.bytes.sha256,
+        };
+    }
     match rows.prepare(loaded, text) {
         Ok((image, meta)) => PreparedRow::Ready(image, meta, digest),
         Err(failure) => PreparedRow::Failed(failure),
@@ -723,7 +760,10 @@ impl Batching<'_> {
                 }
                 PreparedRow::Committed {
                     ref key, sha256, ..
-                } if self.dedupe => {
+                }
+                | PreparedRow::Dropped { ref key, sha256 }
+                    if self.dedupe =>
+                {
                     self.first_with.entry(sha256).or_insert_with(|| key.clone());
                     row
                 }
@@ -749,6 +789,11 @@ impl Batching<'_> {
                     self.produced
                         .current
                         .insert(key, Current::Row(sha256, digest));
+                    self.produced.skipped += 1;
+                    self.write_tx.send(Message::Skipped).is_ok()
+                }
+                PreparedRow::Dropped { key, .. } => {
+                    self.produced.still_dropped.insert(key);
                     self.produced.skipped += 1;
                     self.write_tx.send(Message::Skipped).is_ok()
                 }

@@ -34,6 +34,9 @@ struct CommittedRow {
 pub struct Committed {
     shards: Vec<String>,
     rows: HashMap<String, Vec<CommittedRow>>,
+    /// A partition's rows `finalize` dropped as copies of a row in a lower partition, by key:
+    /// the source hash each had.
+    dropped: HashMap<String, [u8; 32]>,
 }
 
 /// What a source is now, for pruning: its bytes' hash and metadata digest, or unreadable (its
@@ -51,6 +54,17 @@ impl Committed {
             rows.iter()
                 .any(|r| &r.sha256 == sha256 && &r.digest == digest)
         })
+    }
+
+    /// Records a row `finalize` dropped from this partition (`--dedupe` across partitions).
+    pub fn add_dropped(&mut self, key: String, sha256: [u8; 32]) {
+        self.dropped.insert(key, sha256);
+    }
+
+    /// `finalize` dropped this key's row while its source had these bytes: it stays dropped
+    /// (its kept copy is another partition's), not encoded again.
+    pub fn was_dropped(&self, key: &str, sha256: &[u8; 32]) -> bool {
+        self.dropped.get(key) == Some(sha256)
     }
 
     /// Some committed row has this key: its current state matters for pruning.

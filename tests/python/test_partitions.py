@@ -307,6 +307,30 @@ def test_finalize_is_idempotent_and_survives_kill_9(binary, cards, shared, tmp_p
                     shard.unlink()
         finalized_again(out)
 
+    # A done partition run again keeps the rows finalize dropped while their sources are unchanged:
+    # nothing is encoded, the set stays final.
+    def worker(p: int) -> subprocess.CompletedProcess:
+        return vp(binary, *flags(binary, cards, photos, ref, "--dedupe", "--partitions", 3, "--partition", p,
+                                 model="avgpool8")[1:])
+
+    again = worker(2)
+    assert again.returncode == 0 and "its done marker stands" in again.stderr, again.stderr
+    assert side_files(ref) == want
+    # The kept copy changes: the dropped one must be encoded after all. finalize says so and marks
+    # its partition not done; its rerun encodes it; the set then equals one process's.
+    shutil.copy(shared / "data" / "kodak" / "kodim20.png", photos / "kodim01.png")
+    assert worker(0).returncode == 0
+    refused = vp(binary, "finalize", ref)
+    assert refused.returncode != 0 and "partition 2 is no longer done" in refused.stderr, refused.stderr
+    assert status(binary, ref)["missing"] == [2]
+    assert worker(2).returncode == 0
+    assert vp(binary, "finalize", ref).returncode == 0
+    verdict = vp(binary, "verify", ref)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    single = tmp_path / "single"
+    run_precompute(binary, flags(binary, cards, photos, single, "--dedupe", model="avgpool8")[2:])
+    assert_same_rows(rows(sorted(ref.rglob("part-*.parquet"))), rows(sorted(single.rglob("part-*.parquet"))))
+
 
 def test_finalize_on_object_storage_is_idempotent(binary, cards, shared, tmp_path):
     import boto3
