@@ -357,10 +357,10 @@ fn run() -> Result<()> {
                 done.partitions,
                 done.rows,
                 done.shards,
-                if done.duplicates > 0 {
+                if done.cross_partition_duplicates > 0 {
                     format!(
                         ", {} cross-partition duplicates dropped (--dedupe)",
-                        done.duplicates
+                        done.cross_partition_duplicates
                     )
                 } else {
                     String::new()

@@ -11,7 +11,7 @@
 //! Partition p holds units `[p·U/N, (p+1)·U/N)` of the unit list, which is in the source's
 //! sorted order: contiguous, deterministic, and free of absolute paths.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::ops::Range;
@@ -46,6 +46,10 @@ pub struct PartitionPlan {
     /// sha256 of the unit names, one per line, in order.
     pub units_sha256: String,
     pub identity_hash: String,
+    /// The identity in full, so that a worker with other settings is told which differ
+    /// (absent in plans of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<RunIdentity>,
     /// The metadata columns, inferred over every unit, so every partition's shards have them.
     pub sidecars: SidecarSchema,
     /// Who created the plan and when (not compared).
@@ -82,7 +86,13 @@ impl PartitionPlan {
     }
 
     /// Refuses a worker whose view of the run differs from the plan, saying what differs.
-    fn check(&self, partitions: usize, units: &[String], identity: &RunIdentity) -> Result<()> {
+    pub fn check(
+        &self,
+        out: &dyn ShardStore,
+        partitions: usize,
+        units: &[String],
+        identity: &RunIdentity,
+    ) -> Result<()> {
         if self.partitions != partitions {
             bail!(
                 "--partitions {partitions}, but the plan in this --out has {}: every worker of a run \
@@ -91,11 +101,33 @@ impl PartitionPlan {
             );
         }
         if self.identity_hash != identity.hash() {
+            // Plans of earlier versions hold only the hash: the first worker's `_config.toml`
+            // holds the identity in full.
+            let theirs = match &self.identity {
+                Some(theirs) => Some(theirs.clone()),
+                None => crate::resume::ConfigFile::read(out)
+                    .ok()
+                    .flatten()
+                    .filter(|c| c.identity_hash == self.identity_hash)
+                    .map(|c| c.identity),
+            };
+            let differences = theirs
+                .map(|theirs| identity.differences(&theirs))
+                .unwrap_or_default();
             bail!(
-                "the settings differ from the plan's (identity {} there, {} here): every worker of a \
-                 run uses the same preset and flags",
-                self.identity_hash,
-                identity.hash()
+                "the settings differ from the plan's in --out {}:\n  {}\nevery worker of a run uses \
+                 the preset and flags the plan was made with; to encode with these settings, use a \
+                 new --out",
+                out.describe(),
+                if differences.is_empty() {
+                    format!(
+                        "identity_hash {} there, {} now",
+                        self.identity_hash,
+                        identity.hash()
+                    )
+                } else {
+                    differences.join("\n  ")
+                }
             );
         }
         if self.units != units.len() || self.units_sha256 != units_sha256(units) {
@@ -109,19 +141,28 @@ impl PartitionPlan {
         Ok(())
     }
 
-    /// The run's plan: read and checked against this worker's view, or made from it (with the
-    /// metadata schema of every unit) and created only if absent, so of many workers starting at
-    /// once one creates it and the others check theirs against it.
+    /// The run's plan: read and checked against this worker's view (`units`, the source's), or
+    /// made from it (with the metadata schema of every unit) and created only if absent, so of
+    /// many workers starting at once one creates it and the others check theirs against it. A
+    /// plan of no units is refused.
     pub fn ensure(
         out: &dyn ShardStore,
         partitions: usize,
         identity: &RunIdentity,
         source: &dyn Source,
+        input: &Path,
+        units: Vec<String>,
     ) -> Result<Self> {
-        let units = source.units();
         if let Some(plan) = Self::read(out)? {
-            plan.check(partitions, &units, identity)?;
+            plan.check(out, partitions, &units, identity)?;
             return Ok(plan);
+        }
+        if units.is_empty() {
+            bail!(
+                "--input {} holds no images (jpg, png, webp, gif, bmp or tiff files, searched \
+                 recursively, or tar or Parquet files): nothing to split into partitions",
+                input.display()
+            );
         }
         if format::shard_files(out)?
             .iter()
@@ -144,6 +185,7 @@ impl PartitionPlan {
             units: units.len(),
             units_sha256: units_sha256(&units),
             identity_hash: identity.hash(),
+            identity: Some(identity.clone()),
             sidecars,
             created: format!(
                 "{} by pid {} on {}",
@@ -157,7 +199,7 @@ impl PartitionPlan {
         if let Err(e) = file.commit() {
             // Another worker created it first: theirs is the plan.
             let theirs = Self::read(out)?.ok_or(e)?;
-            theirs.check(partitions, &units, identity)?;
+            theirs.check(out, partitions, &units, identity)?;
             return Ok(theirs);
         }
         Ok(plan)
@@ -269,9 +311,11 @@ pub fn assigned(
     Ok(mine)
 }
 
-/// Runs this worker's partitions, one after another; a partition already done is skipped. A
-/// partition that fails (or whose lock another worker holds) does not stop the others, but the
-/// worker then exits non-zero naming it.
+/// Runs this worker's partitions, one after another. Each is checked against the plan first and
+/// resumes per row, a done one too: changed inputs are encoded again (and the set is no longer
+/// final until `finalize` runs again); a done one whose inputs are unchanged is left as it is.
+/// A partition that fails (or whose lock another worker holds) does not stop the others, but
+/// the worker then exits non-zero naming it.
 pub fn work(config: &PrecomputeConfig) -> Result<RunSummary> {
     if config.overwrite {
         bail!(
@@ -286,17 +330,12 @@ pub fn work(config: &PrecomputeConfig) -> Result<RunSummary> {
     }
     let mine = assigned(config, &|name| std::env::var(name).ok())?;
     let stop = crate::pipeline::stop_flag()?;
-    let out = crate::store::open(&config.out)?;
     let mut total = RunSummary::default();
     let mut failed = Vec::new();
     let mut last_error = None;
     for &p in &mine {
         if stop.load(Ordering::Relaxed) {
             failed.push(p);
-            continue;
-        }
-        if out.read(&done_marker(p))?.is_some() {
-            eprintln!("partition {p} is done: nothing to do");
             continue;
         }
         let run = crate::plan::plan(config, Scope::Partition(p))
@@ -339,14 +378,76 @@ pub struct DoneMarker {
     pub keys_sha256: String,
     pub finished: String,
     pub host: String,
+    /// Rows `finalize` dropped from the partition's shards as copies of a row in a lower
+    /// partition (`--dedupe`); `shards` and `rows` count what is left. Kept so that finalize
+    /// reaches the same result however often it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<DroppedRow>,
 }
 
-/// Marks partition `p` done, last, once its shards (`manifest`) are committed.
+/// A row `finalize` dropped as a cross-partition duplicate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DroppedRow {
+    pub shard: String,
+    pub key: String,
+    /// Hex, as the source's bytes were when the row was dropped.
+    pub source_sha256: String,
+    /// The key of the copy kept, in a lower partition.
+    pub kept: String,
+}
+
+impl DroppedRow {
+    pub fn sha256(&self) -> Result<[u8; 32]> {
+        parse_sha256(&self.source_sha256).with_context(|| {
+            format!(
+                "a done marker's dropped row {:?} has no valid source_sha256: rerun its partition \
+                 after deleting the marker",
+                self.key
+            )
+        })
+    }
+}
+
+impl DoneMarker {
+    pub fn read(out: &dyn ShardStore, p: usize) -> Result<Option<Self>> {
+        let Some(bytes) = out.read(&done_marker(p))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is not a done marker", out.name(&done_marker(p))))
+    }
+
+    /// Whether a rerun that encoded and pruned nothing left the partition as this marker
+    /// describes it: the same shards with the same rows, the same rows dropped by `finalize`,
+    /// and the same failures.
+    pub fn still_describes(
+        &self,
+        manifest: &[ManifestEntry],
+        summary: &RunSummary,
+        dropped: &[DroppedRow],
+    ) -> bool {
+        summary.encoded == 0
+            && summary.pruned == 0
+            && self.dropped == dropped
+            && self.failures == summary.failures
+            && self.shards.len() == manifest.len()
+            && self
+                .shards
+                .iter()
+                .zip(manifest)
+                .all(|(a, b)| a.path == b.path && a.rows == b.rows)
+    }
+}
+
+/// Marks partition `p` done, last, once its shards (`manifest`) are committed; `dropped` are
+/// the rows an earlier `finalize` dropped that stay dropped.
 pub fn mark_done(
     out: &dyn ShardStore,
     p: usize,
     manifest: &[ManifestEntry],
     summary: &RunSummary,
+    dropped: Vec<DroppedRow>,
 ) -> Result<()> {
     let mut keys = Vec::new();
     for entry in manifest {
@@ -372,6 +473,7 @@ pub fn mark_done(
         keys_sha256: units_sha256(&keys),
         finished: crate::lock::now_utc(),
         host: crate::lock::hostname(),
+        dropped,
     };
     out.write(&done_marker(p), &serde_json::to_vec_pretty(&marker)?)
 }
@@ -402,7 +504,7 @@ pub fn status(root: &Path, max_array_size: usize) -> Result<Status> {
             root.display()
         )
     })?;
-    let markers = done_markers(out)?;
+    let markers = done_markers(out, &out.list()?)?;
     let running: HashSet<usize> = (0..plan.partitions)
         .filter(|p| !markers.contains_key(p))
         .filter(|&p| out.is_locked(&Scope::Partition(p).lock()).unwrap_or(false))
@@ -425,7 +527,7 @@ pub fn status(root: &Path, max_array_size: usize) -> Result<Status> {
 }
 
 /// `sbatch` lines for `missing`, one per window of `max_array_size` indices (OFFSET shifts a
-/// window's array indices to its partitions).
+/// window's array indices to its partitions; every line sets it).
 pub fn resubmit_lines(missing: &[usize], max_array_size: usize) -> Vec<String> {
     let window = max_array_size.max(1);
     let mut by_window: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -435,13 +537,11 @@ pub fn resubmit_lines(missing: &[usize], max_array_size: usize) -> Vec<String> {
     by_window
         .into_iter()
         .map(|(w, indices)| {
-            let offset = if w == 0 {
-                String::new()
-            } else {
-                format!("OFFSET={} ", w * window)
-            };
+            // OFFSET=0 too: sbatch hands on the caller's environment, where an OFFSET exported
+            // for another window would shift these indices.
             format!(
-                "{offset}sbatch --array={} pipelines/slurm/precompute.sbatch",
+                "OFFSET={} sbatch --array={} pipelines/slurm/precompute.sbatch",
+                w * window,
                 compact(&indices)
             )
         })
@@ -480,10 +580,10 @@ impl Status {
     }
 }
 
-/// The done markers, by partition.
-fn done_markers(out: &dyn ShardStore) -> Result<BTreeMap<usize, DoneMarker>> {
+/// The done markers among `names` (a listing of the set), by partition.
+fn done_markers(out: &dyn ShardStore, names: &[String]) -> Result<BTreeMap<usize, DoneMarker>> {
     let mut markers = BTreeMap::new();
-    for name in out.list()? {
+    for name in names {
         let Some(file) = name.strip_prefix(&format!("{PARTITIONS}/")) else {
             continue;
         };
@@ -491,9 +591,9 @@ fn done_markers(out: &dyn ShardStore) -> Result<BTreeMap<usize, DoneMarker>> {
             continue;
         };
         if let Ok(p) = number.parse::<usize>() {
-            let bytes = out.read(&name)?.unwrap_or_default();
+            let bytes = out.read(name)?.unwrap_or_default();
             let marker: DoneMarker = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a done marker", out.name(&name)))?;
+                .with_context(|| format!("{} is not a done marker", out.name(name)))?;
             markers.insert(p, marker);
         }
     }
@@ -507,15 +607,24 @@ pub struct Finalized {
     pub rows: i64,
     pub shards: usize,
     pub failures: BTreeMap<String, usize>,
-    /// Rows dropped as cross-partition duplicates (`--dedupe`).
+    /// Inputs left out as copies of another (`--dedupe`), within a partition or across
+    /// partitions: `failures.duplicate`.
     pub duplicates: usize,
+    /// Of those, the rows `finalize` dropped as copies of a row in a lower partition.
+    pub cross_partition_duplicates: usize,
     pub identity_hash: String,
 }
 
 /// Completes a run whose partitions are all done: cross-partition duplicates under `--dedupe`
 /// are dropped (the copy in the lowest partition is kept, as one process keeps the first in
 /// listing order), the partitions' errors become `_errors.jsonl`, then `_manifest.jsonl` and
-/// `_SUCCESS` are written. Refuses while a partition is missing; running it again is harmless.
+/// `_SUCCESS` are written. Refuses while a partition is missing or being written, and when the
+/// run has no rows.
+///
+/// Every side file is a function of what finalize never changes: the partitions' error files and
+/// the rows of their shards together with the rows earlier finalizes dropped, which each
+/// partition's done marker lists (`dropped`, written before the shards are rewritten). So
+/// running it again, or after it was killed at any point, writes the same bytes.
 pub fn finalize(root: &Path) -> Result<Finalized> {
     let store = crate::store::open(root)?;
     let out = store.as_ref();
@@ -526,7 +635,8 @@ pub fn finalize(root: &Path) -> Result<Finalized> {
             root.display()
         )
     })?;
-    let markers = done_markers(out)?;
+    let names = out.list()?;
+    let mut markers = done_markers(out, &names)?;
     let missing: Vec<usize> = (0..plan.partitions)
         .filter(|p| !markers.contains_key(p))
         .collect();
@@ -540,100 +650,169 @@ pub fn finalize(root: &Path) -> Result<Finalized> {
             root.display()
         );
     }
+    // Only a lock in the listing can be held (a lease is deleted on release): one request per
+    // listed lock, not per partition.
+    let locks: HashSet<&String> = names.iter().filter(|n| n.ends_with(".lock")).collect();
+    let running: Vec<usize> = (0..plan.partitions)
+        .map(|p| (p, Scope::Partition(p).lock()))
+        .filter(|(_, lock)| locks.contains(lock) && out.is_locked(lock).unwrap_or(false))
+        .map(|(p, _)| p)
+        .collect();
+    if !running.is_empty() {
+        bail!(
+            "partition(s) {} are being written by a worker now (a rerun of a done partition): \
+             wait for it to end, then finalize",
+            compact(&running)
+        );
+    }
     if let Some(root) = out.local_root() {
         // Every partition is done: what temporaries remain are killed writers' side files.
         crate::store::LocalStore::new(root).remove_temporaries(Scope::Whole)?;
     }
     let config = crate::resume::ConfigFile::read(out)?
         .with_context(|| format!("{} has no {}", root.display(), format::CONFIG))?;
+    check_shards(out, &markers)?;
     let mut errors = Vec::new();
     for p in 0..plan.partitions {
         errors.extend(out.read(&Scope::Partition(p).errors())?.unwrap_or_default());
     }
-    let duplicates = if config.identity.dedupe {
-        drop_duplicates(out, &mut errors)?
+    let cross = if config.identity.dedupe {
+        drop_duplicates(out, &mut markers)?
     } else {
         0
     };
+    for marker in markers.values() {
+        for row in &marker.dropped {
+            let line = Failure::new(
+                row.key.clone(),
+                FailureKind::Duplicate,
+                format!("same bytes as {}, encoded once (--dedupe)", row.kept),
+            );
+            serde_json::to_writer(&mut errors, &line)?;
+            errors.push(b'\n');
+        }
+    }
     out.write(ERRORS, &errors)?;
-    let manifest = if duplicates > 0 {
-        // Rewritten shards changed their row counts: read the footers.
-        crate::write::manifest(out, |shard| {
-            (0..plan.partitions).any(|p| Scope::Partition(p).owns(shard))
-        })?
-    } else {
-        manifest_of(out, &markers)?
-    };
+    let manifest = manifest_of(out, &markers)?;
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for marker in markers.values() {
         for (kind, n) in &marker.failures {
             *failures.entry(kind.clone()).or_default() += n;
         }
     }
-    if duplicates > 0 {
+    if cross > 0 {
         *failures
             .entry(FailureKind::Duplicate.as_str().to_string())
-            .or_default() += duplicates;
+            .or_default() += cross;
     }
     let done = Finalized {
         partitions: plan.partitions,
         rows: manifest.iter().map(|e| e.rows).sum(),
         shards: manifest.len(),
+        duplicates: failures
+            .get(FailureKind::Duplicate.as_str())
+            .copied()
+            .unwrap_or(0),
+        cross_partition_duplicates: cross,
         failures,
-        duplicates,
         identity_hash: plan.identity_hash.clone(),
     };
+    if done.rows == 0 {
+        bail!(
+            "no rows: none of the {} units' inputs could be encoded, so no {} is written (see {})",
+            plan.units,
+            format::SUCCESS,
+            out.name(ERRORS)
+        );
+    }
     crate::write::seal(out, &manifest, &serde_json::to_value(&done)?)?;
     Ok(done)
 }
 
-/// The shards the done markers list, checked against one listing of the set: a shard a marker
-/// names must exist, and a partition's shard no marker names is refused (a worker wrote after
-/// its marker).
-fn manifest_of(
-    out: &dyn ShardStore,
-    markers: &BTreeMap<usize, DoneMarker>,
-) -> Result<Vec<ManifestEntry>> {
+/// Before anything is changed: every shard a done marker names exists, and every partition's
+/// shard is named by its marker, or by its `dropped` rows (a finalize killed before it removed
+/// a shard it emptied).
+fn check_shards(out: &dyn ShardStore, markers: &BTreeMap<usize, DoneMarker>) -> Result<()> {
     let present: HashSet<String> = format::shard_files(out)?.into_iter().collect();
-    let mut manifest: Vec<ManifestEntry> = markers
+    let named: HashSet<&str> = markers
         .values()
-        .flat_map(|m| m.shards.iter().cloned())
+        .flat_map(|m| {
+            m.shards
+                .iter()
+                .map(|e| e.path.as_str())
+                .chain(m.dropped.iter().map(|d| d.shard.as_str()))
+        })
         .collect();
-    manifest.sort_by(|a, b| a.path.cmp(&b.path));
-    let listed: HashSet<&str> = manifest.iter().map(|e| e.path.as_str()).collect();
-    if let Some(gone) = manifest.iter().find(|e| !present.contains(&e.path)) {
-        bail!(
-            "{} is listed in its partition's done marker but missing: rerun that partition (delete \
-             its marker {PARTITIONS}/…json first)",
-            out.name(&gone.path)
-        );
+    for marker in markers.values() {
+        if let Some(gone) = marker.shards.iter().find(|e| !present.contains(&e.path)) {
+            bail!(
+                "{} is listed in partition {}'s done marker but missing: rerun that partition \
+                 (delete its marker {} first)",
+                out.name(&gone.path),
+                marker.partition,
+                out.name(&done_marker(marker.partition))
+            );
+        }
     }
-    if let Some(extra) = present.iter().find(|s| !listed.contains(s.as_str())) {
+    let mut extra: Vec<&String> = present
+        .iter()
+        .filter(|s| !named.contains(s.as_str()))
+        .collect();
+    extra.sort();
+    if let Some(extra) = extra.first() {
         bail!(
             "{} belongs to no done marker: a worker wrote it after its partition was marked done; \
              move it out of the set",
             out.name(extra)
         );
     }
+    Ok(())
+}
+
+/// The manifest: the shards the done markers list, with their rows.
+fn manifest_of(
+    out: &dyn ShardStore,
+    markers: &BTreeMap<usize, DoneMarker>,
+) -> Result<Vec<ManifestEntry>> {
+    let mut manifest: Vec<ManifestEntry> = markers
+        .values()
+        .flat_map(|m| m.shards.iter().cloned())
+        .collect();
+    manifest.sort_by(|a, b| a.path.cmp(&b.path));
+    if let Some(twice) = manifest.windows(2).find(|w| w[0].path == w[1].path) {
+        bail!(
+            "{} is listed by two done markers: rerun its partition",
+            out.name(&twice[0].path)
+        );
+    }
     Ok(manifest)
 }
 
+/// One row of a partition's shards, present or dropped by an earlier finalize.
+struct SeenRow {
+    partition: usize,
+    shard: String,
+    /// Its index in the shard, or None when an earlier finalize dropped it.
+    row: Option<usize>,
+    key: String,
+}
+
 /// Keeps, for each source hash, the row of the lowest partition (each partition already holds
-/// one per hash); the rest are rewritten out and listed as `duplicate` lines.
-fn drop_duplicates(out: &dyn ShardStore, errors: &mut Vec<u8>) -> Result<usize> {
-    let shards = format::shard_files(out)?;
-    let partition_of = |shard: &str| -> usize {
-        let name = shard.rsplit('/').next().unwrap_or(shard);
-        name.strip_prefix("part-p")
-            .and_then(|n| n.get(..5))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(usize::MAX)
-    };
-    // hash -> (partition, key) of the row kept.
-    let mut first: HashMap<[u8; 32], (usize, String)> = HashMap::new();
-    let mut rows: Vec<(usize, usize, String, [u8; 32])> = Vec::new();
-    for (index, shard) in shards.iter().enumerate() {
-        let builder = format::open(out, shard)?;
+/// one per hash); the others are dropped. Rows earlier finalizes dropped count as they were, so
+/// the outcome is the same however often this runs. Each partition that loses rows has its done
+/// marker rewritten first (its `dropped` rows and its shards' new row counts), then its shards.
+/// Returns how many rows are dropped in all.
+fn drop_duplicates(
+    out: &dyn ShardStore,
+    markers: &mut BTreeMap<usize, DoneMarker>,
+) -> Result<usize> {
+    let mut by_hash: BTreeMap<[u8; 32], Vec<SeenRow>> = BTreeMap::new();
+    let mut rows_in: BTreeMap<String, usize> = BTreeMap::new();
+    for shard in format::shard_files(out)? {
+        let Some(partition) = partition_of(&shard) else {
+            continue;
+        };
+        let builder = format::open(out, &shard)?;
         let mask = ProjectionMask::columns(
             builder.parquet_schema(),
             [format::KEY, format::SOURCE_SHA256],
@@ -651,42 +830,127 @@ fn drop_duplicates(out: &dyn ShardStore, errors: &mut Vec<u8>) -> Result<usize> 
                 .context("no source_sha256 column")?;
             for i in 0..batch.num_rows() {
                 let hash: [u8; 32] = hashes.value(i).try_into().expect("32-byte hash");
-                let (p, key) = (partition_of(shard), keys.value(i).to_string());
-                let kept = first.entry(hash).or_insert_with(|| (p, key.clone()));
-                if (p, &key) < (kept.0, &kept.1) {
-                    *kept = (p, key.clone());
-                }
-                rows.push((index, row, key, hash));
+                by_hash.entry(hash).or_default().push(SeenRow {
+                    partition,
+                    shard: shard.clone(),
+                    row: Some(row),
+                    key: keys.value(i).to_string(),
+                });
                 row += 1;
             }
         }
+        rows_in.insert(shard, row);
     }
-    let mut keep: Vec<HashSet<usize>> = vec![HashSet::new(); shards.len()];
-    let mut dropped = 0;
-    for (index, row, key, hash) in rows {
-        let kept = &first[&hash];
-        if kept.1 == key {
-            keep[index].insert(row);
-        } else {
-            dropped += 1;
-            let line = Failure::new(
-                key,
-                FailureKind::Duplicate,
-                format!("same bytes as {}, encoded once (--dedupe)", kept.1),
+    for marker in markers.values() {
+        for d in &marker.dropped {
+            let hash = d
+                .sha256()
+                .with_context(|| out.name(&done_marker(marker.partition)))?;
+            let rows = by_hash.entry(hash).or_default();
+            if !rows.iter().any(|r| r.shard == d.shard && r.key == d.key) {
+                rows.push(SeenRow {
+                    partition: marker.partition,
+                    shard: d.shard.clone(),
+                    row: None,
+                    key: d.key.clone(),
+                });
+            }
+        }
+    }
+    let mut dropped: BTreeMap<usize, Vec<DroppedRow>> = BTreeMap::new();
+    let mut keep: BTreeMap<&str, HashSet<usize>> = BTreeMap::new();
+    for (hash, rows) in &by_hash {
+        let kept = rows
+            .iter()
+            .min_by(|a, b| (a.partition, &a.key).cmp(&(b.partition, &b.key)))
+            .expect("a hash has a row");
+        if kept.row.is_none() {
+            // Its worker would keep it dropped while its source is unchanged: the partition is
+            // no longer done, so that its rerun encodes it.
+            out.remove(&done_marker(kept.partition))?;
+            bail!(
+                "{} (partition {}) was dropped by an earlier finalize as a copy of another row, \
+                 which has changed or gone since: partition {} is no longer done; rerun it \
+                 (`--partition {}`) so the row is encoded, then finalize",
+                kept.key,
+                kept.partition,
+                kept.partition,
+                kept.partition
             );
-            serde_json::to_writer(&mut *errors, &line)?;
-            errors.push(b'\n');
+        }
+        for r in rows {
+            if std::ptr::eq(r, kept) {
+                keep.entry(&r.shard)
+                    .or_default()
+                    .insert(r.row.expect("kept"));
+                continue;
+            }
+            dropped.entry(r.partition).or_default().push(DroppedRow {
+                shard: r.shard.clone(),
+                key: r.key.clone(),
+                source_sha256: crate::config::hex(hash),
+                kept: kept.key.clone(),
+            });
         }
     }
-    for (index, shard) in shards.iter().enumerate() {
-        let rows = format::footer(out, shard)?.rows;
-        if keep[index].len() < rows {
-            crate::resume::rewrite_keeping(out, shard, &keep[index])?;
+    let mut count = 0;
+    for (p, marker) in markers.iter_mut() {
+        let mut rows = dropped.remove(p).unwrap_or_default();
+        rows.sort_by(|a, b| (&a.shard, &a.key).cmp(&(&b.shard, &b.key)));
+        count += rows.len();
+        if rows.is_empty() && marker.dropped.is_empty() {
+            continue;
+        }
+        let shards: Vec<ManifestEntry> = rows_in
+            .iter()
+            .filter(|(shard, _)| partition_of(shard) == Some(*p))
+            .filter_map(|(shard, _)| {
+                let kept = keep.get(shard.as_str()).map_or(0, HashSet::len);
+                (kept > 0).then(|| ManifestEntry {
+                    path: shard.clone(),
+                    rows: kept as i64,
+                })
+            })
+            .collect();
+        let same_shards = shards.len() == marker.shards.len()
+            && shards
+                .iter()
+                .zip(&marker.shards)
+                .all(|(a, b)| a.path == b.path && a.rows == b.rows);
+        if rows != marker.dropped || !same_shards {
+            marker.rows = shards.iter().map(|e| e.rows).sum();
+            marker.shards = shards;
+            marker.dropped = rows;
+            out.write(&done_marker(*p), &serde_json::to_vec_pretty(&*marker)?)?;
         }
     }
-    Ok(dropped)
+    for (shard, rows) in &rows_in {
+        let kept = keep.remove(shard.as_str()).unwrap_or_default();
+        if kept.len() < *rows {
+            crate::resume::rewrite_keeping(out, shard, &kept)?;
+        }
+    }
+    Ok(count)
 }
 
+/// The partition that wrote `shard` (`part-pPPPPP-….parquet`).
+fn partition_of(shard: &str) -> Option<usize> {
+    let name = shard.rsplit('/').next().unwrap_or(shard);
+    name.strip_prefix("part-p")
+        .and_then(|n| n.get(..5))
+        .and_then(|n| n.parse().ok())
+}
+
+fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(hash)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -750,7 +1014,7 @@ mod tests {
         assert_eq!(
             resubmit_lines(&[3, 7, 1000, 1001, 1002, 2500], 1001),
             [
-                "sbatch --array=3,7,1000 pipelines/slurm/precompute.sbatch",
+                "OFFSET=0 sbatch --array=3,7,1000 pipelines/slurm/precompute.sbatch",
                 "OFFSET=1001 sbatch --array=0,1 pipelines/slurm/precompute.sbatch",
                 "OFFSET=2002 sbatch --array=498 pipelines/slurm/precompute.sbatch",
             ]

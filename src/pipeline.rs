@@ -5,7 +5,7 @@
 //! SIGINT, SIGTERM and SIGUSR1 stop it gracefully: no new images, the batches in flight finish,
 //! the open shards are committed.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,13 +19,15 @@ use crate::batch::{Batch, Batcher};
 use crate::config::PrecomputeConfig;
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
-use crate::format::Scope;
+use crate::format::{done_marker, Scope, SUCCESS};
+use crate::partition::{DoneMarker, DroppedRow};
 use crate::plan::RunPlan;
 use crate::progress::Progress;
 use crate::resize::Prepared;
 use crate::resume::{self, Committed, Current};
 use crate::rows::{MetadataDigest, RowMaker};
 use crate::source::{SampleRef, Source};
+use crate::store::ShardStore;
 use crate::write::{self, ShardWriter};
 
 pub use crate::plan::thread_split;
@@ -287,8 +289,14 @@ pub fn precompute_scope(plan: RunPlan, scope: Scope, stop: &AtomicBool) -> Resul
     let out = plan.out.clone();
     let _lock = out.lock(&scope.lock())?;
     // Another run may have finished between the plan's look and the lock: look again.
-    let state = resume::inspect_output(out.as_ref(), &plan.identity, config.overwrite)?;
-    let committed = resume::open_output(out.as_ref(), &plan.identity, state, scope)?;
+    let state = resume::inspect_output(out.as_ref(), &plan.identity, config.overwrite, scope)?;
+    let mut committed = resume::open_output(out.as_ref(), &plan.identity, state, scope)?;
+    let finality = Finality::new(out.clone(), scope)?;
+    if let Some((marker, _)) = &finality.done {
+        for row in &marker.dropped {
+            committed.add_dropped(row.key.clone(), row.sha256()?);
+        }
+    }
     record_run(config, &plan, scope)?;
     if !committed.is_empty() {
         eprintln!(
@@ -297,7 +305,47 @@ pub fn precompute_scope(plan: RunPlan, scope: Scope, stop: &AtomicBool) -> Resul
             committed.len()
         );
     }
-    run(plan, scope, &committed, stop)
+    run(plan, scope, &committed, stop, finality)
+}
+
+/// Whether the set's `_SUCCESS` still describes it while one scope is written. A whole run
+/// removes it before it starts (`resume::open_output`), a partition that is not done too. A
+/// rerun of a done partition removes it, and the partition's done marker, only once the
+/// partition changes (a row encoded or pruned, other failures): a worker requeued on a finished
+/// partition whose inputs are unchanged leaves a finalized set final.
+struct Finality {
+    out: Arc<dyn ShardStore>,
+    scope: Scope,
+    /// The partition's done marker and error lines as this rerun found them; None once it
+    /// changed the partition (or when it was not done).
+    done: Option<(DoneMarker, Option<Vec<u8>>)>,
+}
+
+impl Finality {
+    fn new(out: Arc<dyn ShardStore>, scope: Scope) -> Result<Self> {
+        let done = match scope {
+            Scope::Whole => None,
+            Scope::Partition(p) => match DoneMarker::read(out.as_ref(), p)? {
+                Some(marker) => Some((marker, out.read(&scope.errors())?)),
+                None => {
+                    out.remove(SUCCESS)?;
+                    None
+                }
+            },
+        };
+        Ok(Finality { out, scope, done })
+    }
+
+    /// The scope is about to change: the set is no longer final, the partition no longer done.
+    fn changed(&mut self) -> Result<()> {
+        if self.done.take().is_some() {
+            self.out.remove(SUCCESS)?;
+            if let Scope::Partition(p) = self.scope {
+                self.out.remove(&done_marker(p))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn run(
@@ -305,6 +353,7 @@ fn run(
     scope: Scope,
     committed: &Committed,
     stop: &AtomicBool,
+    mut finality: Finality,
 ) -> Result<RunSummary> {
     let RunPlan {
         config,
@@ -375,7 +424,7 @@ fn run(
             })
             .collect();
         drop((batch_rx, write_tx));
-        let write_busy = consume(&mut writer, write_rx, &mut progress);
+        let write_busy = consume(&mut writer, write_rx, &mut progress, &mut finality);
         let encode_busy = encoding
             .into_iter()
             .map(|e| e.join().expect("encoder thread panicked"))
@@ -396,11 +445,18 @@ fn run(
 
     let t = Instant::now();
     let totals = writer.close()?;
+    if let Some((_, errors)) = &finality.done {
+        if out.read(&scope.errors())? != *errors {
+            finality.changed()?;
+        }
+    }
     // Pruning needs every input seen: an interrupted run leaves it to the rerun.
     let pruned = if produced.interrupted {
         0
     } else {
-        resume::prune(out.as_ref(), committed, &produced.current)?
+        resume::prune(out.as_ref(), committed, &produced.current, || {
+            finality.changed()
+        })?
     };
     let manifest = write::manifest(out.as_ref(), |shard| scope.owns(shard))?;
     let mut summary = RunSummary {
@@ -471,7 +527,32 @@ fn run(
     }
     match scope {
         Scope::Whole => write::seal(out.as_ref(), &manifest, &serde_json::to_value(&summary)?)?,
-        Scope::Partition(p) => crate::partition::mark_done(out.as_ref(), p, &manifest, &summary)?,
+        Scope::Partition(p) => {
+            // Rows finalize dropped whose sources are unchanged stay dropped.
+            let dropped: Vec<DroppedRow> = finality
+                .done
+                .as_ref()
+                .map(|(marker, _)| {
+                    marker
+                        .dropped
+                        .iter()
+                        .filter(|row| produced.still_dropped.contains(&row.key))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            match &finality.done {
+                Some((marker, _)) if marker.still_describes(&manifest, &summary, &dropped) => {
+                    eprintln!(
+                        "partition {p} was done and its inputs are unchanged: its done marker stands"
+                    )
+                }
+                _ => {
+                    finality.changed()?;
+                    crate::partition::mark_done(out.as_ref(), p, &manifest, &summary, dropped)?
+                }
+            }
+        }
     }
     Ok(summary)
 }
@@ -484,6 +565,12 @@ enum PreparedRow {
         key: String,
         sha256: [u8; 32],
         digest: MetadataDigest,
+    },
+    /// `finalize` dropped this key's row as a copy of another partition's, and its source is
+    /// unchanged: it stays dropped.
+    Dropped {
+        key: String,
+        sha256: [u8; 32],
     },
     /// The source could not be read now, but has a committed row: the row stays.
     Unreadable(Failure),
@@ -505,6 +592,8 @@ struct Produced {
     busy: Duration,
     current: HashMap<String, Current>,
     skipped: usize,
+    /// Keys whose row `finalize` dropped and that stay dropped (`PreparedRow::Dropped`).
+    still_dropped: HashSet<String>,
     interrupted: bool,
 }
 
@@ -546,6 +635,7 @@ fn produce(
             busy: Duration::ZERO,
             current: HashMap::new(),
             skipped: 0,
+            still_dropped: HashSet::new(),
             interrupted: false,
         },
         batch_tx: &batch_tx,
@@ -617,6 +707,12 @@ fn prepare_row(
             digest,
         };
     }
+    if committed.was_dropped(&loaded.key, &loaded.bytes.sha256) {
+        return PreparedRow::Dropped {
+            key: loaded.key.clone(),
+            sha256: loaded.bytes.sha256,
+        };
+    }
     match rows.prepare(loaded, text) {
         Ok((image, meta)) => PreparedRow::Ready(image, meta, digest),
         Err(failure) => PreparedRow::Failed(failure),
@@ -674,7 +770,10 @@ impl Batching<'_> {
                 }
                 PreparedRow::Committed {
                     ref key, sha256, ..
-                } if self.dedupe => {
+                }
+                | PreparedRow::Dropped { ref key, sha256 }
+                    if self.dedupe =>
+                {
                     self.first_with.entry(sha256).or_insert_with(|| key.clone());
                     row
                 }
@@ -700,6 +799,11 @@ impl Batching<'_> {
                     self.produced
                         .current
                         .insert(key, Current::Row(sha256, digest));
+                    self.produced.skipped += 1;
+                    self.write_tx.send(Message::Skipped).is_ok()
+                }
+                PreparedRow::Dropped { key, .. } => {
+                    self.produced.still_dropped.insert(key);
                     self.produced.skipped += 1;
                     self.write_tx.send(Message::Skipped).is_ok()
                 }
@@ -740,6 +844,7 @@ fn consume(
     writer: &mut ShardWriter,
     rx: Receiver<Message>,
     progress: &mut Progress,
+    finality: &mut Finality,
 ) -> Result<Duration> {
     let mut busy = Duration::ZERO;
     // Batches from several sessions can arrive out of order; they are written in order.
@@ -750,6 +855,7 @@ fn consume(
         let t = Instant::now();
         match message {
             Message::Encoded(seq, batch) => {
+                finality.changed()?;
                 waiting.insert(seq, batch);
                 while let Some(batch) = waiting.remove(&next) {
                     writer.write(batch)?;

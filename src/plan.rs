@@ -93,7 +93,18 @@ pub fn plan(config: &PrecomputeConfig, scope: Scope) -> Result<RunPlan> {
         framing.clone(),
     );
     let out = crate::store::open(&config.out).with_context(|| config.knob("out"))?;
-    let output = resume::inspect_output(out.as_ref(), &identity, config.overwrite)?;
+    // A partition's worker checks the run's plan first: its refusal names what differs from
+    // the settings every worker of the run shares.
+    let units = match scope {
+        Scope::Whole => Vec::new(),
+        Scope::Partition(_) => source.units(),
+    };
+    if scope != Scope::Whole {
+        if let Some(fixed) = PartitionPlan::read(out.as_ref())? {
+            fixed.check(out.as_ref(), config.partitions, &units, &identity)?;
+        }
+    }
+    let output = resume::inspect_output(out.as_ref(), &identity, config.overwrite, scope)?;
     // Metadata columns are the same in every shard, so the schema is inferred before any work;
     // the same pass counts the inputs. A partition takes the schema of the whole run's plan.
     let (sidecars, inputs) = match scope {
@@ -108,8 +119,14 @@ pub fn plan(config: &PrecomputeConfig, scope: Scope) -> Result<RunPlan> {
             whole_metadata(config, source.as_ref())?
         }
         Scope::Partition(p) => {
-            let fixed =
-                PartitionPlan::ensure(out.as_ref(), config.partitions, &identity, source.as_ref())?;
+            let fixed = PartitionPlan::ensure(
+                out.as_ref(),
+                config.partitions,
+                &identity,
+                source.as_ref(),
+                &config.input,
+                units,
+            )?;
             source.restrict(fixed.range(p));
             (fixed.sidecars, source.metadata_pass().count())
         }

@@ -34,6 +34,9 @@ struct CommittedRow {
 pub struct Committed {
     shards: Vec<String>,
     rows: HashMap<String, Vec<CommittedRow>>,
+    /// A partition's rows `finalize` dropped as copies of a row in a lower partition, by key:
+    /// the source hash each had.
+    dropped: HashMap<String, [u8; 32]>,
 }
 
 /// What a source is now, for pruning: its bytes' hash and metadata digest, or unreadable (its
@@ -51,6 +54,17 @@ impl Committed {
             rows.iter()
                 .any(|r| &r.sha256 == sha256 && &r.digest == digest)
         })
+    }
+
+    /// Records a row `finalize` dropped from this partition (`--dedupe` across partitions).
+    pub fn add_dropped(&mut self, key: String, sha256: [u8; 32]) {
+        self.dropped.insert(key, sha256);
+    }
+
+    /// `finalize` dropped this key's row while its source had these bytes: it stays dropped
+    /// (its kept copy is another partition's), not encoded again.
+    pub fn was_dropped(&self, key: &str, sha256: &[u8; 32]) -> bool {
+        self.dropped.get(key) == Some(sha256)
     }
 
     /// Some committed row has this key: its current state matters for pruning.
@@ -139,12 +153,14 @@ pub enum OutputState {
 /// Checks `--out` for this run without touching it:
 /// - missing or empty (or holding only a lock or a many-worker plan): fresh;
 /// - same identity: resume;
-/// - another identity: refused with the settings that differ, or replaced with `overwrite`;
+/// - another identity: refused with the settings that differ, or replaced with `overwrite`
+///   (never for a partition: a worker does not delete the other partitions);
 /// - anything else: refused.
 pub fn inspect_output(
     out: &dyn ShardStore,
     identity: &RunIdentity,
     overwrite: bool,
+    scope: Scope,
 ) -> Result<OutputState> {
     let has_entries = out
         .list()
@@ -171,9 +187,15 @@ pub fn inspect_output(
         return Ok(OutputState::Replace);
     }
     let differences = identity.differences(&recorded.identity);
+    let remedy = match scope {
+        Scope::Whole => "Use another --out, or pass --overwrite to replace them",
+        Scope::Partition(_) => {
+            "Every worker of a many-worker run uses the settings its shards were made with: \
+             rerun with those, or write these settings to a new --out"
+        }
+    };
     bail!(
-        "--out {} holds shards made with different settings:\n  {}\nUse another --out, or pass \
-         --overwrite to replace them",
+        "--out {} holds shards made with different settings:\n  {}\n{remedy}",
         out.describe(),
         if differences.is_empty() {
             format!(
@@ -188,8 +210,8 @@ pub fn inspect_output(
 }
 
 /// Makes `--out` ready to write, under its lock: a fresh or replaced folder records the identity;
-/// a resumed one loses a killed run's temporary files and `_SUCCESS`, and hands on its committed
-/// rows.
+/// a resumed one loses a killed run's temporary files (and, for a whole run, `_SUCCESS`: a
+/// partition's worker removes it once the partition changes), and hands on its committed rows.
 pub fn open_output(
     out: &dyn ShardStore,
     identity: &RunIdentity,
@@ -202,7 +224,9 @@ pub fn open_output(
     }
     match state {
         OutputState::Resume => {
-            out.remove(SUCCESS)?;
+            if scope == Scope::Whole {
+                out.remove(SUCCESS)?;
+            }
             committed = Committed::read(out, scope)?;
         }
         OutputState::Replace => remove_outputs(out)?,
@@ -329,12 +353,14 @@ fn key_columns(batch: &RecordBatch) -> Result<(&StringArray, &FixedSizeBinaryArr
 /// After a complete run: keeps, for every key, one committed row that is current (`current`:
 /// same source hash and metadata digest; for an unreadable source, its last committed row); drops
 /// rows of changed, vanished or now-unusable sources and duplicates a killed run may have left.
-/// Each affected shard is rewritten a row group at a time and renamed into place. Returns how
-/// many rows were dropped.
+/// Each affected shard is rewritten a row group at a time and renamed into place, after
+/// `before_change` ran (once, and only when a row is dropped). Returns how many rows were
+/// dropped.
 pub fn prune(
     out: &dyn ShardStore,
     committed: &Committed,
     current: &HashMap<String, Current>,
+    mut before_change: impl FnMut() -> Result<()>,
 ) -> Result<usize> {
     let mut rows_in = vec![0usize; committed.shards.len()];
     let mut keep: Vec<HashSet<usize>> = vec![HashSet::new(); committed.shards.len()];
@@ -356,6 +382,9 @@ pub fn prune(
     let mut dropped = 0;
     for ((shard, keep), rows) in committed.shards.iter().zip(&keep).zip(rows_in) {
         if keep.len() < rows {
+            if dropped == 0 {
+                before_change()?;
+            }
             dropped += rows - keep.len();
             rewrite_keeping(out, shard, keep)?;
         }

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use arrow_array::{Array, FixedSizeListArray, StringArray};
 use arrow_schema::DataType;
 
-use crate::format::{self, CONFIG, ERRORS, MANIFEST, SUCCESS};
+use crate::format::{self, CONFIG, ERRORS, MANIFEST, PLAN, SUCCESS};
 use crate::store::ShardStore;
 
 /// What `verify` found. `problems` empty means the set is complete and sane.
@@ -67,9 +67,15 @@ pub fn verify(root: &Path) -> Result<Verdict> {
     let out = store.as_ref();
     let mut v = Verdict::default();
     if out.read(SUCCESS)?.is_none() {
-        v.problems.push(format!(
-            "{SUCCESS} is missing: the run did not finish (rerun the same command to resume)"
-        ));
+        v.problems.push(if out.read(PLAN)?.is_some() {
+            unfinalized(root).unwrap_or_else(|e| {
+                format!("{SUCCESS} is missing: this many-worker run is not finalized ({e:#})")
+            })
+        } else {
+            format!(
+                "{SUCCESS} is missing: the run did not finish (rerun the same command to resume)"
+            )
+        });
     }
     let identity_hash = match crate::resume::ConfigFile::read(out) {
         Ok(Some(c)) => Some(c.identity_hash),
@@ -136,6 +142,43 @@ pub fn verify(root: &Path) -> Result<Verdict> {
             .push("no shards (<W>x<H>/part-*.parquet) found".into());
     }
     Ok(v)
+}
+
+/// What a many-worker run without `_SUCCESS` still needs: its partitions that are not done, by
+/// number, then `finalize`.
+fn unfinalized(root: &Path) -> Result<String> {
+    let status = crate::partition::status(root, crate::partition::MAX_ARRAY_SIZE)?;
+    let mut text = format!("{SUCCESS} is missing: this many-worker run is not finalized");
+    let not_done: Vec<usize> = status
+        .missing
+        .iter()
+        .chain(&status.running)
+        .copied()
+        .collect();
+    if !status.running.is_empty() {
+        text += &format!(
+            "; partition(s) {} are being written now",
+            crate::partition::compact(&status.running)
+        );
+    }
+    if !status.missing.is_empty() {
+        text += &format!(
+            "; partition(s) {} are not done: run them (`vae-pipeline status {}` prints the sbatch \
+             lines)",
+            crate::partition::compact(&status.missing),
+            root.display()
+        );
+    }
+    text += &format!(
+        "{} `vae-pipeline finalize {}`",
+        if not_done.is_empty() {
+            "; every partition is done: run"
+        } else {
+            ", then run"
+        },
+        root.display()
+    );
+    Ok(text)
 }
 
 /// Checks one shard; returns its rows. An error means it could not be read at all.

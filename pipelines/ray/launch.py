@@ -2,7 +2,9 @@
 """Run one `vae-pipeline precompute` over a Ray cluster: one Ray task per partition.
 
     python pipelines/ray/launch.py --bin PATH --partitions N [--num-gpus 1] [--num-cpus C]
-        [--max-retries 3] [--address auto] -- <precompute flags incl. --input/--out/--pipeline>
+        [--max-retries 3] [--address auto] -- <precompute flags: --pipeline, --input, --out, ...>
+
+--input and --out may come from the `--pipeline` preset instead of the flags.
 
 What it does, in order:
 
@@ -157,13 +159,34 @@ def has_flag(flags: list[str], name: str) -> bool:
     return any(f == name or f.startswith(name + "=") for f in flags)
 
 
+def resolved_out(binary: str, flags: list[str]) -> str | None:
+    """The run's --out: the flag, else what the binary resolves from the preset (`--print-config`,
+    which anchors a relative `out` at the preset's folder, as the workers do)."""
+    out = flag_value(flags, "--out")
+    if out:
+        return out
+    proc = run_bin(binary, ["precompute", *flags, "--print-config"], "precompute --print-config")
+    if proc.returncode != 0:
+        fail_usage(proc, "vae-pipeline precompute --print-config")
+    try:
+        import tomllib
+
+        return tomllib.loads(proc.stdout).get("out") or None
+    except ImportError:  # Python < 3.11: the line `out = "..."` (a TOML basic string is JSON)
+        for line in proc.stdout.splitlines():
+            if line.startswith("out = "):
+                return json.loads(line[len("out = "):]) or None
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch.py",
         usage="%(prog)s --bin PATH --partitions N [options] -- PRECOMPUTE_FLAGS...",
         description="Run `vae-pipeline precompute` over a Ray cluster, one Ray task per partition,\n"
         "then finalize the output. Everything after `--` goes to `plan` and to every\n"
-        "`precompute` task; it must include --out (and --input, --pipeline/--model, ...).",
+        "`precompute` task: --pipeline/--model, --input, --out, ... (--input and --out may come\n"
+        "from the --pipeline preset).",
         epilog="example (on the head node of a cluster, one GPU per task):\n"
         "  python pipelines/ray/launch.py --bin /shared/bin/vae-pipeline --partitions 64 \\\n"
         "      --num-gpus 1 --num-cpus 8 --address auto -- \\\n"
@@ -233,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(mine)
     if not flags:
-        parser.error("give the precompute flags after `--` (at least --input and --out)")
+        parser.error("give the precompute flags after `--` (at least --pipeline or --model)")
     if args.partitions < 1:
         parser.error("--partitions must be at least 1")
     if args.num_cpus < 0 or args.num_gpus < 0 or args.max_retries < 0:
@@ -242,9 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         if has_flag(flags, f):
             parser.error(f"{f} must not be among the precompute flags (the launcher sets partitions; "
                          "--overwrite would make every retry start its partition again)")
-    out = flag_value(flags, "--out")
-    if not out:
-        parser.error("the precompute flags must include --out")
 
     cwd = os.getcwd()
     binary = args.bin
@@ -252,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         binary = str(Path(binary).absolute())
         if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
             parser.error(f"--bin {binary} is not an executable file")
+    out = resolved_out(binary, flags)
+    if not out:
+        parser.error("no output: give --out among the precompute flags, or set `out` in the --pipeline preset")
     # Run settings (not part of the run's identity, so a rerun with other values resumes).
     if not has_flag(flags, "--threads"):
         flags = [*flags, "--threads", str(max(1, math.ceil(args.num_cpus)))]

@@ -68,6 +68,25 @@ def test_indexed_job_settings():
     assert pod["terminationGracePeriodSeconds"] >= 30, "time to commit after SIGTERM"
 
 
+def test_configmap_and_readme_plan_agree():
+    """The README plans with `--pipeline pipelines/...toml` and the same URLs and count as the Job:
+    the ConfigMap's preset must be that file's settings, or every pod is refused by the plan."""
+    import shlex
+    import tomllib
+
+    readme = (MANIFEST.parent / "README.md").read_text()
+    start = readme.index("vae-pipeline plan ")
+    command = shlex.split(readme[start:readme.index("\n", readme.index("--partitions", start))].replace("\\\n", " "),
+                          comments=True)
+    preset = REPO / _arg(command, "--pipeline")
+    docs = _docs()
+    configmap = tomllib.loads(docs["ConfigMap"]["data"]["pipeline.toml"])
+    assert configmap == tomllib.loads(preset.read_text()), f"the ConfigMap differs from {preset}"
+    (c,) = docs["Job"]["spec"]["template"]["spec"]["containers"]
+    for flag in ("--input", "--out", "--partitions"):
+        assert _arg(command, flag) == _arg(c["args"], flag), f"{flag}: README's plan and the Job differ"
+
+
 def test_job_command_line_with_completion_indexes(binary, cards, shared, tmp_path):
     """The Job's args, with local folders and 2 partitions, run once per JOB_COMPLETION_INDEX."""
     kodak = require(shared / "data" / "kodak", "Kodak images")

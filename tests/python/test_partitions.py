@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vp_helpers import environment, moto_server, require, run_precompute, s3_env, tensor
+from vp_helpers import REPO, environment, moto_server, require, run_precompute, s3_env, tensor
 
 SIZE = "128"
 
@@ -89,7 +89,12 @@ def test_srun_workers_killed_and_rerun_give_one_process_rows(binary, cards, phot
     st = status(binary, out)
     assert st["partitions"] == 6 and st["units"] == 26
     assert st["done"] == [0, 2, 3, 5] and st["running"] == [] and st["missing"] == [1, 4], st
-    assert st["resubmit"] == ["sbatch --array=1,4 pipelines/slurm/precompute.sbatch"]
+    # OFFSET=0 too: sbatch hands on the caller's environment, which may hold another window's OFFSET.
+    assert st["resubmit"] == ["OFFSET=0 sbatch --array=1,4 pipelines/slurm/precompute.sbatch"]
+    unfinished = vp(binary, "verify", out)
+    assert unfinished.returncode != 0
+    assert "partition(s) 1,4 are not done" in unfinished.stderr and "then run `vae-pipeline finalize" in unfinished.stderr, \
+        unfinished.stderr
     refused = vp(binary, "finalize", out)
     assert refused.returncode != 0 and "2 of 6 partitions are not done (1,4)" in refused.stderr, refused.stderr
     assert not (out / "_SUCCESS").exists()
@@ -123,7 +128,7 @@ def test_a_second_worker_on_a_partition_is_refused_and_a_done_partition_is_skipp
     finally:
         assert first.wait(timeout=600) == 0
     again = vp(binary, *cmd[1:])
-    assert again.returncode == 0 and "partition 0 is done: nothing to do" in again.stderr, again.stderr
+    assert again.returncode == 0 and "partition 0 was done and its inputs are unchanged" in again.stderr, again.stderr
 
 
 def test_workers_refuse_a_plan_they_do_not_match(binary, cards, photos, tmp_path):
@@ -148,6 +153,7 @@ def test_workers_refuse_a_plan_they_do_not_match(binary, cards, photos, tmp_path
     assert "--partitions 5, but the plan in this --out has 4" in other_count.stderr, other_count.stderr
     other_size = vp(binary, *flags(binary, cards, photos, out, "--partitions", 4, "--partition", 0)[1:], "--flip")
     assert "the settings differ from the plan's" in other_size.stderr, other_size.stderr
+    assert "flip: false there, true now" in other_size.stderr and "--overwrite" not in other_size.stderr, other_size.stderr
     changed = tmp_path / "changed"
     shutil.copytree(photos, changed)
     (changed / "kodim05.png").unlink()
@@ -218,3 +224,259 @@ def test_indexed_job_pods_on_object_storage(binary, cards, photos, tmp_path):
         got = pa.concat_tables(pq.read_table(io.BytesIO(b)) for b in bodies).sort_by("key")
         assert_same_rows(got, rows(sorted(single.rglob("part-*.parquet"))))
         assert not [o for o in listed if o["Key"].endswith(".lock")], "leases are released"
+
+
+def nine_photos(shared, d: Path) -> Path:
+    """Nine files in three partitions of three: kodim01..07, a copy of kodim07 in the same partition
+    (2) and a copy of kodim01 (partition 0) that lands in partition 2."""
+    kodak = require(shared / "data" / "kodak", "Kodak photos")
+    d.mkdir()
+    for i in range(1, 8):
+        shutil.copy(kodak / f"kodim0{i}.png", d / f"kodim0{i}.png")
+    shutil.copy(kodak / "kodim07.png", d / "kodim07b.png")
+    shutil.copy(kodak / "kodim01.png", d / "zz-copy-of-01.png")
+    return d
+
+
+def side_files(out: Path) -> dict[str, bytes]:
+    """What finalize writes or may rewrite, besides the shards: the side files and done markers."""
+    names = ["_SUCCESS", "_manifest.jsonl", "_errors.jsonl", *(f"_partitions/p0000{p}.json" for p in range(3))]
+    return {n: (out / n).read_bytes() for n in names if (out / n).exists()}
+
+
+def test_finalize_is_idempotent_and_survives_kill_9(binary, cards, shared, tmp_path):
+    photos = nine_photos(shared, tmp_path / "photos")
+    base = tmp_path / "base"
+    for p in range(3):
+        run_precompute(binary, flags(binary, cards, photos, base, "--dedupe", "--partitions", 3, "--partition", p,
+                                     model="avgpool8")[2:])
+    ref = tmp_path / "ref"
+    shutil.copytree(base, ref)
+    done = vp(binary, "finalize", ref)
+    assert done.returncode == 0 and "1 cross-partition duplicates dropped" in done.stderr, done.stderr
+    want, want_rows = side_files(ref), rows(sorted(ref.rglob("part-*.parquet")))
+    success = json.loads(want["_SUCCESS"])
+    assert success["rows"] == 7 and success["cross_partition_duplicates"] == 1, success
+    assert success["duplicates"] == success["failures"]["duplicate"] == 2, success
+    errors = sorted((e["key"], e["kind"]) for e in map(json.loads, want["_errors.jsonl"].decode().splitlines()))
+    assert errors == [("kodim07b.png", "duplicate"), ("zz-copy-of-01.png", "duplicate")]
+    for _ in range(2):
+        again = vp(binary, "finalize", ref)
+        assert again.returncode == 0, again.stderr
+        assert side_files(ref) == want, "finalize again changed the side files"
+        verdict = vp(binary, "verify", ref)
+        assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+
+    # Two at once: one takes the set's lock, the other is refused; the files are the same.
+    out = tmp_path / "concurrent"
+    shutil.copytree(base, out)
+    both = [subprocess.Popen([str(binary), "finalize", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    results = [(w.wait(timeout=60), w.stderr.read()) for w in both]
+    assert any(rc == 0 for rc, _ in results), results
+    assert all(rc == 0 or "being written by another vae-pipeline run" in err for rc, err in results), results
+    assert side_files(out) == want
+
+    def finalized_again(out: Path) -> None:
+        rerun = vp(binary, "finalize", out)
+        assert rerun.returncode == 0, rerun.stderr
+        assert side_files(out) == want
+        assert_same_rows(rows(sorted(out.rglob("part-*.parquet"))), want_rows)
+        verdict = vp(binary, "verify", out)
+        assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+
+    # SIGKILL at moments spread over a first finalize (about 60 ms here), then finalize again.
+    for delay in [i * 0.006 for i in range(12)]:
+        out = tmp_path / f"killed-{delay}"
+        shutil.copytree(base, out)
+        victim = subprocess.Popen([str(binary), "finalize", str(out)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        finalized_again(out)
+    # The moments between finalize's first writes, made exactly: partition 2's marker already
+    # lists its dropped row while its shard still holds it; then the emptied shard is gone too.
+    for step in ("marker", "marker+shard"):
+        out = tmp_path / step
+        shutil.copytree(base, out)
+        shutil.copy(ref / "_partitions" / "p00002.json", out / "_partitions" / "p00002.json")
+        if step == "marker+shard":
+            for shard in out.rglob("part-*.parquet"):
+                if not (ref / shard.relative_to(out)).exists():
+                    shard.unlink()
+        finalized_again(out)
+
+    # A done partition run again keeps the rows finalize dropped while their sources are unchanged:
+    # nothing is encoded, the set stays final.
+    def worker(p: int) -> subprocess.CompletedProcess:
+        return vp(binary, *flags(binary, cards, photos, ref, "--dedupe", "--partitions", 3, "--partition", p,
+                                 model="avgpool8")[1:])
+
+    again = worker(2)
+    assert again.returncode == 0 and "its done marker stands" in again.stderr, again.stderr
+    assert side_files(ref) == want
+    # The kept copy changes: the dropped one must be encoded after all. finalize says so and marks
+    # its partition not done; its rerun encodes it; the set then equals one process's.
+    shutil.copy(shared / "data" / "kodak" / "kodim20.png", photos / "kodim01.png")
+    assert worker(0).returncode == 0
+    refused = vp(binary, "finalize", ref)
+    assert refused.returncode != 0 and "partition 2 is no longer done" in refused.stderr, refused.stderr
+    assert status(binary, ref)["missing"] == [2]
+    assert worker(2).returncode == 0
+    assert vp(binary, "finalize", ref).returncode == 0
+    verdict = vp(binary, "verify", ref)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    single = tmp_path / "single"
+    run_precompute(binary, flags(binary, cards, photos, single, "--dedupe", model="avgpool8")[2:])
+    assert_same_rows(rows(sorted(ref.rglob("part-*.parquet"))), rows(sorted(single.rglob("part-*.parquet"))))
+
+
+def test_finalize_on_object_storage_is_idempotent(binary, cards, shared, tmp_path):
+    import boto3
+
+    photos = nine_photos(shared, tmp_path / "photos")
+    with moto_server() as endpoint, environment(s3_env(endpoint)):
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="runs")
+
+        def objects(prefix: str) -> dict[str, bytes]:
+            listed = client.list_objects_v2(Bucket="runs", Prefix=prefix).get("Contents", [])
+            return {o["Key"][len(prefix):]: client.get_object(Bucket="runs", Key=o["Key"])["Body"].read()
+                    for o in listed if not o["Key"].endswith("lock")}
+
+        for p in range(3):
+            run_precompute(binary, flags(binary, cards, photos, "s3://runs/set", "--dedupe", "--partitions", 3,
+                                         "--partition", p, model="avgpool8")[2:])
+        # SIGKILL moments spread over a first finalize (about 1 s against moto here, its writes last).
+        delays = (0.5, 0.8, 0.95)
+        for i in range(len(delays)):
+            for key, body in objects("set/").items():
+                client.put_object(Bucket="runs", Key=f"copy{i}/{key}", Body=body)
+        assert vp(binary, "finalize", "s3://runs/set").returncode == 0
+        want = objects("set/")
+        assert vp(binary, "finalize", "s3://runs/set").returncode == 0
+        assert objects("set/") == want, "finalize again changed the set"
+        for i, delay in enumerate(delays):
+            victim = subprocess.Popen([str(binary), "finalize", f"s3://runs/copy{i}"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(delay)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            # The killed finalize's lease is taken over at once: its process is gone from this machine.
+            rerun = vp(binary, "finalize", f"s3://runs/copy{i}")
+            assert rerun.returncode == 0, rerun.stderr
+            assert objects(f"copy{i}/") == want
+        verdict = vp(binary, "verify", "s3://runs/copy0")
+        assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+
+
+def test_a_done_partition_is_checked_and_resumes_per_row(binary, cards, shared, tmp_path):
+    kodak = require(shared / "data" / "kodak", "Kodak photos")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(1, 7):
+        shutil.copy(kodak / f"kodim0{i}.png", photos / f"kodim0{i}.png")
+    out = tmp_path / "out"
+
+    def worker(p: int, inp: Path = photos, model: str = "avgpool8") -> subprocess.CompletedProcess:
+        return vp(binary, *flags(binary, cards, inp, out, "--partitions", 2, "--partition", p, model=model)[1:])
+
+    for p in range(2):
+        assert worker(p).returncode == 0
+    assert vp(binary, "finalize", out).returncode == 0
+    marker = (out / "_partitions" / "p00000.json").read_bytes()
+    success = (out / "_SUCCESS").read_bytes()
+
+    # Same settings, same inputs: nothing is encoded, the set stays final.
+    again = worker(0)
+    assert again.returncode == 0 and "its done marker stands" in again.stderr, again.stderr
+    assert (out / "_partitions" / "p00000.json").read_bytes() == marker
+    assert (out / "_SUCCESS").read_bytes() == success
+
+    # While a worker holds partition 0 (as a rerun of it would), finalize waits for it.
+    import fcntl
+
+    with open(out / "_partitions" / "p00000.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = vp(binary, "finalize", out)
+    assert busy.returncode != 0 and "partition(s) 0 are being written by a worker now" in busy.stderr, busy.stderr
+
+    # Another card, or other inputs, on the done partition: refused, naming what differs.
+    other_card = worker(0, model="taef2")
+    assert other_card.returncode != 0, other_card.stderr
+    assert 'model.name: "avgpool8" there, "taef2" now' in other_card.stderr, other_card.stderr
+    assert "--overwrite" not in other_card.stderr
+    fewer = tmp_path / "fewer"
+    shutil.copytree(photos, fewer)
+    (fewer / "kodim01.png").unlink()
+    other_input = worker(0, inp=fewer)
+    assert other_input.returncode != 0 and "the inputs changed since the plan was made" in other_input.stderr, \
+        other_input.stderr
+    assert (out / "_SUCCESS").read_bytes() == success, "a refused worker changed the set"
+
+    # An image changed inside the done partition: encoded again, and the set is not final until
+    # finalize runs again.
+    shutil.copy(kodak / "kodim20.png", photos / "kodim02.png")
+    changed = worker(0)
+    assert changed.returncode == 0 and "resuming" in changed.stderr, changed.stderr
+    assert json.loads((out / "_partitions" / "p00000.json").read_text())["encoded"] == 1
+    assert not (out / "_SUCCESS").exists()
+    unfinalized = vp(binary, "verify", out)
+    assert unfinalized.returncode != 0 and "every partition is done: run `vae-pipeline finalize" in unfinalized.stderr, \
+        unfinalized.stderr
+    assert vp(binary, "finalize", out).returncode == 0
+    verdict = vp(binary, "verify", out)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    single = tmp_path / "single"
+    run_precompute(binary, flags(binary, cards, photos, single, model="avgpool8")[2:])
+    assert_same_rows(rows(sorted(out.rglob("part-*.parquet"))), rows(sorted(single.rglob("part-*.parquet"))))
+
+
+def test_no_units_no_plan_and_no_rows_no_success(binary, cards, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    plan = vp(binary, "plan", *flags(binary, cards, empty, tmp_path / "nothing", "--partitions", 2, model="avgpool8")[2:])
+    assert plan.returncode != 0 and "holds no images" in plan.stderr, plan.stderr
+    assert not (tmp_path / "nothing" / "_plan.json").exists()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.png", "b.png"):
+        (broken / name).write_bytes(b"not a png")
+    out = tmp_path / "out"
+    for p in range(2):
+        run_precompute(binary, flags(binary, cards, broken, out, "--partitions", 2, "--partition", p,
+                                     "--max-failures", 1, model="avgpool8")[2:])
+    refused = vp(binary, "finalize", out)
+    assert refused.returncode != 0 and "no rows" in refused.stderr, refused.stderr
+    assert not (out / "_SUCCESS").exists()
+
+
+def test_launchers_take_input_and_out_from_the_preset(binary, cards, shared, tmp_path):
+    import importlib.util
+
+    kodak = require(shared / "data" / "kodak", "Kodak photos")
+    (tmp_path / "photos").mkdir()
+    for name in ("kodim01.png", "kodim02.png", "kodim03.png"):
+        shutil.copy(kodak / name, tmp_path / "photos" / name)
+    preset = tmp_path / "preset.toml"
+    preset.write_text(f'model = "{cards["avgpool8"]}"\nsize = 64\nthreads = 1\ninput = "photos"\nout = "latents"\n')
+    # The Slurm scripts, run as an array's tasks and the finalize job would run them, with neither
+    # INPUT nor OUT set: the preset's are used.
+    env = {k: v for k, v in os.environ.items() if k not in ("INPUT", "OUT", "OFFSET") and not k.startswith("SLURM_")}
+    env.update(BIN=str(binary), PIPELINE=str(preset), PARTITIONS="2", SLURM_ARRAY_JOB_ID="7", SLURM_JOB_ID="8")
+    for task in ("0", "1"):
+        worker = subprocess.run(["bash", str(REPO / "pipelines" / "slurm" / "precompute.sbatch")], capture_output=True,
+                                text=True, env={**env, "SLURM_ARRAY_TASK_ID": task}, timeout=300)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+    closing = subprocess.run(["bash", str(REPO / "pipelines" / "slurm" / "finalize.sbatch")], capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert closing.returncode == 0, closing.stdout + closing.stderr
+    assert (tmp_path / "latents" / "_SUCCESS").exists() and "ok: 3 rows" in closing.stdout, closing.stdout
+    # The Ray launcher finds the run's --out in the preset, as the workers do.
+    spec = importlib.util.spec_from_file_location("launch", REPO / "pipelines" / "ray" / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    assert launch.resolved_out(str(binary), ["--pipeline", str(preset)]) == str(tmp_path / "latents")
+    assert launch.resolved_out(str(binary), ["--pipeline", str(preset), "--out", "elsewhere"]) == "elsewhere"
