@@ -158,7 +158,16 @@ fn summary_table(h: &mut String, summary: &Summary, models: &[ModelPage]) -> Res
     }
     row("latent mean (raw)", &|s| (num(s.latent_mean, 4), ""));
     row("latent std (raw)", &|s| (num(s.latent_std, 4), ""));
+    // A per-channel card's advice is its latents_mean/latents_std (summary.json), not a
+    // scaling_factor on top of them.
+    let per_channel = |s: &ModelSummary| s.recommended_latents_mean.is_some();
     row("scaling_factor: recommended (card)", &|s| {
+        if per_channel(s) {
+            return (
+                format!("{} (per-channel card)", s.card_scaling_factor),
+                fit(s.scaling_factor_fits),
+            );
+        }
         (
             format!(
                 "{} ({})",
@@ -169,6 +178,15 @@ fn summary_table(h: &mut String, summary: &Summary, models: &[ModelPage]) -> Res
         )
     });
     row("shift_factor: recommended (card)", &|s| {
+        if per_channel(s) {
+            return (
+                format!(
+                    "{} (per-channel card: latents_mean/latents_std in summary.json)",
+                    s.card_shift_factor
+                ),
+                fit(s.shift_factor_fits),
+            );
+        }
         (
             format!(
                 "{} ({})",

@@ -261,22 +261,30 @@ impl Summary {
                 .lpips_mean
                 .map(|l| format!(", LPIPS {l:.4}"))
                 .unwrap_or_default();
+            // Per-channel cards (Qwen-Image, Wan) are judged by what they store: the advice is
+            // their own latents_mean/latents_std, never a scaling_factor on top.
+            let normalization = if m.recommended_latents_mean.is_some() {
+                format!(
+                    "stored latents std {:.4}, mean {:.4} (per-channel card: recommended \
+                     latents_mean/latents_std in summary.json)",
+                    m.stored_latent_std, m.stored_latent_mean
+                )
+            } else {
+                format!(
+                    "latent std {:.4}, mean {:.4} → recommended scaling_factor {:.4} (card {}), \
+                     shift_factor {:.4} (card {})",
+                    m.latent_std,
+                    m.latent_mean,
+                    m.recommended_scaling_factor,
+                    m.card_scaling_factor,
+                    m.recommended_shift_factor,
+                    m.card_shift_factor
+                )
+            };
             eprintln!(
                 "{name}: {} images ({} failed): PSNR {:.2} ± {:.2} dB, SSIM {:.4} ± {:.4}{lpips}; \
-                 latent std {:.4}, mean {:.4} → recommended scaling_factor {:.4} (card {}), \
-                 shift_factor {:.4} (card {})",
-                m.images,
-                m.failed,
-                m.psnr_mean,
-                m.psnr_std,
-                m.ssim_mean,
-                m.ssim_std,
-                m.latent_std,
-                m.latent_mean,
-                m.recommended_scaling_factor,
-                m.card_scaling_factor,
-                m.recommended_shift_factor,
-                m.card_shift_factor
+                 {normalization}",
+                m.images, m.failed, m.psnr_mean, m.psnr_std, m.ssim_mean, m.ssim_std,
             );
             eprintln!("  {}", m.verdict);
         }
