@@ -8,6 +8,8 @@
   `$ ` line (with its `\\` continuations) runs in bash; the lines under it are its expected output
   (stdout and stderr together): `[..]` matches any text within a line, a `...` line any lines; a
   `? N` line expects exit code N instead of 0.
+- S3 is moto_server on loopback, its `AWS_*` environment set: bucket `data` holds the tars
+  under `shards/`, bucket `latents` is empty.
 - Real VAE weights are not here. The sandbox holds stand-ins that are real checkpoints of the
   published families' configs, only tiny and random: diffusers folders under the names the guides
   use (`sdxl-vae-fp16-fix/`, `sd-vae-ft-mse/`, `FLUX.2-dev/vae/`, …; Qwen-Image and Wan 2.2 are the
@@ -38,7 +40,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import save_file
 
-from vp_helpers import REPO, require
+from vp_helpers import REPO, moto_server, require, s3_env
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINKED = [*PAGES, REPO / "FORMAT.md", REPO / "ARCHITECTURE.md", *sorted((REPO / "pipelines").glob("*/README.md"))]
@@ -54,6 +56,10 @@ FOREIGN_FLAGS = {
     "--num-gpus": "pipelines/ray/launch.py", "--no-deps": "pip", "--local-dir": "hf download",
     "--release": "cargo", "--bench": "cargo", "--rss": "benches/compare.sh",
 }
+
+# Flags the guides document ahead of the binary: another branch adds them. Once `--help` shows
+# one, the test says to remove it from here.
+PENDING_FLAGS: dict[str, set[str]] = {}
 
 
 # ------------------------------------------------------------------------------ the pages
@@ -233,7 +239,16 @@ class Sandbox:
 
 
 @pytest.fixture(scope="module")
-def sandbox(binary, shared, tmp_path_factory) -> Sandbox:
+def s3_endpoint():
+    """moto_server: buckets `data` (the sandbox's tars under `shards/`) and `latents` (empty)."""
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def sandbox(binary, shared, s3_endpoint, tmp_path_factory) -> Sandbox:
+    import boto3
+
     root = tmp_path_factory.mktemp("docs")
     (root / "bin").mkdir()
     (root / "bin" / "vae-pipeline").symlink_to(binary.resolve())
@@ -270,6 +285,14 @@ def sandbox(binary, shared, tmp_path_factory) -> Sandbox:
         (t / "models" / "onnx" / onnx.name).symlink_to(onnx)
     weights = root / "weights"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(s3_env(s3_endpoint))
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name=env["AWS_REGION"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    for bucket in ("data", "latents"):
+        client.create_bucket(Bucket=bucket)
+    for tar in sorted((t / "data").glob("*.tar")):
+        client.upload_file(str(tar), "data", f"shards/{tar.name}")
     env.update({
         "PATH": f"{root / 'bin'}:{env['PATH']}", "VAE_PIPELINE_MODELS": str(weights),
         "XDG_CONFIG_HOME": str(root / "xdg"), "PYTHONPATH": str(REPO / "python"),
@@ -410,10 +433,13 @@ def test_help_and_the_flag_tables_agree(binary):
     helps, tables = help_flags(binary), table_flags()
     problems = []
     for sub, flags in helps.items():
+        pending = PENDING_FLAGS.get(sub, set())
         for flag in sorted(flags - tables.get(sub, set())):
             problems.append(f"`{sub} {flag}` is in --help but in no guide's flag table")
-        for flag in sorted(tables.get(sub, set()) - flags):
+        for flag in sorted(tables.get(sub, set()) - flags - pending):
             problems.append(f"`{sub} {flag}` is in a guide's flag table but not in --help")
+        for flag in sorted(pending & flags):
+            problems.append(f"`{sub} {flag}` is in --help now: remove it from PENDING_FLAGS")
     for sub in sorted(set(tables) - set(helps)):
         problems.append(f"a flag table is tagged `{sub}`, which is not a subcommand")
     readme = (REPO / "README.md").read_text()
@@ -425,6 +451,8 @@ def test_help_and_the_flag_tables_agree(binary):
 
 def test_every_flag_the_guides_name_exists(binary):
     helps = help_flags(binary)
+    for sub, flags in PENDING_FLAGS.items():
+        helps[sub] = helps[sub] | flags
     known = set().union(*helps.values(), {"--help", "--version"})
     unknown = []
     for page in PAGES:
