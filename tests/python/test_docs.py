@@ -55,6 +55,7 @@ FOREIGN_FLAGS = {
     "--address": "pipelines/ray/launch.py", "--bin": "pipelines/ray/launch.py",
     "--num-gpus": "pipelines/ray/launch.py", "--no-deps": "pip", "--local-dir": "hf download",
     "--release": "cargo", "--bench": "cargo", "--rss": "benches/compare.sh",
+    "--profile": "aws configure", "--format": "aws configure",
 }
 
 # Flags the guides document ahead of the binary: another branch adds them. Once `--help` shows
