@@ -312,12 +312,12 @@ def test_hf_recipe_reads_flips_and_json_columns(binary, cards, shared, tmp_path)
     assert ds["nsfw"][rows["kodim01.png"]] is False and ds["width_px"][rows["kodim04.png"]] == 512
 
 
-def test_readme_quotes_the_tested_hf_recipe():
-    """The README's Hugging Face recipe is exactly the code these tests run."""
+def test_python_guide_quotes_the_tested_hf_recipe():
+    """The Hugging Face recipe in docs/python.md is exactly the code these tests run."""
     import inspect
 
     import hf_recipe
     from vp_helpers import REPO
 
-    readme = (REPO / "README.md").read_text()
-    assert inspect.getsource(hf_recipe.hf_load_latents) in readme
+    guide = (REPO / "docs" / "python.md").read_text()
+    assert inspect.getsource(hf_recipe.hf_load_latents) in guide
