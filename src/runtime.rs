@@ -562,12 +562,18 @@ impl Runner {
         }
         // On the CPU a batch already in the input type is read where it lies: no staging copy.
         let direct = match (self.gpu, pixels, self.input_f16) {
-            (None, Pixels::F32(p), false) => Some(TensorRef::from_array_view((shape, p))?.into_dyn()),
-            (None, Pixels::F16(p), true) => Some(TensorRef::from_array_view((shape, p))?.into_dyn()),
+            (None, Pixels::F32(p), false) => {
+                Some(TensorRef::from_array_view((shape, p))?.into_dyn())
+            }
+            (None, Pixels::F16(p), true) => {
+                Some(TensorRef::from_array_view((shape, p))?.into_dyn())
+            }
             _ => None,
         };
         if let Some(view) = direct {
-            let outputs = self.session.run(ort::inputs![self.input.as_str() => view])?;
+            let outputs = self
+                .session
+                .run(ort::inputs![self.input.as_str() => view])?;
             let (dims, values) = extract(&outputs[self.output.as_str()], &self.output)?;
             check_dims(&self.output, &dims, shape[0])?;
             return read(std::array::from_fn(|i| dims[i] as usize), values);
