@@ -8,8 +8,8 @@
 #     DEVICE=cpu bash benches/gpu/device_check.sh
 #   SECTIONS picks parts (default all: "knobs batch peers sd e2e"), to fit one call's 600 s.
 #
-# Rows: bench-encoder (encoder alone, input resident | host path) for TAEF2 fp32/fp16 over every
-# CUDA knob (nhwc, algo, fuse_conv_bias, cuda_graph, tf32, sessions) and batch 8-64; random-weight
+# Rows: bench-encoder (encoder alone, input resident | host path) for TAEF2 fp16 over every
+# CUDA knob (nhwc, algo, fuse_conv_bias, cuda_graph, sessions; fp32: tf32) and batch 8-64; random-weight
 # SDXL and FLUX.2 VAE encoders (benches/gpu/vae_checkpoint.py, exported here) at 512²/1024² in
 # f16/f32; the PyTorch peers on the same graphs (fp16/bf16, channels_last, torch.compile); end to
 # end precompute vs a torch DataLoader peer, with the busy line and SM utilization (nvidia-smi
@@ -62,8 +62,8 @@ else
   export LD_LIBRARY_PATH="$(lib 'libcudart.so.13*'):$(lib 'libcudnn.so.9*'):$(lib 'libcublasLt.so.13*'):${LD_LIBRARY_PATH:-}"
   export ORT_DYLIB_PATH=/tmp/ortgpu/libonnxruntime.so.1.31.1
   BIN=/tmp/vae-pipeline
-  SIZES=(256 512) SD_SIZES=(512 1024) BATCHES=(8 16 32 64) IMAGES=${IMAGES:-1024} SD_IMAGES=${SD_IMAGES:-96}
-  E2E_IMAGES=${E2E_IMAGES:-2000} E2E_SIZES=(256 512) SD_SHRINK=0 THREADS=$(nproc) SPEC=cuda:0 SD_LIMIT=${SD_LIMIT:-400}
+  SIZES=(256 512) SD_SIZES=(512 1024) BATCHES=(8 16 32 64) IMAGES=${IMAGES:-640} SD_IMAGES=${SD_IMAGES:-32}
+  E2E_IMAGES=${E2E_IMAGES:-1200} E2E_SIZES=(256 512) SD_SHRINK=0 THREADS=$(nproc) SPEC=cuda:0 SD_LIMIT=${SD_LIMIT:-160}
   MODELS=(taef2 taef2-fp16)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 fi
@@ -110,26 +110,24 @@ peer() {
 
 B=${BATCHES[-2]}
 want knobs && step "TAEF2: every CUDA knob at ${SIZES[0]}², batch $B (fp32 also with tf32=0); other sizes at the defaults"
+# The knobs on the fp16 model (the fast path); fp32 at the defaults and with tf32=0.
+want knobs && for setting in default nhwc=0 algo=exhaustive fuse_conv_bias=1 cuda_graph=1 sessions=1; do
+  bench knobs taef2-fp16 "${SIZES[0]}" "$B" "$setting"
+done
+want knobs && for setting in default tf32=0; do bench knobs taef2 "${SIZES[0]}" "$B" "$setting"; done
 want knobs && for model in "${MODELS[@]}"; do
-  for setting in default nhwc=0 algo=exhaustive fuse_conv_bias=1 cuda_graph=1 sessions=1 sessions=3; do
-    bench knobs "$model" "${SIZES[0]}" "$B" "$setting"
-  done
-  [[ $model == taef2 ]] && bench knobs "$model" "${SIZES[0]}" "$B" tf32=0
   for size in "${SIZES[@]:1}"; do bench knobs "$model" "$size" "$B" default; done
 done
 
-want batch && step "TAEF2: batch sizes"
-want batch && for model in "${MODELS[@]}"; do
-  for batch in "${BATCHES[@]}"; do bench batch "$model" "${SIZES[0]}" "$batch" default; done
-done
+want batch && step "TAEF2 fp16: batch sizes"
+want batch && for batch in "${BATCHES[@]}"; do bench batch taef2-fp16 "${SIZES[0]}" "$batch" default; done
 
 want peers && step "TAEF2: PyTorch peers on the same graph"
-want peers && for size in "${SIZES[@]}"; do
-  for args in "--dtype fp16" "--dtype fp16 --channels-last" "--dtype bf16 --channels-last" "--dtype fp16 --channels-last --compile"; do
-    # shellcheck disable=SC2086
-    peer peers models/onnx/taef2_encoder.onnx "$size" "$B" $args
-  done
+want peers && for args in "--dtype fp16" "--dtype fp16 --channels-last" "--dtype bf16 --channels-last" "--dtype fp16 --channels-last --compile"; do
+  # shellcheck disable=SC2086
+  peer peers models/onnx/taef2_encoder.onnx "${SIZES[0]}" "$B" $args
 done
+want peers && for size in "${SIZES[@]:1}"; do peer peers models/onnx/taef2_encoder.onnx "$size" "$B" --dtype fp16 --channels-last; done
 
 SD=/tmp/device-check-sd
 want sd || want e2e && step "SD-class encoders: random-weight SDXL and FLUX.2 VAEs, exported here"
@@ -158,9 +156,9 @@ PY
       sd_batch=$([[ $size -ge 1024 ]] && echo 4 || echo 8)
       [[ $DEVICE == cpu ]] && sd_batch=2
       N=$SD_IMAGES bench sd "$ck/$dtype/card.toml" "$size" "$sd_batch" default
-      N=$SD_IMAGES bench sd "$ck/$dtype/card.toml" "$size" "$sd_batch" algo=exhaustive
+      [[ $dtype == f16 && $size == "${SD_SIZES[0]}" ]] && N=$SD_IMAGES bench sd "$ck/$dtype/card.toml" "$size" "$sd_batch" algo=exhaustive
       [[ $dtype == f32 ]] && N=$SD_IMAGES peer sd "$ck/f32/encoder.onnx" "$size" "$sd_batch" --dtype fp16 --channels-last
-      [[ $dtype == f32 ]] && N=$SD_IMAGES peer sd "$ck/f32/encoder.onnx" "$size" "$sd_batch" --dtype bf16 --channels-last
+      [[ $dtype == f32 && $size == "${SD_SIZES[0]}" ]] && N=$SD_IMAGES peer sd "$ck/f32/encoder.onnx" "$size" "$sd_batch" --dtype bf16 --channels-last
     done
   done
 done
