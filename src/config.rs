@@ -161,6 +161,9 @@ pub struct PrecomputeConfig {
     pub reducing_gap: f32,
     /// Where the encoder runs: `cpu`, or `cuda`, `cuda:N`, `cuda:0,1,…` (one session per GPU).
     pub device: String,
+    /// How the tensor columns are encoded and compressed (`write::LatentCompression`): a run
+    /// setting, readers need nothing to tell the choices apart.
+    pub latent_compression: crate::write::LatentCompression,
     /// A many-worker run's partition count (0: one process writes the whole set).
     pub partitions: usize,
     /// The partitions this worker runs (`3`, `3,7`, `0-3`); None: from the scheduler's
@@ -224,6 +227,7 @@ impl Default for PrecomputeConfig {
             partitions: 0,
             partition: None,
             partition_offset: 0,
+            latent_compression: Default::default(),
             overwrite: false,
             origin: Origin::default(),
         }

@@ -3,18 +3,19 @@
 //! image whose latent is not finite.
 
 use anyhow::{bail, Context, Result};
-use ort::session::Session;
+use half::f16;
 use ort::value::{TensorElementType, ValueType};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::batch::{Batch, RowMeta};
 use crate::config::LatentMode;
 use crate::failure::{Failure, FailureKind};
 use crate::model::{EncoderOutput, ModelCard};
-use crate::runtime;
+use crate::runtime::{self, Gpu, Pixels, Runner};
 
 /// diffusers' `DiagonalGaussianDistribution` clamps logvar to this range.
 const LOGVAR_RANGE: (f32, f32) = (-30.0, 20.0);
@@ -39,14 +40,25 @@ pub struct EncodedBatch {
 
 /// One encoder worker: a session plus what turns its output into stored latents.
 pub struct Encoder {
-    session: Session,
-    card: ModelCard,
-    input_name: String,
+    runner: Runner,
     output_name: String,
-    input_f16: bool,
+    post: Post,
+}
+
+/// What turns an encoder output into stored latents: shared by the rows of a batch, which are
+/// done in parallel.
+struct Post {
+    card: ModelCard,
     mode: LatentMode,
     seed: u64,
 }
+
+/// One row's stored values: latent, std, flipped latent, flipped std.
+type RowValues = (
+    Vec<f32>,
+    Option<Vec<f32>>,
+    Option<(Vec<f32>, Option<Vec<f32>>)>,
+);
 
 impl Encoder {
     /// Opens the card's encoder with `intra_threads` ONNX Runtime threads and checks that the
@@ -63,7 +75,21 @@ impl Encoder {
     /// `open` on the CPU (`gpu` None) or on one CUDA GPU.
     pub fn open_on(
         card: &ModelCard,
-        gpu: Option<i32>,
+        gpu: Option<Gpu>,
+        intra_threads: usize,
+        mode: LatentMode,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut encoder = Self::connect(card, gpu, intra_threads, mode, seed)?;
+        encoder.probe()?;
+        Ok(encoder)
+    }
+
+    /// `open_on` without the probe run: for `bench-encoder`'s resident measurement, whose
+    /// CUDA graph (`cuda_graph=1`) must capture its first run at the timed shape.
+    pub fn connect(
+        card: &ModelCard,
+        gpu: Option<Gpu>,
         intra_threads: usize,
         mode: LatentMode,
         seed: u64,
@@ -125,103 +151,115 @@ impl Encoder {
                 );
             }
         }
-        let mut encoder = Encoder {
-            session,
-            card: card.clone(),
-            input_name,
+        let runner = Runner::new(session, input_name, output_name.clone(), input_f16, gpu)?;
+        Ok(Encoder {
+            runner,
             output_name,
-            input_f16,
-            mode,
-            seed,
-        };
-        encoder.probe()?;
-        Ok(encoder)
+            post: Post {
+                card: card.clone(),
+                mode,
+                seed,
+            },
+        })
+    }
+
+    /// Whether the encoder takes float16 (the batcher then writes f16 batches).
+    pub fn input_f16(&self) -> bool {
+        self.runner.input_f16()
+    }
+
+    /// The session's runner, for `bench-encoder`'s encoder-only measurement.
+    pub fn runner(&mut self) -> &mut Runner {
+        &mut self.runner
     }
 
     /// Runs one small gray image to check output channels and spatial factor when the ONNX
     /// graph leaves them dynamic.
     fn probe(&mut self) -> Result<()> {
-        let side = (self.card.spatial_factor * 8) as usize;
-        let mid = (self.card.input_range[0] + self.card.input_range[1]) / 2.0;
-        let pixels = vec![mid; 3 * side * side];
-        let (shape, _) = self.run(&pixels, 1, side, side)?;
-        let at = self.card.card_path.display();
-        if shape[1] != self.card.output_channels() {
-            bail!(
-                "{}",
-                channel_mismatch(&self.card, &self.output_name, shape[1])
-            );
+        let card = &self.post.card;
+        let side = (card.spatial_factor * 8) as usize;
+        let mid = (card.input_range[0] + card.input_range[1]) / 2.0;
+        let (f32s, f16s) = (
+            vec![mid; 3 * side * side],
+            vec![f16::from_f32(mid); 3 * side * side],
+        );
+        let pixels = if self.runner.input_f16() {
+            Pixels::F16(&f16s)
+        } else {
+            Pixels::F32(&f32s)
+        };
+        let shape = self
+            .runner
+            .run(pixels, [1, 3, side, side], |shape, _| Ok(shape))?;
+        let at = card.card_path.display();
+        if shape[1] != card.output_channels() {
+            bail!("{}", channel_mismatch(card, &self.output_name, shape[1]));
         }
-        let expect = side / self.card.spatial_factor as usize;
+        let expect = side / card.spatial_factor as usize;
         if shape[2] != expect || shape[3] != expect {
             bail!(
                 "model card {at}: field `spatial_factor` = {} says a {side}x{side} image gives {expect}x{expect} latents, \
                  but the encoder gave {}x{}",
-                self.card.spatial_factor, shape[3], shape[2]
+                card.spatial_factor, shape[3], shape[2]
             );
         }
         Ok(())
     }
 
-    /// Runs the session on `n` NCHW images; returns the output shape and values as f32.
-    fn run(
-        &mut self,
-        pixels: &[f32],
-        n: usize,
-        height: usize,
-        width: usize,
-    ) -> Result<([usize; 4], Vec<f32>)> {
-        let shape = [n, 3, height, width];
-        runtime::run_nchw(
-            &mut self.session,
-            &self.input_name,
-            &self.output_name,
-            self.input_f16,
-            pixels,
-            shape,
-        )
-    }
-
-    /// Encodes `batch` and applies the latent mode and the card's normalization.
+    /// Encodes `batch` and applies the latent mode and the card's normalization, the rows in
+    /// parallel on the rayon pool straight from the bound output.
     pub fn encode(&mut self, mut batch: Batch) -> Result<EncodedBatch> {
         let n = batch.len();
         let images = if batch.flipped { 2 * n } else { n };
-        let (shape, raw) = self.run(
-            &batch.pixels,
-            images,
-            batch.height as usize,
-            batch.width as usize,
-        )?;
-        if shape[1] != self.card.output_channels() {
-            bail!(
-                "{}",
-                channel_mismatch(&self.card, &self.output_name, shape[1])
-            );
-        }
-        let per_output = shape[1] * shape[2] * shape[3];
-        let per_latent = self.card.latent_channels * shape[2] * shape[3];
-        let latent_shape = match &self.card.batch_norm {
+        let flipped = batch.flipped;
+        let rows = std::mem::take(&mut batch.rows);
+        let shape = [images, 3, batch.height as usize, batch.width as usize];
+        let Encoder {
+            runner,
+            output_name,
+            post,
+        } = self;
+        let card = &post.card;
+        let (shape, done) = runner.run(batch.pixels.view(), shape, |shape, raw| {
+            if shape[1] != card.output_channels() {
+                bail!("{}", channel_mismatch(card, output_name, shape[1]));
+            }
+            let per_output = shape[1] * shape[2] * shape[3];
+            let hw = (shape[2], shape[3]);
+            let one = |at: usize, key: &str| {
+                let output = raw.f32_range(at * per_output..(at + 1) * per_output);
+                post.patchify(post.store(&output, key), hw)
+            };
+            let done: Vec<RowValues> = (0..rows.len())
+                .into_par_iter()
+                .map(|i| {
+                    let at = if flipped { 2 * i } else { i };
+                    let (latent, std) = one(at, &rows[i].key);
+                    let flip = flipped.then(|| one(at + 1, &format!("{}#flip", rows[i].key)));
+                    (latent, std, flip)
+                })
+                .collect();
+            Ok((shape, done))
+        })?;
+        let per_latent = card.latent_channels * shape[2] * shape[3];
+        let latent_shape = match &card.batch_norm {
             Some(bn) => {
                 let p = bn.patch_size;
                 if shape[2] % p != 0 || shape[3] % p != 0 {
                     bail!(
                         "model card {}: {}x{} latents cannot be patchified {p}x{p}; use image sides \
                          that are multiples of {}",
-                        self.card.card_path.display(),
+                        card.card_path.display(),
                         shape[3],
                         shape[2],
-                        self.card.spatial_factor as usize * p
+                        card.spatial_factor as usize * p
                     );
                 }
-                [
-                    self.card.latent_channels * p * p,
-                    shape[2] / p,
-                    shape[3] / p,
-                ]
+                [card.latent_channels * p * p, shape[2] / p, shape[3] / p]
             }
-            None => [self.card.latent_channels, shape[2], shape[3]],
+            None => [card.latent_channels, shape[2], shape[3]],
         };
-        let dist = self.card.output == EncoderOutput::Moments && self.mode == LatentMode::Dist;
+        let dist = card.output == EncoderOutput::Moments && post.mode == LatentMode::Dist;
         let with_std = |on: bool| (on && dist).then(|| Vec::with_capacity(n * per_latent));
         let mut out = EncodedBatch {
             width: batch.width,
@@ -230,26 +268,11 @@ impl Encoder {
             rows: Vec::with_capacity(n),
             latents: Vec::with_capacity(n * per_latent),
             stds: with_std(true),
-            flip_latents: batch.flipped.then(|| Vec::with_capacity(n * per_latent)),
-            flip_stds: with_std(batch.flipped),
+            flip_latents: flipped.then(|| Vec::with_capacity(n * per_latent)),
+            flip_stds: with_std(flipped),
             failures: Vec::new(),
         };
-        for (i, row) in std::mem::take(&mut batch.rows).into_iter().enumerate() {
-            let at = if batch.flipped { 2 * i } else { i };
-            let hw = (shape[2], shape[3]);
-            let (latent, std) = self.patchify(
-                self.store(&raw[at * per_output..(at + 1) * per_output], &row.key),
-                hw,
-            );
-            let flip = batch.flipped.then(|| {
-                self.patchify(
-                    self.store(
-                        &raw[(at + 1) * per_output..(at + 2) * per_output],
-                        &format!("{}#flip", row.key),
-                    ),
-                    hw,
-                )
-            });
+        for (row, (latent, std, flip)) in rows.into_iter().zip(done) {
             let values = [
                 Some(&latent),
                 std.as_ref(),
@@ -278,16 +301,15 @@ impl Encoder {
                 out.failures.push(Failure::new(
                     row.key,
                     FailureKind::Nonfinite,
-                    format!(
-                        "encoder {} produced NaN or Inf (fp16 overflow?)",
-                        self.card.name
-                    ),
+                    format!("encoder {} produced NaN or Inf (fp16 overflow?)", card.name),
                 ));
             }
         }
         Ok(out)
     }
+}
 
+impl Post {
     /// One image's encoder output → its stored latent (latent mode and normalization applied)
     /// and, in `dist` mode, its scaled std. `noise_key` seeds `sample` mode's noise.
     fn store(&self, output: &[f32], noise_key: &str) -> (Vec<f32>, Option<Vec<f32>>) {
@@ -333,7 +355,7 @@ impl Encoder {
     }
 }
 
-impl Encoder {
+impl Post {
     /// FLUX.2's normalization (card `[batch_norm]`), after `store`: 2×2 patchify of one
     /// [C, h, w] latent (and its std), then (z − mean) / sqrt(var + eps) per patchified channel;
     /// a std only scales, by the same 1 / sqrt(var + eps). No-op for other cards.

@@ -100,6 +100,7 @@ impl RunIdentity {
             shard_rows: _,
             threads: _,
             device: _,
+            latent_compression: _,
             max_failures: _,
             limit: _,
             captions: _,

@@ -95,7 +95,7 @@ struct BenchEncoderArgs {
     /// ONNX Runtime intra-op threads per session; 0 = all cores.
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// cpu, cuda, cuda:N or cuda:0,1,…
+    /// cpu, cuda, cuda:N or cuda:0,1,…, then CUDA options (nhwc=, algo=, fuse_conv_bias=, cuda_graph=, tf32=, sessions=).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -199,9 +199,12 @@ struct PrecomputeArgs {
     /// JPEGs decode at a reduced DCT scale (libjpeg-turbo) while still holding this many times the resize target, as Pillow's `reducing_gap`; 0 = always full size [default: 3.0].
     #[arg(long)]
     reducing_gap: Option<f32>,
-    /// Where the encoder runs: cpu, cuda, cuda:N, or cuda:0,1,… for one session per GPU fed from one queue [default: cpu].
+    /// Where the encoder runs: cpu, cuda, cuda:N, or cuda:0,1,… fed from one queue, then CUDA options: cuda:0,nhwc=1,algo=heuristic|exhaustive,fuse_conv_bias=0,tf32=1,sessions=2 [default: cpu].
     #[arg(long)]
     device: Option<String>,
+    /// How latent columns are stored: none, zstd[:LEVEL] or split-zstd[:LEVEL] (BYTE_STREAM_SPLIT, then zstd) [default: zstd:3].
+    #[arg(long, value_parser = vae_pipeline::write::LatentCompression::parse)]
+    latent_compression: Option<vae_pipeline::write::LatentCompression>,
     /// Split the run into N partitions written by separate workers (Slurm, Kubernetes, Ray); every worker passes the same N [default: 0 = one process].
     #[arg(long)]
     partitions: Option<usize>,
@@ -254,6 +257,7 @@ impl PrecomputeArgs {
             limit,
             reducing_gap,
             device,
+            latent_compression,
             partitions,
             partition_offset
         );

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::batch::{Batch, Batcher};
 use crate::config::PrecomputeConfig;
-use crate::encode::EncodedBatch;
+use crate::encode::{EncodedBatch, Encoder};
 use crate::failure::{Failure, FailureKind};
 use crate::format::{done_marker, Scope, SUCCESS};
 use crate::partition::{DoneMarker, DroppedRow};
@@ -378,10 +378,12 @@ fn run(
         tensors,
         rows.sidecars.columns(),
         config.thread_budget().min(WRITE_THREADS),
-    )?;
+    )?
+    .with_compression(config.latent_compression);
 
     let start = Instant::now();
     let sessions = encoders.len();
+    let input_f16 = encoders.first().is_some_and(Encoder::input_f16);
     let (batch_tx, batch_rx) = bounded::<(u64, Batch)>(ENCODE_QUEUE * sessions);
     let (write_tx, write_rx) = bounded::<Message>(WRITE_QUEUE * sessions);
     let mut progress = Progress::new(inputs as u64, "images");
@@ -390,12 +392,15 @@ fn run(
         let producer_tx = write_tx.clone();
         let rows = &rows;
         let source = source.as_ref();
+        let batcher = Batcher::new(config.batch_size, card.input_range)
+            .with_flip(config.flip)
+            .with_f16(input_f16);
         let producer = scope.spawn(move || {
             produce(
                 source,
                 rows,
                 config,
-                card.input_range,
+                batcher,
                 decode_threads,
                 committed,
                 stop,
@@ -605,7 +610,7 @@ fn produce(
     source: &(dyn Source + Send),
     rows: &RowMaker,
     config: &PrecomputeConfig,
-    input_range: [f32; 2],
+    batcher: Batcher,
     threads: usize,
     committed: &Committed,
     stop: &AtomicBool,
@@ -627,7 +632,7 @@ fn produce(
     let mut batching = Batching {
         stop,
         dedupe: config.dedupe,
-        batcher: Batcher::new(config.batch_size, input_range).with_flip(config.flip),
+        batcher,
         next_seq: 0,
         first_with: HashMap::new(),
         committed,
@@ -786,7 +791,7 @@ impl Batching<'_> {
                             .current
                             .insert(meta.key.clone(), Current::Row(meta.source_sha256, digest));
                     }
-                    match self.batcher.push(&image, meta) {
+                    match self.batcher.push(image, meta) {
                         Some(batch) => self.send(batch),
                         None => true,
                     }

@@ -66,6 +66,8 @@ impl<T> BufferPool<T> {
 pub static BYTES: BufferPool<u8> = BufferPool::new(64);
 /// f32 batch tensors (NCHW) on their way to the encoder and back.
 pub static FLOATS: BufferPool<f32> = BufferPool::new(8);
+/// f16 batch tensors, for encoders that take float16.
+pub static HALVES: BufferPool<half::f16> = BufferPool::new(8);
 
 #[cfg(test)]
 mod tests {

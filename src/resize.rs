@@ -33,6 +33,16 @@ pub struct Prepared {
     pub crop_height: u32,
 }
 
+/// A copy for a second batcher (`report` encodes each image with every model); the pixels come
+/// from the pool.
+impl Clone for Prepared {
+    fn clone(&self) -> Self {
+        let mut pixels = pool::BYTES.take(self.pixels.len());
+        pixels.extend_from_slice(&self.pixels);
+        Prepared { pixels, ..*self }
+    }
+}
+
 impl Drop for Prepared {
     fn drop(&mut self) {
         pool::BYTES.give(std::mem::take(&mut self.pixels));
@@ -329,14 +339,15 @@ impl Prepared {
         Some((x0, &self.pixels[start..start + (sx1 - sx0) * 3]))
     }
 
-    /// Writes the window into `dst` (CHW, 3·w·h floats), mapping 0..=255 onto `range`; padding
-    /// is the range's midpoint. `mirror` writes it flipped left to right.
-    pub fn write_chw(&self, dst: &mut [f32], range: [f32; 2], mirror: bool) {
+    /// Writes the window into `dst` (CHW, 3·w·h floats of the model's input type), mapping
+    /// 0..=255 onto `range`; padding is the range's midpoint. `mirror` writes it flipped left to
+    /// right. An f16 value is the f16 nearest the f32 one, as a converted f32 batch would hold.
+    pub fn write_chw<T: Level>(&self, dst: &mut [T], range: [f32; 2], mirror: bool) {
         let (w, h) = (self.crop_width as usize, self.crop_height as usize);
         let plane = w * h;
         assert_eq!(dst.len(), 3 * plane, "destination must hold one CHW image");
-        let lut = level_table(range);
-        let fill = (range[0] + range[1]) / 2.0;
+        let lut = level_table(range).map(T::from_f32);
+        let fill = T::from_f32((range[0] + range[1]) / 2.0);
         let (r, rest) = dst.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
         for y in 0..h {
@@ -357,6 +368,23 @@ impl Prepared {
                 b[xi] = lut[px[2] as usize];
             }
         }
+    }
+}
+
+/// An element type an encoder takes: f32, or f16 for fp16 models.
+pub trait Level: Copy {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Level for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Level for half::f16 {
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
     }
 }
 

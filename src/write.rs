@@ -6,8 +6,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow_array::{ArrayRef, FixedSizeBinaryArray, Int32Array, RecordBatch, StringArray};
-use arrow_schema::{DataType, SchemaRef};
+use arrow_array::{
+    ArrayRef, FixedSizeBinaryArray, FixedSizeListArray, Float16Array, Int32Array, RecordBatch,
+    StringArray, UInt16Array,
+};
+use arrow_schema::{DataType, Field, SchemaRef};
+use half::{bf16, f16, slice::HalfFloatSliceExt, vec::HalfFloatVecExt};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+use rayon::prelude::*;
 use rayon::ThreadPool;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +24,99 @@ use crate::failure::{Failure, FailureKind};
 use crate::format::{self, Scope, ShardMetadata, StorageDType, TensorColumns, MANIFEST, SUCCESS};
 use crate::shard_file::ShardFile;
 use crate::store::{Commit, ShardStore};
+
+/// How a shard's tensor columns are stored (`--latent-compression`): readers need nothing to
+/// tell them apart. Latents are noise-like floats: zstd on their bytes saves little, while
+/// BYTE_STREAM_SPLIT (each byte position of the values in its own stream) lets zstd find the
+/// repeated exponent bytes. `benches/latent_compression.py` measures size and speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum LatentCompression {
+    /// `none`: plain values, uncompressed.
+    None,
+    /// `zstd` or `zstd:LEVEL`: zstd on the plain values (level 3 by default).
+    Zstd(i32),
+    /// `split-zstd` or `split-zstd:LEVEL`: BYTE_STREAM_SPLIT, then zstd (level 3 by default).
+    SplitZstd(i32),
+}
+
+impl Default for LatentCompression {
+    fn default() -> Self {
+        Self::Zstd(3)
+    }
+}
+
+impl LatentCompression {
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            anyhow::anyhow!(
+                "latent compression {text:?}: expected none, zstd, zstd:LEVEL, split-zstd or                  split-zstd:LEVEL (LEVEL 1 to 22)"
+            )
+        };
+        let (name, level) = match text.trim().split_once(':') {
+            Some((name, level)) => {
+                let level: i32 = level.parse().map_err(|_| bad())?;
+                if !(1..=22).contains(&level) {
+                    return Err(bad());
+                }
+                (name, Some(level))
+            }
+            None => (text.trim(), None),
+        };
+        match (name, level) {
+            ("none", None) => Ok(Self::None),
+            ("zstd", level) => Ok(Self::Zstd(level.unwrap_or(3))),
+            ("split-zstd", level) => Ok(Self::SplitZstd(level.unwrap_or(3))),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The tensor columns' settings on top of `props` (the other columns keep theirs).
+    fn apply(self, props: WriterProperties) -> Result<WriterProperties> {
+        let (encoding, compression) = match self {
+            Self::None => (Encoding::PLAIN, Compression::UNCOMPRESSED),
+            Self::Zstd(level) => (
+                Encoding::PLAIN,
+                Compression::ZSTD(ZstdLevel::try_new(level)?),
+            ),
+            Self::SplitZstd(level) => (
+                Encoding::BYTE_STREAM_SPLIT,
+                Compression::ZSTD(ZstdLevel::try_new(level)?),
+            ),
+        };
+        let mut builder = props.into_builder();
+        for column in format::TENSOR_COLUMNS {
+            let path = ColumnPath::from(vec![column.to_string(), "list".into(), "item".into()]);
+            builder = builder
+                .set_column_encoding(path.clone(), encoding)
+                .set_column_compression(path, compression);
+        }
+        Ok(builder.build())
+    }
+}
+
+impl std::fmt::Display for LatentCompression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => write!(f, "none"),
+            Self::Zstd(level) => write!(f, "zstd:{level}"),
+            Self::SplitZstd(level) => write!(f, "split-zstd:{level}"),
+        }
+    }
+}
+
+impl TryFrom<String> for LatentCompression {
+    type Error = anyhow::Error;
+    fn try_from(text: String) -> Result<Self> {
+        Self::parse(&text)
+    }
+}
+
+impl From<LatentCompression> for String {
+    fn from(c: LatentCompression) -> String {
+        c.to_string()
+    }
+}
 
 /// One committed shard, as `_manifest.jsonl` lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +200,7 @@ pub struct ShardWriter {
     /// `_errors.jsonl`, written whole when the writer closes.
     errors: Vec<u8>,
     totals: WriteTotals,
+    compression: LatentCompression,
 }
 
 impl ShardWriter {
@@ -141,7 +243,14 @@ impl ShardWriter {
             schemas: HashMap::new(),
             errors: Vec::new(),
             totals: WriteTotals::default(),
+            compression: LatentCompression::default(),
         })
+    }
+
+    /// How the tensor columns are encoded and compressed (`--latent-compression`).
+    pub fn with_compression(mut self, compression: LatentCompression) -> Self {
+        self.compression = compression;
+        self
     }
 
     /// Records an input that could not be used.
@@ -197,7 +306,9 @@ impl ShardWriter {
         *part += 1;
         let pending = self.store.create(&rel, Commit::CreateOnly)?;
         let group = format::group_rows(format::row_tensor_bytes(&schema), self.shard_rows);
-        let props = format::writer_properties(&self.metadata, group)?;
+        let props = self
+            .compression
+            .apply(format::writer_properties(&self.metadata, group)?)?;
         ShardFile::new(pending, schema, props, group, self.pool.clone())
     }
 
@@ -256,6 +367,37 @@ impl ShardWriter {
             .clone()
     }
 
+    /// One tensor column in the stored type: f32 moves in without a copy; f16 and bf16 are
+    /// converted on the write pool, in chunks with the CPU's conversion instructions, not one
+    /// value at a time on the writer's thread.
+    fn tensor_column(&self, values: Vec<f32>, shape: [usize; 3]) -> ArrayRef {
+        const CHUNK: usize = 1 << 16;
+        let child: ArrayRef = match self.dtype {
+            StorageDType::F32 => return format::tensor_array(values, self.dtype, shape),
+            StorageDType::F16 => {
+                let mut out = vec![f16::ZERO; values.len()];
+                self.pool.install(|| {
+                    out.par_chunks_mut(CHUNK)
+                        .zip(values.par_chunks(CHUNK))
+                        .for_each(|(dst, src)| dst.convert_from_f32_slice(src))
+                });
+                Arc::new(Float16Array::from(out))
+            }
+            StorageDType::Bf16 => {
+                let mut out = vec![bf16::ZERO; values.len()];
+                self.pool.install(|| {
+                    out.par_chunks_mut(CHUNK)
+                        .zip(values.par_chunks(CHUNK))
+                        .for_each(|(dst, src)| dst.convert_from_f32_slice(src))
+                });
+                Arc::new(UInt16Array::from(out.reinterpret_into()))
+            }
+        };
+        let item = Arc::new(Field::new("item", self.dtype.element_type(), true));
+        let len = shape.iter().product::<usize>() as i32;
+        Arc::new(FixedSizeListArray::new(item, len, child, None))
+    }
+
     /// Moves the batch's latents into Arrow arrays (no copy for f32).
     fn record_batch(&mut self, batch: EncodedBatch) -> Result<RecordBatch> {
         let schema = self.schema(&batch);
@@ -276,13 +418,13 @@ impl ShardWriter {
             int(|r| r.crop_left),
             int(|r| r.width),
             int(|r| r.height),
-            format::tensor_array(batch.latents, self.dtype, batch.latent_shape),
+            self.tensor_column(batch.latents, batch.latent_shape),
         ];
         for extra in [batch.stds, batch.flip_latents, batch.flip_stds]
             .into_iter()
             .flatten()
         {
-            columns.push(format::tensor_array(extra, self.dtype, batch.latent_shape));
+            columns.push(self.tensor_column(extra, batch.latent_shape));
         }
         columns.push(Arc::new(StringArray::from(
             rows.iter().map(|r| r.caption.clone()).collect::<Vec<_>>(),

@@ -6,14 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 shared=${SHARED:-../shared}
-test -x target/release/vae-pipeline || { echo "build first: make build" >&2; exit 1; }
+bin=${DEVICE_BIN:-target/release/vae-pipeline}
+test -x "$bin" || { echo "build first: $bin is missing (see the comment at the top)" >&2; exit 1; }
 mkdir -p .ortgpu
 # Recompressed with xz's x86 filter (1.5 MB smaller than the shared bundle; a few minutes, once).
 if [ ! -s .ortgpu/ortgpu_sm90.tar.xz ]; then
   xz -dc "$shared/gpu/ortgpu_sm90.tar.xz" | xz --x86 --lzma2=preset=9e,dict=192MiB -T1 \
     > .ortgpu/ortgpu_sm90.tar.xz.tmp && mv .ortgpu/ortgpu_sm90.tar.xz.tmp .ortgpu/ortgpu_sm90.tar.xz
 fi
-strip -o .ortgpu/vae-pipeline target/release/vae-pipeline
+strip -o .ortgpu/vae-pipeline "$bin"
 xz --x86 --lzma2=preset=9e -T1 -f .ortgpu/vae-pipeline
 xz -9e -c models/onnx/taef2_encoder_fp16.onnx > .ortgpu/taef2_encoder_fp16.onnx.xz
 carry=$(du -cb .ortgpu/* | tail -1 | cut -f1)

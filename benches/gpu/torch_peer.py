@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""PyTorch peer for the GPU device check: the same TAEF2 encoder (same ONNX graph, same
-weights) executed op by op with torch in fp16 on the GPU, timed like `bench-encoder`.
+"""PyTorch peer for the GPU device check: the same encoder (same fp32 ONNX graph, same
+weights) executed op by op with torch on the GPU, timed like `bench-encoder`'s encoder-only
+number: one batch resident on the device, outputs left there.
 
-    python torch_peer.py MODEL.onnx --size 256 --batch-size 32 --images 2048 [--compile]
+    python torch_peer.py MODEL.onnx --size 256 --batch-size 32 --images 2048 \
+        [--dtype fp16|bf16|fp32] [--channels-last] [--compile]
 
-The graph is interpreted node by node with torch functions (Conv, Relu, Add, Mul, Reshape,
-Shape, InstanceNormalization, Constant: the ops of the TAESD export), so no exporter or
-third-party converter is needed. It first checks itself against onnxruntime on the CPU for one
-small image, then prints one JSON line like `vae-pipeline bench-encoder`.
+The graph is interpreted node by node with torch functions (the ops of the TAESD export and of
+`vae-pipeline export`'s AutoencoderKL encoders: Conv, Relu, Sigmoid, Add, Mul, Reshape, Shape,
+InstanceNormalization, MatMul, Transpose, Softmax, Cast, Identity, Constant), so no exporter or
+third-party converter is needed. cudnn.benchmark is on (PyTorch's strongest eager setting for
+fixed shapes). It first checks itself against onnxruntime on the CPU for one small image, then
+prints one JSON line.
 """
 import argparse
 import json
@@ -64,6 +68,20 @@ class OnnxModule(torch.nn.Module):
                 src, shape = get(ins[0]), [int(s) for s in get(ins[1]).tolist()]
                 shape = [src.shape[i] if s == 0 else s for i, s in enumerate(shape)]
                 y = src.reshape(shape)
+            elif op == "Sigmoid":
+                y = torch.sigmoid(get(ins[0]))
+            elif op == "MatMul":
+                y = torch.matmul(get(ins[0]), get(ins[1]))
+            elif op == "Transpose":
+                y = get(ins[0]).permute(*a["perm"])
+            elif op == "Softmax":
+                y = torch.softmax(get(ins[0]), dim=a.get("axis", -1))
+            elif op == "Identity":
+                y = get(ins[0])
+            elif op == "Cast":
+                # Casts around norms in an fp16 export: keep the module's compute type.
+                src = get(ins[0])
+                y = src.to(x.dtype) if src.is_floating_point() else src
             elif op == "InstanceNormalization":
                 y = F.instance_norm(get(ins[0]), weight=get(ins[1]), bias=get(ins[2]), eps=a.get("epsilon", 1e-5))
             else:
@@ -79,7 +97,10 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--channels-last", action="store_true")
     args = p.parse_args()
+    torch.backends.cudnn.benchmark = True
     proto = onnx.load(args.model)
     module = OnnxModule(proto).eval()
 
@@ -91,10 +112,15 @@ def main():
     check = float(np.abs(ours - ref).max())
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
     module = module.to(device=device, dtype=dtype)
+    for name, buf in module.named_buffers():
+        if buf.dim() == 4:
+            setattr(module, name, buf.contiguous(memory_format=memory))
     run = torch.compile(module) if args.compile else module
     batch = torch.rand(args.batch_size, 3, args.size, args.size, device=device, dtype=dtype)
+    batch = batch.contiguous(memory_format=memory)
     with torch.no_grad():
         for _ in range(3):
             run(batch)
@@ -109,7 +135,8 @@ def main():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     print(json.dumps({
-        "peer": "torch", "device": device, "dtype": str(dtype), "compile": args.compile,
+        "peer": "torch", "device": device, "dtype": args.dtype, "compile": args.compile,
+        "channels_last": args.channels_last,
         "size": args.size, "batch_size": args.batch_size, "images": done, "seconds": seconds,
         "images_per_second": done / seconds, "max_abs_diff_vs_onnxruntime_fp32": check,
     }))

@@ -347,9 +347,14 @@ impl Scorer {
                 .map(|(i, (_, meta))| (meta.key.as_str(), i))
                 .collect();
             for m in 0..self.models.len() {
-                let mut batcher = Batcher::new(self.batch_size, self.models[m].card.input_range);
+                let input_f16 = self.models[m]
+                    .encoder
+                    .as_ref()
+                    .is_some_and(|e| e.input_f16());
+                let mut batcher = Batcher::new(self.batch_size, self.models[m].card.input_range)
+                    .with_f16(input_f16);
                 for (image, meta) in &images {
-                    if let Some(batch) = batcher.push(image, meta.clone()) {
+                    if let Some(batch) = batcher.push(image.clone(), meta.clone()) {
                         self.encode_and_score(m, batch, &originals, &index)?;
                     }
                 }

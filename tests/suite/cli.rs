@@ -495,9 +495,10 @@ fn preset_then_flags_make_the_effective_config() {
     );
 }
 
-/// `bench-encoder` runs the real encode stage on synthetic batches and reports one JSON line.
+/// `bench-encoder` reports one JSON line with two measurements: the encoder alone (input
+/// resident, whole batches per session) and the encode stage's host path (every image asked for).
 #[test]
-fn bench_encoder_reports_encoder_only_throughput() {
+fn bench_encoder_reports_encoder_only_and_host_path_throughput() {
     let dir = scratch("cli-bench-encoder");
     let avgpool = card_file(&dir, "avgpool8");
     let r = vae_pipeline(&[
@@ -518,5 +519,11 @@ fn bench_encoder_reports_encoder_only_throughput() {
     assert_eq!(line["images"], 7);
     assert_eq!(line["batch_size"], 3);
     assert_eq!(line["device"], "cpu");
+    assert_eq!(line["input"], "float32");
+    assert_eq!(line["encoder_images"], 9, "three whole batches of 3");
     assert!(line["images_per_second"].as_f64().unwrap() > 0.0, "{line}");
+    assert!(
+        line["encoder_images_per_second"].as_f64().unwrap() > 0.0,
+        "{line}"
+    );
 }

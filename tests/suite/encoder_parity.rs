@@ -1,7 +1,7 @@
 //! The encode stage against tensors PyTorch/diffusers computed (`../shared/models/golden`).
 
 use crate::common::*;
-use vae_pipeline::batch::Batch;
+use vae_pipeline::batch::{Batch, BatchPixels, Batcher};
 use vae_pipeline::config::LatentMode;
 use vae_pipeline::decode::{decode_bytes, DecodeOptions};
 use vae_pipeline::encode::Encoder;
@@ -26,7 +26,7 @@ fn golden_batch(file: &str, cases: &[&str]) -> Batch {
         width: shape[3] as u32,
         height: shape[2] as u32,
         rows: cases.iter().map(|c| row(c)).collect(),
-        pixels,
+        pixels: BatchPixels::F32(pixels),
         flipped: false,
     }
 }
@@ -82,6 +82,54 @@ fn taef2_fp16_is_within_fp16_tolerance() {
         assert!(
             max_abs_diff(got, &want) <= 0.1 && mean <= 0.01,
             "{case}: mean |diff| {mean}"
+        );
+    }
+}
+
+/// An fp16 encoder gets f16 batches written by the batcher (in parallel, no f32 batch in
+/// between): the same latents, to the bit, as an f32 batch of the same images converted on the
+/// way in, with mirror images and a partial batch.
+#[test]
+fn fp16_batches_written_directly_encode_like_converted_f32_batches() {
+    let dir = scratch("parity-taef2-fp16-direct");
+    let mut enc = Encoder::open(&card(&dir, "taef2-fp16"), 2, LatentMode::Mean, 0).unwrap();
+    assert!(enc.input_f16());
+    let images: Vec<Prepared> = (0..3u32)
+        .map(|i| Prepared {
+            pixels: (0..40 * 32 * 3)
+                .map(|v| ((v * 7 + i * 50) % 256) as u8)
+                .collect(),
+            width: 40,
+            height: 32,
+            crop_left: 4,
+            crop_top: 0,
+            crop_width: 32,
+            crop_height: 32,
+        })
+        .collect();
+    let batches = |f16: bool| {
+        let mut batcher = Batcher::new(2, [0.0, 1.0]).with_flip(true).with_f16(f16);
+        let mut out: Vec<Batch> = images
+            .iter()
+            .filter_map(|p| batcher.push(p.clone(), row("img")))
+            .collect();
+        out.extend(batcher.flush());
+        out
+    };
+    let (direct, converted) = (batches(true), batches(false));
+    assert_eq!(direct.len(), 2, "one full batch and one partial");
+    for (d, c) in direct.into_iter().zip(converted) {
+        assert!(matches!(d.pixels, BatchPixels::F16(_)));
+        assert!(matches!(c.pixels, BatchPixels::F32(_)));
+        assert_eq!(d.pixels.len(), c.pixels.len());
+        let (d, c) = (enc.encode(d).unwrap(), enc.encode(c).unwrap());
+        assert_eq!(d.rows.len(), c.rows.len());
+        assert_eq!(d.latents, c.latents);
+        assert_eq!(d.flip_latents, c.flip_latents);
+        assert_ne!(
+            d.latents,
+            d.flip_latents.unwrap(),
+            "mirrors are encoded too"
         );
     }
 }
@@ -209,7 +257,7 @@ fn golden_image_files_decode_like_pillow_and_encode_within_tolerance() {
                 width: w,
                 height: h,
                 rows: vec![row(case)],
-                pixels,
+                pixels: BatchPixels::F32(pixels),
                 flipped: false,
             })
             .unwrap();

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::common::*;
 use prost::Message;
 use safetensors::{serialize_to_file, Dtype, SafeTensors, View};
-use vae_pipeline::batch::Batch;
+use vae_pipeline::batch::{Batch, BatchPixels};
 use vae_pipeline::config::LatentMode;
 use vae_pipeline::encode::Encoder;
 use vae_pipeline::export::onnx_pb::ModelProto;
@@ -151,7 +151,7 @@ fn tiny_kl_f32_matches_diffusers() {
         width: 64,
         height: 64,
         rows: CASES.iter().map(|c| row(c)).collect(),
-        pixels,
+        pixels: BatchPixels::F32(pixels),
         flipped: false,
     };
     let encoded = encoder.encode(batch).unwrap();
