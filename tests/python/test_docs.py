@@ -60,17 +60,6 @@ FOREIGN_FLAGS = {
     "--bucket_no_upscale": "kohya sd-scripts",
 }
 
-# Flags the guides document ahead of the binary: another branch adds them (`trainers`: the
-# trainers' buckets and --allow-partial; `gpu`: --latent-compression). Once `--help` shows one, the
-# test says to remove it from here.
-_PRECOMPUTE_PENDING = {"--min-bucket-reso", "--max-bucket-reso", "--latent-compression"}
-PENDING_FLAGS: dict[str, set[str]] = {
-    "precompute": _PRECOMPUTE_PENDING,
-    "plan": _PRECOMPUTE_PENDING,
-    "convert": {"--allow-partial", "--bucket-no-upscale"},
-}
-
-
 # ------------------------------------------------------------------------------ the pages
 
 @dataclass
@@ -445,13 +434,10 @@ def test_help_and_the_flag_tables_agree(binary):
     helps, tables = help_flags(binary), table_flags()
     problems = []
     for sub, flags in helps.items():
-        pending = PENDING_FLAGS.get(sub, set())
         for flag in sorted(flags - tables.get(sub, set())):
             problems.append(f"`{sub} {flag}` is in --help but in no guide's flag table")
-        for flag in sorted(tables.get(sub, set()) - flags - pending):
+        for flag in sorted(tables.get(sub, set()) - flags):
             problems.append(f"`{sub} {flag}` is in a guide's flag table but not in --help")
-        for flag in sorted(pending & flags):
-            problems.append(f"`{sub} {flag}` is in --help now: remove it from PENDING_FLAGS")
     for sub in sorted(set(tables) - set(helps)):
         problems.append(f"a flag table is tagged `{sub}`, which is not a subcommand")
     readme = (REPO / "README.md").read_text()
@@ -463,8 +449,6 @@ def test_help_and_the_flag_tables_agree(binary):
 
 def test_every_flag_the_guides_name_exists(binary):
     helps = help_flags(binary)
-    for sub, flags in PENDING_FLAGS.items():
-        helps[sub] = helps[sub] | flags
     known = set().union(*helps.values(), {"--help", "--version"})
     unknown = []
     for page in PAGES:
