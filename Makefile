@@ -46,7 +46,7 @@ models:
 	  mkdir -p models/onnx && cp -u $(SHARED)/models/*.onnx models/onnx/ && echo "models/onnx/ filled from $(SHARED)/models"; \
 	else \
 	  echo "$(SHARED)/models not found: the shipped cards for taef2, taef2-fp16, tiny-kl and avgpool8 need its ONNX files."; \
-	  echo "Put them in models/onnx/, or see README.md 'Getting ONNX files for real VAEs'."; exit 1; \
+	  echo "Put them in models/onnx/, or see docs/models.md 'Use your own VAE'."; exit 1; \
 	fi
 
 build:
@@ -59,7 +59,7 @@ demo: setup build
 	  t = pq.read_table(sorted(glob.glob('$(DEMO_OUT)/*/*.parquet'))); a = t.column('latent').combine_chunks(); \
 	  print(f'pyarrow reads {t.num_rows} rows; latent {a.type}; array {a.to_numpy_ndarray().shape}')"
 
-# A dataset build as make stages (README "Dataset builds with make"): precompute -> verify ->
+# A dataset build as make stages (docs/images.md "Dataset builds with make"): precompute -> verify ->
 # report, each rebuilt only when what it depends on changed.
 DATASET_IMAGES   ?= $(SHARED)/data/kodak
 DATASET_OUT      ?= demo-out/dataset
@@ -82,7 +82,7 @@ $(BIN):
 
 # The wheel for `pip install`: maturin links the same release build (`cargo test` built it
 # already, so only the binary is relinked, stripped), the shipped cards travel as wheel data
-# into <prefix>/share/vae-pipeline/models. Platform tag: see README "Install with pip".
+# into <prefix>/share/vae-pipeline/models. Platform tag: see docs/install.md "Install with pip".
 WHEEL_DATA := target/wheel-data/data/share/vae-pipeline/models
 wheel: $(VENV)/.installed
 	rm -rf target/wheel-data target/wheels && mkdir -p $(WHEEL_DATA)
@@ -96,7 +96,7 @@ test: setup
 	$(MAKE) wheel
 	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
 
-# Many machines (README "Many machines"): the Slurm sbatch scripts on real single-node Slurm
+# Many machines (docs/many-machines.md): the Slurm sbatch scripts on real single-node Slurm
 # daemons (Debian slurm-wlm + munge, started and stopped by the test), the Kubernetes Job's worker
 # environment, and the Ray launcher on a local Ray cluster (its own venv: Ray is a 540 MB install).
 RAY_VENV := .venv-ray

@@ -1,4 +1,4 @@
-"""Many-worker runs at scale, on paper backed by measurement (README "Many machines").
+"""Many-worker runs at scale, on paper backed by measurement (docs/many-machines.md).
 
 1. `plan` over a listing of U units (one-byte `.jpg` files in folders of 1,000; no image is read)
    into P partitions: wall time and peak RSS.

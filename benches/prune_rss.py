@@ -1,4 +1,4 @@
-"""Peak RSS of a prune against the run's own peak (README "Memory").
+"""Peak RSS of a prune against the run's own peak (docs/performance.md).
 
 Makes N distinct small PNGs, encodes them with avgpool8 at 1024² in f32 into one shard of N rows
 (4x128x128 f32 = 256 KiB per row), changes one image and reruns: the rerun re-encodes that image

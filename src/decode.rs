@@ -40,7 +40,7 @@ impl Default for DecodeOptions {
     }
 }
 
-/// See `DecodeOptions::reducing_gap` and README "JPEG draft decoding" for the measurement.
+/// See `DecodeOptions::reducing_gap` and docs/images.md "How images are read" for the measurement.
 pub const DEFAULT_REDUCING_GAP: f32 = 3.0;
 
 /// The size the next stage will resize an upright `width`×`height` image to; lets a JPEG

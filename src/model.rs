@@ -162,7 +162,7 @@ impl ModelCard {
             bail!(
                 "model card {at}: field `encoder` names {}, which does not exist.\n\
                  Run `make models` to copy the shared test models into models/onnx/, or make it from \
-                 the VAE's checkpoint with `vae-pipeline export` (README: \"Use your own VAE\")",
+                 the VAE's checkpoint with `vae-pipeline export` (docs/models.md, \"Use your own VAE\")",
                 self.encoder.display()
             );
         }

@@ -51,7 +51,7 @@ pub struct RunPlan {
 /// How the thread budget is split between the decode pool and each ONNX Runtime session. On
 /// the CPU both get every thread (the encoder is the bottleneck for any real VAE; ONNX Runtime
 /// does not spin while waiting, so the pool takes the cores whenever the encoder waits for a
-/// batch, and README "Scaling" shows the measurements behind this). On GPUs the sessions need
+/// batch, and docs/performance.md "Measured on CPUs" shows the measurements behind this). On GPUs the sessions need
 /// one thread each for the few CPU-side nodes and decoding gets the cores.
 pub fn thread_split(budget: usize, device: &Device) -> (usize, usize) {
     match device {

@@ -47,7 +47,7 @@ pub struct ReportArgs {
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
     /// LPIPS as an ONNX export: two float32 [N, 3, H, W] inputs in [-1, 1] (original, then
-    /// reconstruction) and one output of N distances (see README). Without it there is no
+    /// reconstruction) and one output of N distances (see docs/report.md). Without it there is no
     /// LPIPS column.
     #[arg(long, value_name = "MODEL.onnx")]
     pub lpips: Option<PathBuf>,

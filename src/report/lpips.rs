@@ -1,5 +1,5 @@
 //! Optional LPIPS from a user-supplied ONNX export. Takes originals and reconstructions in
-//! [0, 1], hands on one distance per image. The expected I/O (README, "Reconstruction report"):
+//! [0, 1], hands on one distance per image. The expected I/O (docs/report.md, "LPIPS ONNX I/O"):
 //! two float32 inputs `[N, 3, H, W]` in [-1, 1] (the `lpips` package's convention), the
 //! original first, and one output holding N distances (`[N]`, `[N, 1]` or `[N, 1, 1, 1]`).
 
@@ -22,7 +22,7 @@ impl Lpips {
     pub fn open(path: &Path, threads: usize, size: usize) -> Result<Self> {
         let at = path.display();
         if !path.is_file() {
-            bail!("--lpips {at} does not exist; pass an LPIPS ONNX export (see README)");
+            bail!("--lpips {at} does not exist; pass an LPIPS ONNX export (see docs/report.md)");
         }
         let session =
             runtime::session(path, threads).with_context(|| format!("cannot open --lpips {at}"))?;

@@ -39,13 +39,13 @@ pub fn decoder_path(card: &ModelCard) -> Result<&std::path::Path> {
         anyhow!(
             "model card {at} has no `decoder`: the report decodes the latents with it. Add \
              `decoder = \"path/to/decoder.onnx\"` to the card (`vae-pipeline export` writes both; \
-             README: \"Use your own VAE\")"
+             docs/models.md: \"Use your own VAE\")"
         )
     })?;
     if !path.is_file() {
         bail!(
             "model card {at}: field `decoder` names {}, which does not exist. Run `make models` \
-             for the shared test models, or export the decoder with `vae-pipeline export` (README: \
+             for the shared test models, or export the decoder with `vae-pipeline export` (docs/models.md: \
              \"Use your own VAE\")",
             path.display()
         );
