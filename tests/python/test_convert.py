@@ -16,15 +16,13 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from onnx import TensorProto, helper
 
 import bucket_reference as br
 from PIL import Image
-from vp_helpers import REPO, require, run_precompute, tensor
+from vp_helpers import REPO, pooling_encoder, require, run_precompute, tensor
 
 sys.path.insert(0, str(REPO / "python"))
 from vae_pipeline import read  # noqa: E402
@@ -129,24 +127,6 @@ def kohya_crop_ltrb(bucket, size):
 
 
 # ------------------------------------------------------------------------- encoders and cards
-
-def pooling_encoder(path, channels, seed):
-    """x [N,3,H,W] -> AveragePool 8x8 -> 1x1 conv to `channels` (fixed random weights)."""
-    w = np.random.default_rng(seed).standard_normal((channels, 3, 1, 1)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
-         helper.make_node("Conv", ["pooled", "w"], ["latent"])],
-        "pooling_encoder",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])],
-        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["n", channels, "h8", "w8"])],
-        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten())],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
 
 def card(path, name, encoder, channels, scale, shift=0.0, extra=""):
     path.write_text(

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
@@ -34,13 +33,14 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from safetensors.numpy import save_file
 
 from vp_helpers import REPO, moto_server, require, s3_env
+
+sys.path.insert(0, str(REPO / "benches" / "gpu"))
+import vae_checkpoint  # noqa: E402  (the GPU bench's checkpoint writer, shared with these stand-ins)
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINKED = [*PAGES, REPO / "FORMAT.md", REPO / "ARCHITECTURE.md", *sorted((REPO / "pipelines").glob("*/README.md"))]
@@ -146,78 +146,22 @@ def matches(expected: list[str], output: str) -> bool:
 # ---------------------------------------------------------------------- the stand-in VAEs
 
 def kl_checkpoint(folder: Path, latent: int, scaling: float, shift: float | None, quant: bool,
-                  rng: np.random.Generator, flux2: bool = False) -> Path:
+                  seed: int, flux2: bool = False) -> Path:
     """A diffusers AutoencoderKL folder (config.json + safetensors) of the published layout with
-    four 4-channel blocks (factor 8, as the real VAEs) and random weights. Its mid blocks have no
-    attention (`mid_block_add_attention` off): at 1/8 of a 1024² bucket that attention's matrix
-    alone is about 1 GB per image, and these runs must take seconds."""
-    chans, layers = [4, 4, 4, 4], 1
+    four 4-channel blocks (factor 8, as the real VAEs) and random weights, written by the GPU
+    bench's checkpoint writer. Its mid blocks have no attention (`mid_block_add_attention` off):
+    at 1/8 of a 1024² bucket that attention's matrix alone is about 1 GB per image, and these
+    runs must take seconds."""
     config = {
-        "_class_name": "AutoencoderKLFlux2" if flux2 else "AutoencoderKL", "act_fn": "silu",
-        "block_out_channels": chans, "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4, "in_channels": 3, "out_channels": 3,
-        "latent_channels": latent, "layers_per_block": layers, "norm_num_groups": 4,
-        "sample_size": 64, "scaling_factor": scaling, "shift_factor": shift, "force_upcast": False,
-        "mid_block_add_attention": False, "use_quant_conv": quant, "use_post_quant_conv": quant,
+        **vae_checkpoint.BASE, "_class_name": "AutoencoderKLFlux2" if flux2 else "AutoencoderKL",
+        "block_out_channels": [4, 4, 4, 4], "layers_per_block": 1, "norm_num_groups": 4,
+        "latent_channels": latent, "sample_size": 64, "scaling_factor": scaling,
+        "shift_factor": shift, "mid_block_add_attention": False, "use_quant_conv": quant,
+        "use_post_quant_conv": quant,
     }
     if flux2:
         config.update({"batch_norm_eps": 1e-4, "patch_size": [2, 2]})
-    w: dict[str, np.ndarray] = {}
-
-    def conv(name, cout, cin, k=3):
-        w[name + ".weight"] = rng.normal(0, (cin * k * k) ** -0.5, (cout, cin, k, k)).astype(np.float32)
-        w[name + ".bias"] = np.zeros(cout, np.float32)
-
-    def norm(name, c):
-        w[name + ".weight"] = np.ones(c, np.float32)
-        w[name + ".bias"] = np.zeros(c, np.float32)
-
-    def resnet(name, cin, cout):
-        norm(name + ".norm1", cin)
-        conv(name + ".conv1", cout, cin)
-        norm(name + ".norm2", cout)
-        conv(name + ".conv2", cout, cout)
-        if cin != cout:
-            conv(name + ".conv_shortcut", cout, cin, 1)
-
-    def mid(name, c):
-        resnet(name + ".resnets.0", c, c)
-        resnet(name + ".resnets.1", c, c)
-
-    conv("encoder.conv_in", chans[0], 3)
-    cin = chans[0]
-    for i, c in enumerate(chans):
-        for j in range(layers):
-            resnet(f"encoder.down_blocks.{i}.resnets.{j}", cin if j == 0 else c, c)
-        cin = c
-        if i < len(chans) - 1:
-            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", c, c)
-    mid("encoder.mid_block", chans[-1])
-    norm("encoder.conv_norm_out", chans[-1])
-    conv("encoder.conv_out", 2 * latent, chans[-1])
-    rev = chans[::-1]
-    conv("decoder.conv_in", rev[0], latent)
-    mid("decoder.mid_block", rev[0])
-    cin = rev[0]
-    for k, c in enumerate(rev):
-        for j in range(layers + 1):
-            resnet(f"decoder.up_blocks.{k}.resnets.{j}", cin if j == 0 else c, c)
-        cin = c
-        if k < len(rev) - 1:
-            conv(f"decoder.up_blocks.{k}.upsamplers.0.conv", c, c)
-    norm("decoder.conv_norm_out", rev[-1])
-    conv("decoder.conv_out", 3, rev[-1])
-    if quant:
-        conv("quant_conv", 2 * latent, 2 * latent, 1)
-        conv("post_quant_conv", latent, latent, 1)
-    if flux2:
-        w["bn.running_mean"] = rng.normal(0, 0.1, 4 * latent).astype(np.float32)
-        w["bn.running_var"] = rng.uniform(0.5, 2.0, 4 * latent).astype(np.float32)
-        w["bn.num_batches_tracked"] = np.array(1000, np.int64)
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file(w, str(folder / "diffusion_pytorch_model.safetensors"))
-    return folder
+    return vae_checkpoint.write(config, folder, seed)
 
 
 # name in the guides -> (latent channels, scaling, shift, quant_conv, FLUX.2, shipped card it serves)
@@ -298,9 +242,8 @@ def sandbox(binary, shared, s3_endpoint, tmp_path_factory) -> Sandbox:
         "PATH": f"{root / 'bin'}:{env['PATH']}", "VAE_PIPELINE_MODELS": str(weights),
         "XDG_CONFIG_HOME": str(root / "xdg"), "PYTHONPATH": str(REPO / "python"),
     })
-    rng = np.random.default_rng(24)
-    for name, (latent, scaling, shift, quant, flux2, card) in STAND_INS.items():
-        folder = kl_checkpoint(t / name, latent, scaling, shift, quant, rng, flux2)
+    for seed, (name, (latent, scaling, shift, quant, flux2, card)) in enumerate(STAND_INS.items()):
+        folder = kl_checkpoint(t / name, latent, scaling, shift, quant, seed, flux2)
         if card:
             r = subprocess.run([str(binary), "export", "--checkpoint", str(folder), "--out",
                                 str(weights / "onnx" / card)], capture_output=True, text=True, env=env, timeout=300)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vp_helpers import require, run_precompute
+from vp_helpers import pooling_encoder, require, run_precompute
 
 PHOTOS = [f"kodim{i:02d}.png" for i in (1, 2, 3)]
 ESCAPE = f"vp-escape-{uuid.uuid4().hex[:12]}"
@@ -41,28 +41,6 @@ def photos(shared, tmp_path_factory):
     for name in PHOTOS:
         shutil.copyfile(require(shared / "data" / "kodak" / name, "Kodak photo"), d / name)
     return d
-
-
-def pooling_encoder(path: Path, channels: int) -> Path:
-    """x [N,3,H,W] -> AveragePool 8x8 -> 1x1 conv to `channels`: the FLUX.1 autoencoder's 16
-    channels at its factor 8, which every converter target takes (kohya flux, musubi z-image)."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper
-
-    w = np.random.default_rng(0).standard_normal((channels, 3, 1, 1)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
-         helper.make_node("Conv", ["pooled", "w"], ["latent"])],
-        "pooling_encoder",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])],
-        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["n", channels, "h8", "w8"])],
-        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten())],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,29 @@ def sha256_file(path: Path) -> bytes:
     return hashlib.sha256(Path(path).read_bytes()).digest()
 
 
+def pooling_encoder(path: Path, channels: int, seed: int = 0) -> Path:
+    """A real ONNX encoder built with onnx's own helpers: x [N,3,H,W] -> AveragePool 8x8 -> 1x1 conv
+    to `channels` (fixed random weights). It stands in for autoencoders of other channel counts
+    (FLUX.1's 16, FLUX.2's 32) at their factor 8."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(seed).standard_normal((channels, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
+         helper.make_node("Conv", ["pooled", "w"], ["latent"])],
+        "pooling_encoder",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["n", channels, "h8", "w8"])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.flatten())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def run_precompute(binary: Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `vae-pipeline precompute ARGS`; fail with the command, exit code and stderr if it fails."""
     cmd = [str(binary), "precompute", *[str(a) for a in args]]
