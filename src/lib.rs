@@ -2,7 +2,8 @@
 //!
 //! The stages are the modules, in flow order: [`source`] → [`decode`] → [`resize`] →
 //! [`batch`] → [`encode`] → [`write`] (through a [`store`]), checked by [`plan`] and wired by
-//! [`pipeline`]. [`format`] is the shard contract every reader and writer shares, [`identity`]
+//! [`pipeline`], run once per scope (the whole set or each partition) by [`set`]. [`format`]
+//! is the shard contract every reader and writer shares, [`identity`]
 //! what decides the latents, [`config`] the run's settings, [`model`] the VAE's card,
 //! [`runtime`] the ONNX Runtime library, [`failure`] the kinds of input that cannot be used. [`report`] measures how well a VAE reconstructs the
 //! images (PSNR, SSIM, latent statistics, an HTML page). [`export`] turns VAE checkpoints into
@@ -23,7 +24,7 @@ pub mod identity;
 pub mod lock;
 pub mod model;
 pub mod object;
-pub mod partition;
+pub mod partition_files;
 pub mod pipeline;
 pub mod plan;
 pub mod pool;
@@ -33,11 +34,13 @@ pub mod resize;
 pub mod resume;
 pub mod rows;
 pub mod runtime;
+pub mod set;
 pub mod shard_file;
 pub mod shards;
 pub mod sidecar;
 pub mod source;
 pub mod store;
+pub mod summary;
 pub mod throughput;
 pub mod verify;
 pub mod write;

@@ -14,7 +14,7 @@ use vae_pipeline::export::{self, ExportArgs};
 use vae_pipeline::model::ModelCard;
 use vae_pipeline::report::{self, ReportArgs};
 use vae_pipeline::runtime::Device;
-use vae_pipeline::{partition, pipeline, throughput, verify};
+use vae_pipeline::{set, throughput, verify};
 
 #[derive(Parser)]
 #[command(
@@ -43,7 +43,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Slurm's MaxArraySize: resubmit lines are split into windows of this many indices.
-        #[arg(long, default_value_t = vae_pipeline::partition::MAX_ARRAY_SIZE)]
+        #[arg(long, default_value_t = vae_pipeline::set::MAX_ARRAY_SIZE)]
         max_array_size: usize,
     },
     /// Complete a many-worker run once every partition is done: _errors.jsonl, _manifest.jsonl,
@@ -325,12 +325,12 @@ fn run() -> Result<()> {
                 print_out(&config.to_toml());
                 return Ok(());
             }
-            pipeline::precompute(&config)?.print();
+            set::precompute(&config)?.print();
             Ok(())
         }
         Command::Plan(args) => {
             let (config, _) = args.into_config()?;
-            let plan = partition::make_plan(&config)?;
+            let plan = set::make_plan(&config)?;
             print_out(&format!(
                 "plan: {} partitions over {} units (about {} each) in {}\n",
                 plan.partitions,
@@ -345,7 +345,7 @@ fn run() -> Result<()> {
             json,
             max_array_size,
         } => {
-            let status = partition::status(&shards, max_array_size)?;
+            let status = set::status(&shards, max_array_size)?;
             if json {
                 print_out(&(serde_json::to_string(&status)? + "\n"));
             } else {
@@ -354,7 +354,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Finalize { shards } => {
-            let done = partition::finalize(&shards)?;
+            let done = set::finalize(&shards)?;
             eprintln!(
                 "finalized {}: {} partitions, {} rows in {} shards{}",
                 shards.display(),

@@ -20,7 +20,7 @@ use crate::config::PrecomputeConfig;
 use crate::encode::{EncodedBatch, Encoder};
 use crate::failure::{Failure, FailureKind};
 use crate::format::{done_marker, Scope, SUCCESS};
-use crate::partition::{DoneMarker, DroppedRow};
+use crate::partition_files::{self, DoneMarker, DroppedRow};
 use crate::plan::RunPlan;
 use crate::progress::Progress;
 use crate::resize::Prepared;
@@ -28,6 +28,7 @@ use crate::resume::{self, Committed, Current};
 use crate::rows::{MetadataDigest, RowMaker};
 use crate::source::{SampleRef, Source};
 use crate::store::ShardStore;
+use crate::summary::{RunSummary, StageBusy};
 use crate::write::{self, ShardWriter};
 
 pub use crate::plan::thread_split;
@@ -38,156 +39,6 @@ const ENCODE_QUEUE: usize = 2;
 const WRITE_QUEUE: usize = 4;
 /// Threads encoding Parquet row groups: enough to keep ahead of a GPU (see `shard_file`).
 const WRITE_THREADS: usize = 8;
-
-/// What the run did, as the final summary prints it and `_SUCCESS` records it.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RunSummary {
-    /// Images encoded by this run.
-    pub encoded: usize,
-    /// Images whose committed row was current, skipped.
-    pub already_committed: usize,
-    /// Committed rows dropped because their source changed, vanished or became unusable.
-    pub pruned: usize,
-    /// Inputs that could not be used (not counting `--dedupe` duplicates).
-    pub failed: usize,
-    /// Later copies of identical files under `--dedupe`: listed in `_errors.jsonl`, not failures.
-    pub duplicates: usize,
-    pub failures: BTreeMap<String, usize>,
-    pub shards: usize,
-    pub rows: i64,
-    /// Rows per shard folder (`WxH`): the bucket histogram.
-    pub buckets: BTreeMap<String, i64>,
-    pub seconds: f64,
-    pub images_per_second: f64,
-    pub decode_threads: usize,
-    pub encode_threads: usize,
-    /// Seconds each stage spent working (decode summed over its threads).
-    pub busy_seconds: StageBusy,
-    pub identity_hash: String,
-    /// A signal stopped the run before every input was seen.
-    pub interrupted: bool,
-    /// Object-store requests that failed transiently (5xx, throttling, resets) and were retried.
-    pub retried_requests: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StageBusy {
-    pub decode_resize: f64,
-    pub encode: f64,
-    pub write: f64,
-}
-
-impl RunSummary {
-    /// Adds another partition's counts (a worker that ran several).
-    pub fn add(&mut self, other: &RunSummary) {
-        self.encoded += other.encoded;
-        self.already_committed += other.already_committed;
-        self.pruned += other.pruned;
-        self.failed += other.failed;
-        self.duplicates += other.duplicates;
-        for (kind, n) in &other.failures {
-            *self.failures.entry(kind.clone()).or_default() += n;
-        }
-        self.shards += other.shards;
-        self.rows += other.rows;
-        for (shape, n) in &other.buckets {
-            *self.buckets.entry(shape.clone()).or_default() += n;
-        }
-        self.seconds += other.seconds;
-        self.images_per_second = self.encoded as f64 / self.seconds.max(1e-9);
-        self.decode_threads = other.decode_threads;
-        self.encode_threads = other.encode_threads;
-        self.busy_seconds.decode_resize += other.busy_seconds.decode_resize;
-        self.busy_seconds.encode += other.busy_seconds.encode;
-        self.busy_seconds.write += other.busy_seconds.write;
-        self.identity_hash = other.identity_hash.clone();
-        self.interrupted |= other.interrupted;
-        self.retried_requests = other.retried_requests;
-    }
-
-    /// The stage that limited throughput: the one busiest for its share of threads.
-    pub fn bottleneck(&self) -> &'static str {
-        let decode = self.busy_seconds.decode_resize / self.decode_threads.max(1) as f64;
-        let stages = [
-            ("decode+resize", decode),
-            ("encode", self.busy_seconds.encode),
-            ("write", self.busy_seconds.write),
-        ];
-        stages
-            .iter()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or("none", |s| s.0)
-    }
-
-    /// Share of this run's inputs that failed (duplicates are not failures).
-    pub fn failed_fraction(&self) -> f64 {
-        let seen = self.encoded + self.already_committed + self.failed + self.duplicates;
-        if seen == 0 {
-            0.0
-        } else {
-            self.failed as f64 / seen as f64
-        }
-    }
-
-    pub fn print(&self) {
-        let failures = if self.failed == 0 {
-            String::new()
-        } else {
-            let kinds: Vec<String> = self
-                .failures
-                .iter()
-                .filter(|(k, _)| k.as_str() != FailureKind::Duplicate.as_str())
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect();
-            format!(" ({}; see _errors.jsonl)", kinds.join(", "))
-        };
-        let resumed = if self.already_committed + self.pruned == 0 {
-            String::new()
-        } else {
-            format!(
-                ", {} already committed, {} stale rows pruned",
-                self.already_committed, self.pruned
-            )
-        };
-        let duplicates = if self.duplicates == 0 {
-            String::new()
-        } else {
-            format!(", {} duplicates (--dedupe)", self.duplicates)
-        };
-        eprintln!(
-            "encoded {} images{resumed}{duplicates}, {} failed{failures}; {} rows in {} shard(s); {:.1} s, {:.2} images/s",
-            self.encoded, self.failed, self.rows, self.shards, self.seconds, self.images_per_second
-        );
-        if self.buckets.len() > 1 {
-            let mut counts: Vec<_> = self.buckets.iter().collect();
-            counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            let line: Vec<String> = counts
-                .iter()
-                .map(|(shape, n)| format!("{shape} {n}"))
-                .collect();
-            eprintln!("buckets: {}", line.join(", "));
-        }
-        // A worker whose partitions were all done already ran no stage.
-        if self.decode_threads == 0 {
-            return;
-        }
-        eprintln!(
-            "busy: decode+resize {:.1} s over {} thread(s), encode {:.1} s ({} ONNX Runtime thread(s)), write {:.1} s; bottleneck: {}",
-            self.busy_seconds.decode_resize,
-            self.decode_threads,
-            self.busy_seconds.encode,
-            self.encode_threads,
-            self.busy_seconds.write,
-            self.bottleneck()
-        );
-        if self.retried_requests > 0 {
-            eprintln!(
-                "object storage: {} request(s) failed transiently and were retried with back-off",
-                self.retried_requests
-            );
-        }
-    }
-}
 
 /// Set by SIGINT, SIGTERM or SIGUSR1 (Slurm's pre-emption warning). A second signal more than
 /// `REPEAT_GRACE` after the first exits at once with 128 + the signal's number; one sooner is the
@@ -269,18 +120,6 @@ fn record_run(config: &PrecomputeConfig, plan: &RunPlan, scope: Scope) -> Result
     serde_json::to_writer(&mut runs, &record)?;
     runs.push(b'\n');
     plan.out.write(&scope.runs(), &runs)
-}
-
-/// Runs `precompute`: the plan checks everything before the first image and writes nothing;
-/// then the output folder is locked, opened and written. With `--partitions`, this process is a
-/// worker of a many-worker run (`partition::work`).
-pub fn precompute(config: &PrecomputeConfig) -> Result<RunSummary> {
-    if config.partitions > 0 {
-        return crate::partition::work(config);
-    }
-    let plan = crate::plan::plan(config, Scope::Whole)?;
-    let stop = stop_flag()?;
-    precompute_scope(plan, Scope::Whole, &stop)
 }
 
 /// Locks, opens and writes one scope of the set (all of it, or one partition).
@@ -554,7 +393,7 @@ fn run(
                 }
                 _ => {
                     finality.changed()?;
-                    crate::partition::mark_done(out.as_ref(), p, &manifest, &summary, dropped)?
+                    partition_files::mark_done(out.as_ref(), p, &manifest, &summary, dropped)?
                 }
             }
         }

@@ -14,7 +14,7 @@ use crate::format::{Scope, PLAN};
 use crate::format::{ShardMetadata, TensorColumns, FORMAT_VERSION};
 use crate::identity::{ModelIdentity, RunIdentity};
 use crate::model::{EncoderOutput, ModelCard};
-use crate::partition::PartitionPlan;
+use crate::partition_files::PartitionPlan;
 use crate::resize::Framing;
 use crate::resume::{self, OutputState};
 use crate::rows::RowMaker;
@@ -61,7 +61,7 @@ pub fn thread_split(budget: usize, device: &Device) -> (usize, usize) {
 }
 
 /// Checks everything before any work; writes nothing, except that a partition's worker creates
-/// the many-worker plan when it is the first (`partition::PartitionPlan::ensure`).
+/// the many-worker plan when it is the first (`partition_files::PartitionPlan::ensure`).
 pub fn plan(config: &PrecomputeConfig, scope: Scope) -> Result<RunPlan> {
     config.validate()?;
     let columns = ParquetColumns {

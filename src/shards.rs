@@ -104,15 +104,15 @@ impl ShardSet {
             return Ok(None);
         }
         let shown = dir.display();
-        if crate::partition::PartitionPlan::read(self.store.as_ref())?.is_none() {
+        if crate::partition_files::PartitionPlan::read(self.store.as_ref())?.is_none() {
             return Ok(Some(format!(
                 "{shown} has no _SUCCESS: the precompute run that writes it has not finished \
                  ({} rows so far); run it again with the same settings, it resumes",
                 self.rows
             )));
         }
-        let status = crate::partition::status(dir, crate::partition::MAX_ARRAY_SIZE)?;
-        let compact = crate::partition::compact;
+        let status = crate::set::status(dir, crate::set::MAX_ARRAY_SIZE)?;
+        let compact = crate::set::compact;
         Ok(Some(
             if status.missing.is_empty() && status.running.is_empty() {
                 format!(

@@ -147,7 +147,7 @@ pub fn verify(root: &Path) -> Result<Verdict> {
 /// What a many-worker run without `_SUCCESS` still needs: its partitions that are not done, by
 /// number, then `finalize`.
 fn unfinalized(root: &Path) -> Result<String> {
-    let status = crate::partition::status(root, crate::partition::MAX_ARRAY_SIZE)?;
+    let status = crate::set::status(root, crate::set::MAX_ARRAY_SIZE)?;
     let mut text = format!("{SUCCESS} is missing: this many-worker run is not finalized");
     let not_done: Vec<usize> = status
         .missing
@@ -158,14 +158,14 @@ fn unfinalized(root: &Path) -> Result<String> {
     if !status.running.is_empty() {
         text += &format!(
             "; partition(s) {} are being written now",
-            crate::partition::compact(&status.running)
+            crate::set::compact(&status.running)
         );
     }
     if !status.missing.is_empty() {
         text += &format!(
             "; partition(s) {} are not done: run them (`vae-pipeline status {}` prints the sbatch \
              lines)",
-            crate::partition::compact(&status.missing),
+            crate::set::compact(&status.missing),
             root.display()
         );
     }
