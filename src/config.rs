@@ -76,28 +76,9 @@ impl LatentMode {
     }
 }
 
-/// What happens to transparent pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum AlphaPolicy {
-    /// Composite on white, as viewers and most training sets show transparency.
-    White,
-    Black,
-    /// Refuse images with an alpha channel (`unsupported`).
-    Reject,
-}
-
-impl AlphaPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AlphaPolicy::White => "white",
-            AlphaPolicy::Black => "black",
-            AlphaPolicy::Reject => "reject",
-        }
-    }
-}
-
+pub use crate::decode::AlphaPolicy;
 pub use crate::format::StorageDType;
+pub use crate::hex::hex;
 
 use crate::bucket::{KohyaBuckets, MusubiBuckets, TrainerBuckets};
 
@@ -161,9 +142,9 @@ pub struct PrecomputeConfig {
     pub reducing_gap: f32,
     /// Where the encoder runs: `cpu`, or `cuda`, `cuda:N`, `cuda:0,1,…` (one session per GPU).
     pub device: String,
-    /// How the tensor columns are encoded and compressed (`write::LatentCompression`): a run
+    /// How the tensor columns are encoded and compressed (`format::LatentCompression`): a run
     /// setting, readers need nothing to tell the choices apart.
-    pub latent_compression: crate::write::LatentCompression,
+    pub latent_compression: crate::format::LatentCompression,
     /// A many-worker run's partition count (0: one process writes the whole set).
     pub partitions: usize,
     /// The partitions this worker runs (`3`, `3,7`, `0-3`); None: from the scheduler's
@@ -446,9 +427,4 @@ impl PrecomputeConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serializes to TOML")
     }
-}
-
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

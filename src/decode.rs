@@ -7,12 +7,34 @@ use std::io::Cursor;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 
-use crate::config::AlphaPolicy;
 use crate::failure::{Failure, FailureKind};
 use crate::pool;
 
 /// Pillow's `DecompressionBombError` threshold (2 × its warning limit of 89,478,485 px).
 pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
+/// What happens to transparent pixels.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlphaPolicy {
+    /// Composite on white, as viewers and most training sets show transparency.
+    White,
+    Black,
+    /// Refuse images with an alpha channel (`unsupported`).
+    Reject,
+}
+
+impl AlphaPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlphaPolicy::White => "white",
+            AlphaPolicy::Black => "black",
+            AlphaPolicy::Reject => "reject",
+        }
+    }
+}
 
 /// What the decode stage accepts and how it flattens transparency.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]

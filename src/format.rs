@@ -5,40 +5,28 @@
 //! `store` (a folder or an object-store prefix) and imports nothing else of the pipeline.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use arrow_array::{Array, ArrayRef, FixedSizeListArray, Float16Array, Float32Array, UInt16Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 
+pub use crate::layout::{
+    done_marker, is_shard_name, is_tmp_name, is_tmp_of, parse_shape_dir, relative, shape_dir_name,
+    tmp_name, Scope, CONFIG, ERRORS, LOCK, MANIFEST, PARTITIONS, PLAN, RUNS, SUCCESS,
+};
 use crate::store::{ShardStore, StoreFile};
 
 /// The version of this contract. A reader refuses a set with a higher major version; a writer
 /// resumes only a set of its own version. 2: `identity` replaces the whole config in the
 /// metadata, keys escape `%` and non-UTF-8 bytes.
 pub const FORMAT_VERSION: u32 = 2;
-
-/// Side files of a shard set.
-pub const SUCCESS: &str = "_SUCCESS";
-pub const ERRORS: &str = "_errors.jsonl";
-pub const MANIFEST: &str = "_manifest.jsonl";
-pub const CONFIG: &str = "_config.toml";
-/// One line per run that wrote into the set: its run settings (threads, batch size, …).
-pub const RUNS: &str = "_runs.jsonl";
-/// The output folder's writer lock (`flock`).
-pub const LOCK: &str = "_lock";
-/// A many-worker run's fixed plan (partition count, units, identity): `partition.rs`.
-pub const PLAN: &str = "_plan.json";
-/// Per-partition side files: done markers, errors, runs, locks.
-pub const PARTITIONS: &str = "_partitions";
 
 /// Prefix of every metadata key the format owns.
 pub const META_PREFIX: &str = "vae_pipeline.";
@@ -436,6 +424,99 @@ pub fn writer_properties(metadata: &ShardMetadata, group_rows: usize) -> Result<
 }
 
 /// Row groups are cut at this many bytes of tensor data, so a writer, a reader and a prune hold
+/// How a shard's tensor columns are stored (`--latent-compression`): readers need nothing to
+/// tell them apart. Latents are noise-like floats: zstd on their bytes saves little, while
+/// BYTE_STREAM_SPLIT (each byte position of the values in its own stream) lets zstd find the
+/// repeated exponent bytes. `benches/latent_compression.py` measures size and speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum LatentCompression {
+    /// `none`: plain values, uncompressed.
+    None,
+    /// `zstd` or `zstd:LEVEL`: zstd on the plain values (level 3 by default).
+    Zstd(i32),
+    /// `split-zstd` or `split-zstd:LEVEL`: BYTE_STREAM_SPLIT, then zstd (level 3 by default).
+    SplitZstd(i32),
+}
+
+impl Default for LatentCompression {
+    fn default() -> Self {
+        Self::Zstd(3)
+    }
+}
+
+impl LatentCompression {
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            anyhow::anyhow!(
+                "latent compression {text:?}: expected none, zstd, zstd:LEVEL, split-zstd or                  split-zstd:LEVEL (LEVEL 1 to 22)"
+            )
+        };
+        let (name, level) = match text.trim().split_once(':') {
+            Some((name, level)) => {
+                let level: i32 = level.parse().map_err(|_| bad())?;
+                if !(1..=22).contains(&level) {
+                    return Err(bad());
+                }
+                (name, Some(level))
+            }
+            None => (text.trim(), None),
+        };
+        match (name, level) {
+            ("none", None) => Ok(Self::None),
+            ("zstd", level) => Ok(Self::Zstd(level.unwrap_or(3))),
+            ("split-zstd", level) => Ok(Self::SplitZstd(level.unwrap_or(3))),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The tensor columns' settings on top of `props` (the other columns keep theirs).
+    pub fn apply(self, props: WriterProperties) -> Result<WriterProperties> {
+        let (encoding, compression) = match self {
+            Self::None => (Encoding::PLAIN, Compression::UNCOMPRESSED),
+            Self::Zstd(level) => (
+                Encoding::PLAIN,
+                Compression::ZSTD(ZstdLevel::try_new(level)?),
+            ),
+            Self::SplitZstd(level) => (
+                Encoding::BYTE_STREAM_SPLIT,
+                Compression::ZSTD(ZstdLevel::try_new(level)?),
+            ),
+        };
+        let mut builder = props.into_builder();
+        for column in TENSOR_COLUMNS {
+            let path = ColumnPath::from(vec![column.to_string(), "list".into(), "item".into()]);
+            builder = builder
+                .set_column_encoding(path.clone(), encoding)
+                .set_column_compression(path, compression);
+        }
+        Ok(builder.build())
+    }
+}
+
+impl std::fmt::Display for LatentCompression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => write!(f, "none"),
+            Self::Zstd(level) => write!(f, "zstd:{level}"),
+            Self::SplitZstd(level) => write!(f, "split-zstd:{level}"),
+        }
+    }
+}
+
+impl TryFrom<String> for LatentCompression {
+    type Error = anyhow::Error;
+    fn try_from(text: String) -> Result<Self> {
+        Self::parse(&text)
+    }
+}
+
+impl From<LatentCompression> for String {
+    fn from(c: LatentCompression) -> String {
+        c.to_string()
+    }
+}
+
 /// at most about this much of a shard at a time.
 pub const ROW_GROUP_BYTES: usize = 64 << 20;
 
@@ -457,115 +538,6 @@ pub fn row_tensor_bytes(schema: &Schema) -> usize {
             _ => 0,
         })
         .sum()
-}
-
-/// `<W>x<H>`: the folder of one latent input shape.
-pub fn shape_dir_name(width: u32, height: u32) -> String {
-    format!("{width}x{height}")
-}
-
-/// The `(W, H)` a shape folder name stands for.
-pub fn parse_shape_dir(name: &str) -> Option<(u32, u32)> {
-    let (w, h) = name.split_once('x')?;
-    let (w, h) = (w.parse().ok()?, h.parse().ok()?);
-    (shape_dir_name(w, h) == name).then_some((w, h))
-}
-
-/// What one run writes in a set: all of it, or one partition of a many-worker run. A
-/// partition's shards and side files are named by it, so workers never collide.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Whole,
-    Partition(usize),
-}
-
-impl Scope {
-    /// `part-NNNNN.parquet`, or `part-pPPPPP-NNNNN.parquet` in partition P.
-    pub fn part_name(self, number: usize) -> String {
-        match self {
-            Scope::Whole => format!("part-{number:05}.parquet"),
-            Scope::Partition(p) => format!("part-p{p:05}-{number:05}.parquet"),
-        }
-    }
-
-    /// The number of a shard file this scope wrote (None for another scope's), for numbering
-    /// the next and for reading back only its own rows.
-    pub fn part_number(self, name: &str) -> Option<usize> {
-        let stem = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
-        let number = match self {
-            Scope::Whole => stem,
-            Scope::Partition(p) => stem.strip_prefix(&format!("p{p:05}-"))?,
-        };
-        number
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-            .then(|| number.parse().ok())
-            .flatten()
-    }
-
-    /// Whether `shard` (`<W>x<H>/part-….parquet`) is this scope's.
-    pub fn owns(self, shard: &str) -> bool {
-        let name = shard.rsplit('/').next().unwrap_or(shard);
-        self.part_number(name).is_some()
-    }
-
-    fn side(self, whole: &str, suffix: &str) -> String {
-        match self {
-            Scope::Whole => whole.to_string(),
-            Scope::Partition(p) => format!("{PARTITIONS}/p{p:05}.{suffix}"),
-        }
-    }
-
-    /// Its failures (`_errors.jsonl`; a partition's are merged into it by `finalize`).
-    pub fn errors(self) -> String {
-        self.side(ERRORS, "errors.jsonl")
-    }
-
-    /// Its runs' settings, one JSON line per run.
-    pub fn runs(self) -> String {
-        self.side(RUNS, "runs.jsonl")
-    }
-
-    /// Its writer's lock.
-    pub fn lock(self) -> String {
-        self.side(LOCK, "lock")
-    }
-}
-
-/// A partition's done marker, written last when all of its inputs are committed.
-pub fn done_marker(partition: usize) -> String {
-    format!("{PARTITIONS}/p{partition:05}.json")
-}
-
-/// A shard file name: `part-*.parquet`, not hidden. Anything else in a shape folder is foreign.
-pub fn is_shard_name(name: &str) -> bool {
-    name.starts_with("part-") && name.ends_with(".parquet")
-}
-
-/// Where a file is written before it is complete: hidden, named by the writing process (many
-/// workers may write the same side file at once), and removed by the next run of its scope.
-pub fn tmp_name(path: &Path) -> PathBuf {
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-    let name = path.file_name().expect("file path").to_string_lossy();
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.{}-{seq}.tmp", std::process::id()))
-}
-
-/// Whether the temporary file `name` is one a run of `scope` left: a partition's worker removes
-/// only its partition's, a whole-set run (which holds the set's lock) all of them.
-pub fn is_tmp_of(name: &str, scope: Scope) -> bool {
-    is_tmp_name(name)
-        && match scope {
-            Scope::Whole => true,
-            Scope::Partition(p) => {
-                name.starts_with(&format!(".part-p{p:05}-"))
-                    || name.starts_with(&format!(".p{p:05}."))
-            }
-        }
-}
-
-pub fn is_tmp_name(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(".tmp")
 }
 
 /// What a shard set holds: shard files and anything else in its shape folders (foreign files,
@@ -602,15 +574,6 @@ pub fn list(store: &dyn ShardStore) -> Result<Listing> {
 /// Every shard of a set, sorted.
 pub fn shard_files(store: &dyn ShardStore) -> Result<Vec<String>> {
     Ok(list(store)?.shards)
-}
-
-/// A shard's path relative to its set, `/`-separated (`256x256/part-00000.parquet`).
-pub fn relative(out: &Path, shard: &Path) -> String {
-    let rel = shard.strip_prefix(out).unwrap_or(shard);
-    rel.components()
-        .map(|c| c.as_os_str().to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 /// One shard's footer: schema, metadata and row count, without reading any data.

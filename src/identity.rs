@@ -8,9 +8,10 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{hex, LatentMode, PrecomputeConfig};
+use crate::config::{LatentMode, PrecomputeConfig};
 use crate::decode::DecodeOptions;
 use crate::format::{StorageDType, FORMAT_VERSION};
+use crate::hex::hex;
 use crate::model::{BatchNorm, EncoderOutput, ModelCard};
 use crate::resize::Framing;
 

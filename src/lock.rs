@@ -12,17 +12,16 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use object_store::{PutMode, UpdateVersion};
-use serde::{Deserialize, Serialize};
 
+pub use crate::host::{hostname, now_utc};
+use crate::lease::{LeaseBody, HELD, LEASE_TTL};
 use crate::object::Bucket;
 
-/// A lease not renewed for this long belongs to a dead run.
-pub const LEASE_TTL: Duration = Duration::from_secs(120);
 /// How often a held lease is renewed.
 pub const RENEW: Duration = Duration::from_secs(30);
 
@@ -82,46 +81,6 @@ impl OutputLock {
         file.flush()?;
         Ok(OutputLock::Local { _file: file, path })
     }
-}
-
-/// What a lease object holds.
-#[derive(Serialize, Deserialize)]
-struct LeaseBody {
-    holder: String,
-    host: String,
-    pid: u32,
-}
-
-/// The leases this process holds (bucket URL, lease key, the body it wrote), so that a refused
-/// commit can tell a lease taken over from another kind of second writer.
-static HELD: Mutex<Vec<(String, String, Vec<u8>)>> = Mutex::new(Vec::new());
-
-/// When another run took over a lease this process holds in `bucket` (it judged this run dead:
-/// not renewed for `LEASE_TTL`): says so, naming the lease and its new holder.
-pub fn taken_over(bucket: &Bucket) -> Option<String> {
-    let held: Vec<(String, Vec<u8>)> = HELD
-        .lock()
-        .ok()?
-        .iter()
-        .filter(|(url, _, _)| *url == bucket.url)
-        .map(|(_, key, body)| (key.clone(), body.clone()))
-        .collect();
-    held.into_iter().find_map(|(key, ours)| {
-        let now = bucket.get_versioned(&key).ok()?;
-        let holder = match now {
-            Some((body, _, _)) if body == ours => return None,
-            Some((body, _, _)) => serde_json::from_slice::<LeaseBody>(&body)
-                .map_or("holder unknown".to_string(), |h| h.holder),
-            None => "it is gone now".to_string(),
-        };
-        Some(format!(
-            "another run took over this run's lease {}/{key} ({holder}): it judged this run dead, \
-             as the lease was not renewed for {} s (was this process stopped, suspended or cut \
-             off from the store?)",
-            bucket.url,
-            LEASE_TTL.as_secs()
-        ))
-    })
 }
 
 /// A held lease on an object store, renewed by a background thread until dropped.
@@ -278,38 +237,4 @@ pub fn is_held(path: &Path) -> Result<bool> {
             Err(e).with_context(|| format!("cannot lock {}", path.display()))
         }
     }
-}
-
-/// This machine's name, from the kernel.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown host".into())
-}
-
-/// The current time as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn now_utc() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

@@ -24,6 +24,19 @@ use object_store::{
 use parquet::file::reader::{ChunkReader, Length};
 use tokio::runtime::Runtime;
 
+/// A create-only commit refused because the name exists: another writer committed it first. Not
+/// a full disk: the writer that gets this stops, and the message says who took over.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Single-image objects fetched at once by the reader thread.
 pub const FETCH_AHEAD: usize = 16;
 
@@ -208,7 +221,7 @@ impl Bucket {
     pub fn put(&self, key: &str, chunks: Vec<Bytes>, create_only: bool) -> Result<()> {
         let token = format!(
             "{}-{}-{}",
-            crate::lock::hostname(),
+            crate::host::hostname(),
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -240,7 +253,11 @@ impl Bucket {
                 if self.writer(key)?.as_deref() == Some(token.as_str()) {
                     return Ok(());
                 }
-                let why = match crate::lock::taken_over(self) {
+                let why = match crate::lease::taken_over(&self.url, |key| {
+                    self.get_versioned(key)
+                        .ok()
+                        .map(|got| got.map(|(body, _, _)| body.to_vec()))
+                }) {
                     Some(taken) => format!(
                         "{taken}, and committed this name first. This run stops; the other run \
                          goes on writing the set"
@@ -250,10 +267,7 @@ impl Bucket {
                              a time"
                         .to_string(),
                 };
-                Err(
-                    crate::store::Refused(format!("{}/{key} already exists: {why}", self.url))
-                        .into(),
-                )
+                Err(Refused(format!("{}/{key} already exists: {why}", self.url)).into())
             }
             Err(e) => Err(self.explain(e, key)),
         }

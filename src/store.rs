@@ -13,9 +13,9 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use parquet::file::reader::{ChunkReader, Length};
 
-use crate::format;
+use crate::layout;
 use crate::lock::{Lease, OutputLock};
-use crate::object::{self, Bucket, ObjectFile};
+use crate::object::{self, Bucket, ObjectFile, Refused};
 
 /// A file being written: invisible under its final name until `commit`.
 pub trait PendingFile: Write + Send {
@@ -35,19 +35,6 @@ pub enum Commit {
     /// Replaced whole: side files, and a shard rewritten by prune.
     Replace,
 }
-
-/// A create-only commit refused because the name exists: another writer committed it first. Not
-/// a full disk: the writer that gets this stops, and the message says who took over.
-#[derive(Debug)]
-pub struct Refused(pub String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// A place a shard set is written to and read from.
 pub trait ShardStore: Send + Sync {
@@ -124,9 +111,9 @@ impl LocalStore {
     }
 
     /// Temporary files a killed run of `scope` left one or two levels down.
-    pub fn remove_temporaries(&self, scope: format::Scope) -> Result<()> {
+    pub fn remove_temporaries(&self, scope: layout::Scope) -> Result<()> {
         for (path, name) in walk2(&self.root)? {
-            if format::is_tmp_of(&name, scope) {
+            if layout::is_tmp_of(&name, scope) {
                 remove_if_present(&path)?;
             }
         }
@@ -180,8 +167,8 @@ impl ShardStore for LocalStore {
     fn list(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> = walk2(&self.root)?
             .into_iter()
-            .filter(|(_, name)| !format::is_tmp_name(name))
-            .map(|(path, _)| format::relative(&self.root, &path))
+            .filter(|(_, name)| !layout::is_tmp_name(name))
+            .map(|(path, _)| layout::relative(&self.root, &path))
             .collect();
         names.sort();
         Ok(names)
@@ -442,7 +429,7 @@ impl ChunkReader for StoreFile {
 
 /// A local file at `path`, written under a temporary name until committed.
 fn pending_at(path: PathBuf, commit: Commit) -> Result<Box<dyn PendingFile>> {
-    let tmp = format::tmp_name(&path);
+    let tmp = layout::tmp_name(&path);
     let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     Ok(Box::new(LocalPending {
         file,

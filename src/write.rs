@@ -12,111 +12,16 @@ use arrow_array::{
 };
 use arrow_schema::{DataType, Field, SchemaRef};
 use half::{bf16, f16, slice::HalfFloatSliceExt, vec::HalfFloatVecExt};
-use parquet::basic::{Compression, Encoding, ZstdLevel};
-use parquet::file::properties::WriterProperties;
-use parquet::schema::types::ColumnPath;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use serde::{Deserialize, Serialize};
 
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
+pub use crate::format::LatentCompression;
 use crate::format::{self, Scope, ShardMetadata, StorageDType, TensorColumns, MANIFEST, SUCCESS};
 use crate::shard_file::ShardFile;
 use crate::store::{Commit, ShardStore};
-
-/// How a shard's tensor columns are stored (`--latent-compression`): readers need nothing to
-/// tell them apart. Latents are noise-like floats: zstd on their bytes saves little, while
-/// BYTE_STREAM_SPLIT (each byte position of the values in its own stream) lets zstd find the
-/// repeated exponent bytes. `benches/latent_compression.py` measures size and speed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum LatentCompression {
-    /// `none`: plain values, uncompressed.
-    None,
-    /// `zstd` or `zstd:LEVEL`: zstd on the plain values (level 3 by default).
-    Zstd(i32),
-    /// `split-zstd` or `split-zstd:LEVEL`: BYTE_STREAM_SPLIT, then zstd (level 3 by default).
-    SplitZstd(i32),
-}
-
-impl Default for LatentCompression {
-    fn default() -> Self {
-        Self::Zstd(3)
-    }
-}
-
-impl LatentCompression {
-    pub fn parse(text: &str) -> Result<Self> {
-        let bad = || {
-            anyhow::anyhow!(
-                "latent compression {text:?}: expected none, zstd, zstd:LEVEL, split-zstd or                  split-zstd:LEVEL (LEVEL 1 to 22)"
-            )
-        };
-        let (name, level) = match text.trim().split_once(':') {
-            Some((name, level)) => {
-                let level: i32 = level.parse().map_err(|_| bad())?;
-                if !(1..=22).contains(&level) {
-                    return Err(bad());
-                }
-                (name, Some(level))
-            }
-            None => (text.trim(), None),
-        };
-        match (name, level) {
-            ("none", None) => Ok(Self::None),
-            ("zstd", level) => Ok(Self::Zstd(level.unwrap_or(3))),
-            ("split-zstd", level) => Ok(Self::SplitZstd(level.unwrap_or(3))),
-            _ => Err(bad()),
-        }
-    }
-
-    /// The tensor columns' settings on top of `props` (the other columns keep theirs).
-    fn apply(self, props: WriterProperties) -> Result<WriterProperties> {
-        let (encoding, compression) = match self {
-            Self::None => (Encoding::PLAIN, Compression::UNCOMPRESSED),
-            Self::Zstd(level) => (
-                Encoding::PLAIN,
-                Compression::ZSTD(ZstdLevel::try_new(level)?),
-            ),
-            Self::SplitZstd(level) => (
-                Encoding::BYTE_STREAM_SPLIT,
-                Compression::ZSTD(ZstdLevel::try_new(level)?),
-            ),
-        };
-        let mut builder = props.into_builder();
-        for column in format::TENSOR_COLUMNS {
-            let path = ColumnPath::from(vec![column.to_string(), "list".into(), "item".into()]);
-            builder = builder
-                .set_column_encoding(path.clone(), encoding)
-                .set_column_compression(path, compression);
-        }
-        Ok(builder.build())
-    }
-}
-
-impl std::fmt::Display for LatentCompression {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::None => write!(f, "none"),
-            Self::Zstd(level) => write!(f, "zstd:{level}"),
-            Self::SplitZstd(level) => write!(f, "split-zstd:{level}"),
-        }
-    }
-}
-
-impl TryFrom<String> for LatentCompression {
-    type Error = anyhow::Error;
-    fn try_from(text: String) -> Result<Self> {
-        Self::parse(&text)
-    }
-}
-
-impl From<LatentCompression> for String {
-    fn from(c: LatentCompression) -> String {
-        c.to_string()
-    }
-}
 
 /// One committed shard, as `_manifest.jsonl` lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -319,7 +224,7 @@ impl ShardWriter {
             format!("cannot finish {describe} (disk full?); free space and rerun the same command to resume")
         })?;
         pending.commit().map_err(|e| {
-            if e.is::<crate::store::Refused>() {
+            if e.is::<crate::object::Refused>() {
                 e
             } else {
                 e.context(format!(

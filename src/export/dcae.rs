@@ -15,7 +15,7 @@ use super::checkpoint::Weights;
 use super::graph::{float, int, ints, ExportDType, Graph};
 use super::onnx_pb::ModelProto;
 use super::ops::PatchOrder;
-use super::vae::{image_dims, latent_dims, Builder};
+use super::ops::{image_dims, latent_dims, Builder};
 
 /// eps of every DC-AE RMSNorm and BatchNorm2d.
 const NORM_EPS: f32 = 1e-5;

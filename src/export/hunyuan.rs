@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::checkpoint::Weights;
 use super::graph::{int, string, ExportDType, Graph};
 use super::onnx_pb::ModelProto;
-use super::vae::{image_dims, latent_dims, Builder};
+use super::ops::{image_dims, latent_dims, Builder};
 
 /// Every GroupNorm of the model has 32 groups.
 const GROUPS: usize = 32;

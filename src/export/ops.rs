@@ -1,10 +1,176 @@
-//! Layout ops shared by the newer families: PyTorch's `pixel_unshuffle`/`pixel_shuffle` and the
+//! The graph `Builder` every family shares (convolutions, GroupNorm, SiLU, resnet blocks, with
+//! their weights taken from the checkpoint) and the layout ops of the newer families: PyTorch's `pixel_unshuffle`/`pixel_shuffle` and the
 //! Wan 2.2 patchify order, built from ONNX `SpaceToDepth`/`DepthToSpace` plus a constant channel
 //! gather. ONNX's own channel orders differ from PyTorch's, and a plain Reshape/Transpose would
 //! need the (dynamic) height and width.
 
-use super::graph::{int, ints, string, ExportDType};
-use super::vae::Builder;
+use anyhow::Result;
+
+use super::checkpoint::Weights;
+use super::graph::{float, int, ints, string, Dim, ExportDType, Graph};
+
+/// diffusers builds every VAE GroupNorm (resnets, attention, conv_norm_out) with eps 1e-6.
+const NORM_EPS: f32 = 1e-6;
+
+/// Image dims: dynamic batch, height and width, as the pipeline feeds any bucket size.
+pub(super) fn image_dims(channels: usize) -> [Dim; 4] {
+    [
+        Dim::Named("batch"),
+        Dim::Fixed(channels),
+        Dim::Named("height"),
+        Dim::Named("width"),
+    ]
+}
+
+pub(super) fn latent_dims(channels: usize) -> [Dim; 4] {
+    [
+        Dim::Named("batch"),
+        Dim::Fixed(channels),
+        Dim::Named("latent_height"),
+        Dim::Named("latent_width"),
+    ]
+}
+
+/// Builds one graph from the checkpoint's weights.
+pub(super) struct Builder<'a> {
+    pub(super) g: Graph,
+    pub(super) w: &'a mut Weights,
+    /// GroupNorm groups (`norm_num_groups`); unused by families without group norms.
+    pub(super) groups: usize,
+}
+
+impl Builder<'_> {
+    pub(super) fn conv(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        (cin, cout): (usize, usize),
+        kernel: usize,
+        stride: i64,
+        pads: [i64; 4],
+    ) -> Result<String> {
+        let w = self.param(
+            &format!("{prefix}.weight"),
+            &[cout, cin, kernel, kernel],
+            None,
+        )?;
+        let b = self.param(&format!("{prefix}.bias"), &[cout], None)?;
+        Ok(self.g.node(
+            "Conv",
+            &[x, &w, &b],
+            vec![
+                ints("kernel_shape", &[kernel as i64, kernel as i64]),
+                ints("strides", &[stride, stride]),
+                ints("pads", &pads),
+            ],
+        ))
+    }
+
+    /// 3×3, stride 1, padding 1: every conv of the VAE but the downsamplers and 1×1s.
+    pub(super) fn conv3(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        cin: usize,
+        cout: usize,
+    ) -> Result<String> {
+        self.conv(prefix, x, (cin, cout), 3, 1, [1, 1, 1, 1])
+    }
+
+    /// Takes a checkpoint tensor of `shape` and stores it with `stored_shape` (same values).
+    pub(super) fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        stored_shape: Option<&[usize]>,
+    ) -> Result<String> {
+        let values = self.w.take(name, shape)?;
+        Ok(self.g.weight(name, stored_shape.unwrap_or(shape), &values))
+    }
+
+    /// `torch.nn.GroupNorm(groups, c, eps=1e-6)`, as PyTorch's own ONNX export writes it:
+    /// Reshape to [N, groups, -1], InstanceNormalization, Reshape back, per-channel affine. In
+    /// fp16 graphs the statistics are computed in f32: the sum of squares of a VAE activation
+    /// overflows fp16 long before the activation does.
+    pub(super) fn group_norm(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
+        let f16 = self.g.dtype() == ExportDType::F16;
+        let shape = self.g.node("Shape", &[x], vec![]);
+        let input = if f16 {
+            self.g.cast(x, ExportDType::F32)
+        } else {
+            x.to_string()
+        };
+        let grouped_shape = self.g.ints(&[0, self.groups as i64, -1]);
+        let grouped = self.g.node("Reshape", &[&input, &grouped_shape], vec![]);
+        let ones = self
+            .g
+            .floats(&[self.groups], &vec![1.0; self.groups], ExportDType::F32);
+        let zeros = self
+            .g
+            .floats(&[self.groups], &vec![0.0; self.groups], ExportDType::F32);
+        let normed = self.g.node(
+            "InstanceNormalization",
+            &[&grouped, &ones, &zeros],
+            vec![float("epsilon", NORM_EPS)],
+        );
+        let y = self.g.node("Reshape", &[&normed, &shape], vec![]);
+        self.channel_affine(prefix, y, c, f16)
+    }
+
+    /// A norm's output `y` (computed in f32) back in f16 when `f16`, then `y · weight + bias`
+    /// per channel with the norm's `{prefix}.weight` and `{prefix}.bias`.
+    pub(super) fn channel_affine(
+        &mut self,
+        prefix: &str,
+        mut y: String,
+        c: usize,
+        f16: bool,
+    ) -> Result<String> {
+        if f16 {
+            y = self.g.cast(&y, ExportDType::F16);
+        }
+        let gamma = self.param(&format!("{prefix}.weight"), &[c], Some(&[c, 1, 1]))?;
+        let beta = self.param(&format!("{prefix}.bias"), &[c], Some(&[c, 1, 1]))?;
+        let scaled = self.g.node("Mul", &[&y, &gamma], vec![]);
+        Ok(self.g.node("Add", &[&scaled, &beta], vec![]))
+    }
+
+    /// SiLU = x · sigmoid(x) (opset 17 has no SiLU op).
+    pub(super) fn silu(&mut self, x: &str) -> String {
+        let s = self.g.node("Sigmoid", &[x], vec![]);
+        self.g.node("Mul", &[x, &s], vec![])
+    }
+
+    /// `ResnetBlock2D` without time embedding: norm1 → SiLU → conv1 → norm2 → SiLU → conv2,
+    /// plus the input (through a 1×1 `conv_shortcut` when the channels change).
+    pub(super) fn resnet(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        cin: usize,
+        cout: usize,
+    ) -> Result<String> {
+        let h = self.group_norm(&format!("{prefix}.norm1"), x, cin)?;
+        let h = self.silu(&h);
+        let h = self.conv3(&format!("{prefix}.conv1"), &h, cin, cout)?;
+        let h = self.group_norm(&format!("{prefix}.norm2"), &h, cout)?;
+        let h = self.silu(&h);
+        let h = self.conv3(&format!("{prefix}.conv2"), &h, cout, cout)?;
+        let shortcut = if cin == cout {
+            x.to_string()
+        } else {
+            self.conv(
+                &format!("{prefix}.conv_shortcut"),
+                x,
+                (cin, cout),
+                1,
+                1,
+                [0; 4],
+            )?
+        };
+        Ok(self.g.node("Add", &[&shortcut, &h], vec![]))
+    }
+}
 
 /// Where the 2×2 offset goes in the channel index of a space-to-depth.
 #[derive(Clone, Copy, PartialEq, Eq)]

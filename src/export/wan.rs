@@ -16,7 +16,7 @@ use super::checkpoint::Weights;
 use super::graph::{int, ints, ExportDType, Graph};
 use super::onnx_pb::ModelProto;
 use super::ops::PatchOrder;
-use super::vae::{image_dims, latent_dims, Builder};
+use super::ops::{image_dims, latent_dims, Builder};
 
 /// `F.normalize`'s floor on the norm.
 const RMS_EPS: f32 = 1e-12;

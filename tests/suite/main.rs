@@ -10,6 +10,7 @@ mod export;
 mod features;
 mod geometry;
 mod inputs;
+mod layers;
 mod report;
 mod resize_parity;
 mod resume;
