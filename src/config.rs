@@ -78,7 +78,6 @@ impl LatentMode {
 
 pub use crate::decode::AlphaPolicy;
 pub use crate::format::StorageDType;
-pub use crate::hex::hex;
 
 use crate::bucket::{KohyaBuckets, MusubiBuckets, TrainerBuckets};
 
@@ -148,7 +147,7 @@ pub struct PrecomputeConfig {
     /// A many-worker run's partition count (0: one process writes the whole set).
     pub partitions: usize,
     /// The partitions this worker runs (`3`, `3,7`, `0-3`); None: from the scheduler's
-    /// environment (`partition::assigned`).
+    /// environment (`set::assigned`).
     pub partition: Option<String>,
     /// Added to a Slurm array or Kubernetes index: arrays longer than Slurm's `MaxArraySize`.
     pub partition_offset: usize,

@@ -15,7 +15,7 @@ pub const CONFIG: &str = "_config.toml";
 pub const RUNS: &str = "_runs.jsonl";
 /// The output folder's writer lock (`flock`).
 pub const LOCK: &str = "_lock";
-/// A many-worker run's fixed plan (partition count, units, identity): `partition.rs`.
+/// A many-worker run's fixed plan (partition count, units, identity): `partition_files.rs`.
 pub const PLAN: &str = "_plan.json";
 /// Per-partition side files: done markers, errors, runs, locks.
 pub const PARTITIONS: &str = "_partitions";

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use object_store::{PutMode, UpdateVersion};
 
-pub use crate::host::{hostname, now_utc};
+use crate::host::{hostname, now_utc};
 use crate::lease::{LeaseBody, HELD, LEASE_TTL};
 use crate::object::Bucket;
 

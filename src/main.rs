@@ -203,8 +203,8 @@ struct PrecomputeArgs {
     #[arg(long)]
     device: Option<String>,
     /// How latent columns are stored: none, zstd[:LEVEL] or split-zstd[:LEVEL] (BYTE_STREAM_SPLIT, then zstd) [default: zstd:3].
-    #[arg(long, value_parser = vae_pipeline::write::LatentCompression::parse)]
-    latent_compression: Option<vae_pipeline::write::LatentCompression>,
+    #[arg(long, value_parser = vae_pipeline::format::LatentCompression::parse)]
+    latent_compression: Option<vae_pipeline::format::LatentCompression>,
     /// Split the run into N partitions written by separate workers (Slurm, Kubernetes, Ray); every worker passes the same N [default: 0 = one process].
     #[arg(long)]
     partitions: Option<usize>,

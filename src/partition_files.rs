@@ -53,7 +53,7 @@ fn units_sha256(units: &[String]) -> String {
         h.update(unit.as_bytes());
         h.update(b"\n");
     }
-    crate::config::hex(&h.finalize())
+    crate::hex::hex(&h.finalize())
 }
 
 impl PartitionPlan {
@@ -174,9 +174,9 @@ impl PartitionPlan {
             sidecars,
             created: format!(
                 "{} by pid {} on {}",
-                crate::lock::now_utc(),
+                crate::host::now_utc(),
                 std::process::id(),
-                crate::lock::hostname()
+                crate::host::hostname()
             ),
         };
         let mut file = out.create(PLAN, Commit::CreateOnly)?;
@@ -298,8 +298,8 @@ pub fn mark_done(
         encoded: summary.encoded,
         failures: summary.failures.clone(),
         keys_sha256: units_sha256(&keys),
-        finished: crate::lock::now_utc(),
-        host: crate::lock::hostname(),
+        finished: crate::host::now_utc(),
+        host: crate::host::hostname(),
         dropped,
     };
     out.write(&done_marker(p), &serde_json::to_vec_pretty(&marker)?)

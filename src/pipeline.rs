@@ -100,8 +100,8 @@ fn record_run(config: &PrecomputeConfig, plan: &RunPlan, scope: Scope) -> Result
         None => plan.out.describe(),
     };
     let record = RunRecord {
-        started: crate::lock::now_utc(),
-        host: crate::lock::hostname(),
+        started: crate::host::now_utc(),
+        host: crate::host::hostname(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
         identity_hash: &plan.metadata.identity_hash,

@@ -612,7 +612,7 @@ fn drop_duplicates(
             dropped.entry(r.partition).or_default().push(DroppedRow {
                 shard: r.shard.clone(),
                 key: r.key.clone(),
-                source_sha256: crate::config::hex(hash),
+                source_sha256: crate::hex::hex(hash),
                 kept: kept.key.clone(),
             });
         }

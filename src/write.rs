@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
-pub use crate::format::LatentCompression;
+use crate::format::LatentCompression;
 use crate::format::{self, Scope, ShardMetadata, StorageDType, TensorColumns, MANIFEST, SUCCESS};
 use crate::shard_file::ShardFile;
 use crate::store::{Commit, ShardStore};
