@@ -99,6 +99,7 @@ fn meta(i: usize) -> RowMeta {
         height: SIZE as i32,
         caption: None,
         extra: Vec::new(),
+        window: None,
     }
 }
 
@@ -113,7 +114,7 @@ fn batch_assembly(c: &mut Criterion) {
             b.iter(|| {
                 let mut batcher = Batcher::new(16, [-1.0, 1.0]).with_f16(f16);
                 (0..16)
-                    .filter_map(|i| batcher.push(image.clone(), meta(i)))
+                    .filter_map(|i| batcher.push(RowPixels::Image(image.clone()), meta(i)))
                     .count()
             })
         });
@@ -217,7 +218,7 @@ fn ort_call_overhead(c: &mut Criterion) {
                 || {
                     let mut batcher = Batcher::new(n, [0.0, 1.0]);
                     (0..n)
-                        .find_map(|i| batcher.push(image.clone(), meta(i)))
+                        .find_map(|i| batcher.push(RowPixels::Image(image.clone()), meta(i)))
                         .unwrap()
                 },
                 |batch| encoder.encode(batch).unwrap(),

@@ -257,11 +257,11 @@ impl Rescale {
     }
 
     /// `stored` is one `[C, h, w]` latent.
-    fn apply(&self, stored: &[f32], shape: [usize; 3]) -> Vec<f32> {
+    fn apply(&self, stored: &[f32], shape: &[usize]) -> Vec<f32> {
         let Some(to) = &self.to else {
             return stored.to_vec();
         };
-        let plane = shape[1] * shape[2];
+        let plane = shape[1..].iter().product::<usize>();
         let from = &self.from;
         stored
             .iter()
@@ -733,9 +733,18 @@ impl Plan {
 
     /// The row is what the trainer would have cached for its image, or why not.
     fn check(&self, row: &StoredRow) -> Result<(), Problem> {
-        let [c, h, w] = row.shape;
-        let f = self.arch.factor() as usize;
         let key = &row.key;
+        if row.shape.len() != 3 {
+            return Err(Problem::new(
+                format!(
+                    "{key}: a clip window (latent {:?}), not an image",
+                    row.shape
+                ),
+                "convert clip sets with --to musubi --arch wan",
+            ));
+        }
+        let [c, h, w] = chw(&row.shape);
+        let f = self.arch.factor() as usize;
         if c != self.arch.channels() {
             return Err(Problem::new(
                 format!(
@@ -876,7 +885,7 @@ impl Plan {
     /// `original_size` [W,H], `crop_ltrb`, `latents_flipped`; SD3 and FLUX suffix every key
     /// with `_{h}x{w}` (strategy_sd3.py / strategy_flux.py: multi-resolution caches).
     fn kohya_npz(&self, row: &StoredRow, rescale: &Rescale) -> Vec<u8> {
-        let [c, h, w] = row.shape;
+        let [c, h, w] = chw(&row.shape);
         let suffix = match self.arch {
             Arch::Sd3 | Arch::Flux => format!("_{h}x{w}"),
             _ => String::new(),
@@ -887,7 +896,7 @@ impl Plan {
             npz::Array::f32(
                 &format!("latents{suffix}"),
                 vec![c, h, w],
-                &rescale.apply(&row.latent, row.shape),
+                &rescale.apply(&row.latent, &row.shape),
             ),
             npz::Array::i64(
                 &format!("original_size{suffix}"),
@@ -902,7 +911,7 @@ impl Plan {
             arrays.push(npz::Array::f32(
                 &format!("latents_flipped{suffix}"),
                 vec![c, h, w],
-                &rescale.apply(flip, row.shape),
+                &rescale.apply(flip, &row.shape),
             ));
         }
         npz::npz(&arrays)
@@ -914,8 +923,8 @@ impl Plan {
     /// (`save_latent_cache_qwen_image`); metadata architecture, width, height, format_version
     /// (`save_latent_cache_common`).
     fn musubi_safetensors(&self, row: &StoredRow, rescale: &Rescale) -> Result<Vec<u8>> {
-        let [c, h, w] = row.shape;
-        let values = rescale.apply(&row.latent, row.shape);
+        let [c, h, w] = chw(&row.shape);
+        let values = rescale.apply(&row.latent, &row.shape);
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let (key, shape) = match self.arch {
             Arch::Flux2 => (format!("latents_{h}x{w}_float32"), vec![c, h, w]),
@@ -974,14 +983,19 @@ fn musubi_arch(arch: Arch) -> (&'static str, &'static str) {
     }
 }
 
+/// `[C, h, w]` of an image row's latent (`check` refused clip rows for image targets).
+fn chw(shape: &[usize]) -> [usize; 3] {
+    [shape[0], shape[shape.len() - 2], shape[shape.len() - 1]]
+}
+
 /// One Parquet file of the diffusers dataset: `model_input` as nested [C][h][w] float32 lists
 /// (`latent · scaling_factor`, what the script's `compute_vae_encodings` returns), `original_sizes`
 /// (h, w), `crop_top_lefts` (top, left), `text` (the caption) and `key`.
 fn diffusers_part(rows: &[StoredRow], rescale: &Rescale) -> Result<Vec<u8>> {
-    let [c, h, w] = rows[0].shape;
+    let [c, h, w] = chw(&rows[0].shape);
     let values: Vec<f32> = rows
         .iter()
-        .flat_map(|r| rescale.apply(&r.latent, r.shape))
+        .flat_map(|r| rescale.apply(&r.latent, &r.shape))
         .collect();
     let f32_field = Arc::new(Field::new("item", DataType::Float32, true));
     let row_list = FixedSizeListArray::new(

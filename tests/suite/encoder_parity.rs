@@ -111,7 +111,7 @@ fn fp16_batches_written_directly_encode_like_converted_f32_batches() {
         let mut batcher = Batcher::new(2, [0.0, 1.0]).with_flip(true).with_f16(f16);
         let mut out: Vec<Batch> = images
             .iter()
-            .filter_map(|p| batcher.push(p.clone(), row("img")))
+            .filter_map(|p| batcher.push(RowPixels::Image(p.clone()), row("img")))
             .collect();
         out.extend(batcher.flush());
         out
