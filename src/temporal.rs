@@ -21,3 +21,21 @@ impl ClipEncoder {
         unimplemented!()
     }
 }
+
+pub struct ClipDecoder;
+
+impl ClipDecoder {
+    pub fn open(_card: &ModelCard, _intra_threads: usize, _gpu: Option<Gpu>) -> Result<Self> {
+        Ok(ClipDecoder)
+    }
+    pub fn decode(
+        &mut self,
+        _z: &[f32],
+        _b: usize,
+        _t_latent: usize,
+        _h: usize,
+        _w: usize,
+    ) -> Result<Vec<f32>> {
+        unimplemented!()
+    }
+}

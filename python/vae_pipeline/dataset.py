@@ -78,7 +78,8 @@ from vae_pipeline import ShardRoot, unfinished
 
 __all__ = ["LatentsDataset", "BucketBatchSampler", "collate", "worker_init_fn", "decode_latents"]
 
-_BUCKET_DIR = re.compile(r"^(\d+)x(\d+)$")
+# <W>x<H> (images) or <W>x<H>x<T> (clip windows of T frames): the bucket is (W, H) or (W, H, T).
+_BUCKET_DIR = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 _TENSOR_COLUMNS = ("latent", "latent_std", "latent_flip", "latent_flip_std")
 _SCALAR_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left", "width", "height")
 _META = "vae_pipeline."
@@ -109,6 +110,11 @@ def _resized_width(policy: str, ow: int, oh: int, W: int, H: int) -> Optional[in
     width_decides = (W * oh >= H * ow) if cover else (W * oh <= H * ow)
     rw = W if width_decides else (2 * ow * H + oh) // (2 * oh)
     return max(rw, W) if cover else min(max(rw, 1), W)
+
+
+def _bucket(m: re.Match) -> tuple[int, ...]:
+    """(W, H), or (W, H, T) for a folder of clip windows."""
+    return tuple(int(g) for g in m.groups() if g is not None)
 
 
 class _Shard:
@@ -227,7 +233,7 @@ class LatentsDataset:
         store = self._store
         m = _BUCKET_DIR.match(store.name)
         if m and store.parts(store.path):  # one bucket folder given directly
-            return [((int(m.group(1)), int(m.group(2))), store.path)]
+            return [(_bucket(m), store.path)]
         why = unfinished(store) if require_success else None
         if why is not None:
             raise FileNotFoundError(why + "; or pass require_success=False to read what is there")
@@ -235,7 +241,7 @@ class LatentsDataset:
         for name, path in store.folders():
             m = _BUCKET_DIR.match(name)
             if m:
-                out.append(((int(m.group(1)), int(m.group(2))), path))
+                out.append((_bucket(m), path))
         return sorted(out)  # by (W, H)
 
     def __len__(self) -> int:
