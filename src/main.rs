@@ -53,9 +53,16 @@ enum Command {
         /// The --out of the run.
         shards: PathBuf,
     },
-    /// Encode and decode images (or decode stored shards) and report reconstruction quality:
-    /// PSNR, SSIM, latent statistics and a self-contained HTML page under --out.
-    Report(ReportArgs),
+    /// Encode and decode images or clips (or decode stored shards) and report reconstruction
+    /// quality: PSNR, SSIM, latent statistics (clips: per frame, and temporal flicker) and a
+    /// self-contained HTML page under --out.
+    Report {
+        #[command(flatten)]
+        args: ReportArgs,
+        /// The clip flags of `precompute`: given, the report runs on clips.
+        #[command(flatten)]
+        frames: ClipArgs,
+    },
     /// Check a shard set is complete and sane; prints a one-line verdict, exits non-zero on any problem.
     Verify {
         /// The --out folder of a precompute run.
@@ -437,7 +444,10 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
-        Command::Report(args) => {
+        Command::Report { mut args, frames } => {
+            let mut clips = PrecomputeConfig::default();
+            frames.apply(&mut clips);
+            args.video = clips.video;
             report::run(&args)?.print(&args.out);
             Ok(())
         }

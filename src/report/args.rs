@@ -5,10 +5,11 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::reconstruct::decoder_path;
 use crate::config::{PrecomputeConfig, ResizePolicy};
+use crate::frames::FrameOptions;
 use crate::model::ModelCard;
 use crate::resize::Framing;
 use crate::rows::RowMaker;
@@ -57,6 +58,11 @@ pub struct ReportArgs {
     /// Threads for decoding, metrics and each ONNX Runtime session; 0 = all cores.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Clip windows, from the same clip flags as `precompute` (`--target-frames` …, set in
+    /// main.rs): set, the report encodes and decodes clips with each card's temporal VAE and
+    /// scores every frame.
+    #[arg(skip)]
+    pub video: Option<FrameOptions>,
 }
 
 /// Where the latents come from.
@@ -158,14 +164,47 @@ impl ReportArgs {
         }
         for card in &cards {
             card.check_size(config.size)?;
-            decoder_path(card)?;
+            // Clips decode with the card's [temporal] graphs, checked when they open.
+            if self.video.is_none() {
+                decoder_path(card)?;
+            }
         }
-        let rows = RowMaker::plain(Framing::new(&config)?, config.decode_options());
+        if let Some(video) = &self.video {
+            video
+                .check()
+                .context("clip frame options (--target-frames …)")?;
+            if let Some(card) = cards.iter().find(|c| c.temporal.is_none()) {
+                bail!(
+                    "--model {}: its card has no [temporal] VAE, so it reconstructs images, not \
+                     clips; use a video VAE's card (wan2.1, wan2.2 or qwen-image, or `vae-pipeline \
+                     export` of a Wan-family checkpoint), or drop the clip flags to report on images",
+                    card.name
+                );
+            }
+            crate::video::available()?;
+        }
+        let mut rows = RowMaker::plain(Framing::new(&config)?, config.decode_options());
+        rows.video = self.video.clone();
         Ok((Origin::Images, cards, rows))
     }
 
     fn plan_shards(&self, dir: &std::path::Path) -> Result<(Origin, Vec<ModelCard>, RowMaker)> {
         let set = ShardSet::open(dir)?;
+        if set.info.identity.video.is_some() {
+            bail!(
+                "report --shards on clip sets is not supported yet: {} holds clip windows; use \
+                 --input with the clips and the same clip flags (--target-frames …) to encode and \
+                 decode them here",
+                dir.display()
+            );
+        }
+        if self.video.is_some() {
+            bail!(
+                "the clip flags (--target-frames …) take clips from --input; --shards {} holds \
+                 images: leave the clip flags out",
+                dir.display()
+            );
+        }
         let info = &set.info.metadata;
         let framing = &set.info.identity.framing;
         let spec = match self.models.as_slice() {

@@ -9,7 +9,7 @@ use image::{ImageEncoder, RgbImage};
 
 use super::gallery::{Shot, AMPLIFY, BEST, MAX_PANEL, WORST};
 use super::metrics::SSIM_WINDOW;
-use super::output::{ModelSummary, Summary, FIT_TOLERANCE};
+use super::output::{ClipSummary, Flicker, ModelSummary, Summary, FIT_TOLERANCE};
 
 /// What the page shows for one model besides its summary.
 pub struct ModelPage<'a> {
@@ -44,9 +44,14 @@ pub fn render(summary: &Summary, psnr_chart: &str, models: &[ModelPage]) -> Resu
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>VAE reconstruction report</title><style>{STYLE}</style></head><body>\n\
          <h1>VAE reconstruction report</h1>\n\
-         <p class=\"meta\">{} images from <code>{}</code> ({} could not be read), {}×{} ({}), {}. \
+         <p class=\"meta\">{} {} from <code>{}</code> ({} could not be read), {}×{} ({}), {}. \
          vae-pipeline {}.</p>\n",
         summary.inputs,
+        if summary.video.is_some() {
+            "clips"
+        } else {
+            "images"
+        },
         esc(&summary.input),
         summary.failed,
         summary.size,
@@ -56,7 +61,11 @@ pub fn render(summary: &Summary, psnr_chart: &str, models: &[ModelPage]) -> Resu
         summary.version
     )?;
     summary_table(&mut h, summary, models)?;
-    h += "<h2>PSNR per image</h2>\n";
+    h += if summary.video.is_some() {
+        "<h2>PSNR per frame</h2>\n"
+    } else {
+        "<h2>PSNR per image</h2>\n"
+    };
     h += psnr_chart;
     h += "\n<h2>Latent statistics</h2>\n<p class=\"legend\">Per channel: mean ± std of the raw \
           latents <code>z</code> (the card's normalization undone). The recommended \
@@ -66,9 +75,19 @@ pub fn render(summary: &Summary, psnr_chart: &str, models: &[ModelPage]) -> Resu
         write!(h, "<h3>{}</h3>\n{}\n", esc(m.name), m.latent_chart)?;
     }
     for m in models {
+        if let Some(clips) = &m.summary.clips {
+            flicker_section(&mut h, m.name, clips)?;
+        }
+    }
+    let what = if summary.video.is_some() {
+        "frames"
+    } else {
+        "images"
+    };
+    for m in models {
         write!(
             h,
-            "<h2>Worst {WORST} and best {BEST} by PSNR: {}</h2>\n<p class=\"legend\">Each row: \
+            "<h2>Worst {WORST} and best {BEST} {what} by PSNR: {}</h2>\n<p class=\"legend\">Each row: \
              original | reconstruction | error heatmap (mean absolute error over RGB × {AMPLIFY}: \
              black is exact, pale yellow is {:.0} levels of 255 or more). Images larger than \
              {MAX_PANEL} px show their central {MAX_PANEL}×{MAX_PANEL} at 1:1.</p>\n",
@@ -106,12 +125,78 @@ pub fn render(summary: &Summary, psnr_chart: &str, models: &[ModelPage]) -> Resu
          0.03, data range 1, population covariance, averaged over channels (scikit-image's \
          <code>structural_similarity(…, gaussian_weights=True, sigma=1.5, \
          use_sample_covariance=False, data_range=1)</code>). A normalization fits when the stored \
-         latents' std is within {:.0}% of 1 and their mean within {:.0}% of their std from 0.</p>\n\
-         </body></html>\n",
+         latents' std is within {:.0}% of 1 and their mean within {:.0}% of their std from 0.</p>\n",
         FIT_TOLERANCE * 100.0,
         FIT_TOLERANCE * 100.0
     )?;
+    if summary.video.is_some() {
+        h += FLICKER_DEFINITION;
+    }
+    h += "</body></html>\n";
     Ok(h)
+}
+
+/// What the clip numbers are, on the page as in docs/report.md.
+const FLICKER_DEFINITION: &str = "<p class=\"legend\">Clips: each window of T frames is encoded \
+    by the card's temporal encoder, its mean latent decoded by the temporal decoder, and every \
+    reconstructed frame r<sub>t</sub> scored against the source frame x<sub>t</sub> the encoder \
+    saw (resized and cropped, RGB in [0, 1]): PSNR and SSIM per frame as above, means over all \
+    frames. Temporal flicker, per pair of consecutive frames of a window: source change \
+    <code>mean |x<sub>t</sub> − x<sub>t−1</sub>|</code>, reconstruction change <code>mean \
+    |r<sub>t</sub> − r<sub>t−1</sub>|</code>, and flicker error <code>mean |(r<sub>t</sub> − \
+    r<sub>t−1</sub>) − (x<sub>t</sub> − x<sub>t−1</sub>)|</code>, each over all pixels and \
+    channels in [0, 1] units (1/255 is one level). A window's (and the run's) flicker is the \
+    mean over its (all) frame pairs; ratio = reconstruction / source (above 1: the \
+    reconstruction flickers more than the clip moves; below 1: it smooths motion away), \
+    difference = reconstruction − source. A one-frame window has no pair.</p>\n";
+
+/// The flicker numbers overall and the windows whose reconstruction changes most against
+/// their source (highest ratio first; all windows are in summary.json).
+fn flicker_section(h: &mut String, name: &str, clips: &ClipSummary) -> Result<()> {
+    const SHOWN: usize = 8;
+    write!(
+        h,
+        "<h2>Temporal flicker: {}</h2>\n<p class=\"legend\">{} windows, {} frame pairs: source \
+         change {}, reconstruction change {} (ratio {}, difference {}), flicker error {}. The \
+         {SHOWN} windows with the highest ratio:</p>\n<table class=\"summary\"><tr><th>window</th>\
+         <th>frames</th><th>PSNR mean (min)</th><th>SSIM mean</th><th>source change</th>\
+         <th>reconstruction change</th><th>ratio</th><th>difference</th><th>flicker error</th></tr>\n",
+        esc(name),
+        clips.windows,
+        clips.flicker.pairs,
+        opt(clips.flicker.source, 5),
+        opt(clips.flicker.reconstruction, 5),
+        opt(clips.flicker.ratio, 3),
+        opt(clips.flicker.difference, 5),
+        opt(clips.flicker.error, 5),
+    )?;
+    let mut windows: Vec<_> = clips.per_window.iter().collect();
+    windows.sort_by(|a, b| {
+        let r = |f: &Flicker| f.ratio.unwrap_or(f64::NEG_INFINITY);
+        r(&b.flicker)
+            .total_cmp(&r(&a.flicker))
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    for w in windows.into_iter().take(SHOWN) {
+        let f = &w.flicker;
+        writeln!(
+            h,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&w.key),
+            w.frames,
+            num(w.psnr_mean, 2),
+            num(w.psnr_min, 2),
+            num(w.ssim_mean, 4),
+            opt(f.source, 5),
+            opt(f.reconstruction, 5),
+            opt(f.ratio, 3),
+            opt(f.difference, 5),
+            opt(f.error, 5),
+        )?;
+    }
+    h.push_str("</table>\n");
+    Ok(())
 }
 
 /// Rows are quantities, columns are models (same images for every model).
@@ -135,9 +220,22 @@ fn summary_table(h: &mut String, summary: &Summary, models: &[ModelPage]) -> Res
         h.push_str(&line);
     };
     let fit = |ok: bool| if ok { "good" } else { "bad" };
-    row("images scored", &|s| {
-        (format!("{} ({} failed)", s.images, s.failed), "")
-    });
+    if summary.video.is_some() {
+        row("windows scored (frames)", &|s| {
+            let windows = s.clips.as_ref().map_or(0, |c| c.windows);
+            (
+                format!(
+                    "{windows} ({} frames; {} windows failed)",
+                    s.images, s.failed
+                ),
+                "",
+            )
+        });
+    } else {
+        row("images scored", &|s| {
+            (format!("{} ({} failed)", s.images, s.failed), "")
+        });
+    }
     row("PSNR (dB), mean ± std", &|s| {
         (pm(s.psnr_mean, s.psnr_std, 2), "")
     });
@@ -154,6 +252,28 @@ fn summary_table(h: &mut String, summary: &Summary, models: &[ModelPage]) -> Res
                 ),
                 "",
             )
+        });
+    }
+    if summary.video.is_some() {
+        let flicker = |s: &ModelSummary| s.clips.as_ref().map(|c| c.flicker.clone());
+        row(
+            "flicker: source, reconstruction (ratio)",
+            &|s| match flicker(s) {
+                Some(f) => (
+                    format!(
+                        "{}, {} ({})",
+                        opt(f.source, 5),
+                        opt(f.reconstruction, 5),
+                        opt(f.ratio, 3)
+                    ),
+                    "",
+                ),
+                None => ("–".into(), ""),
+            },
+        );
+        row("flicker error", &|s| match flicker(s) {
+            Some(f) => (opt(f.error, 5), ""),
+            None => ("–".into(), ""),
         });
     }
     row("latent mean (raw)", &|s| (num(s.latent_mean, 4), ""));
@@ -226,6 +346,10 @@ fn num(v: f64, digits: usize) -> String {
     } else {
         "–".into()
     }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    num(v.unwrap_or(f64::NAN), digits)
 }
 
 fn pm(mean: f64, std: f64, digits: usize) -> String {

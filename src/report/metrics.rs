@@ -30,6 +30,53 @@ pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
     10.0 * (1.0 / mse).log10()
 }
 
+/// How one frame of a clip window changed from the window's previous frame, in the source and
+/// in the reconstruction: the frame pair's share of the report's temporal flicker. Every value
+/// is a mean over all pixels and channels in [0, 1] (one level of 255 is 1/255 ≈ 0.0039).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Change {
+    /// `mean |x_t − x_{t−1}|` of the source frames the encoder saw.
+    pub source: f64,
+    /// `mean |r_t − r_{t−1}|` of their reconstructions.
+    pub reconstruction: f64,
+    /// `mean |(r_t − r_{t−1}) − (x_t − x_{t−1})|`: motion the reconstruction adds or loses,
+    /// 0 only when every pixel changes exactly as in the source.
+    pub error: f64,
+}
+
+impl Change {
+    /// The change from frame `t − 1` to frame `t`: source `previous → current`, reconstruction
+    /// `previous_rec → current_rec` (planar frames of one size, in [0, 1]).
+    pub fn between(
+        previous: &[f32],
+        current: &[f32],
+        previous_rec: &[f32],
+        current_rec: &[f32],
+    ) -> Self {
+        assert!(
+            previous.len() == current.len()
+                && previous_rec.len() == current.len()
+                && current_rec.len() == current.len()
+                && !current.is_empty(),
+            "frame change of frames of different sizes"
+        );
+        let (mut source, mut reconstruction, mut error) = (0.0, 0.0, 0.0);
+        for i in 0..current.len() {
+            let ds = f64::from(current[i]) - f64::from(previous[i]);
+            let dr = f64::from(current_rec[i]) - f64::from(previous_rec[i]);
+            source += ds.abs();
+            reconstruction += dr.abs();
+            error += (dr - ds).abs();
+        }
+        let n = current.len() as f64;
+        Change {
+            source: source / n,
+            reconstruction: reconstruction / n,
+            error: error / n,
+        }
+    }
+}
+
 /// Mean SSIM of two planar images (`channels × height × width`), averaged over channels: what
 /// `skimage.metrics.structural_similarity(x, y, channel_axis=-1, data_range=1.0,
 /// gaussian_weights=True, sigma=1.5, use_sample_covariance=False)` returns.
@@ -278,6 +325,22 @@ impl LatentStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn change_is_the_mean_absolute_frame_difference() {
+        let (a, b) = ([0.0, 0.5, 1.0, 0.25], [0.5, 0.5, 0.0, 0.25]);
+        let (ra, rb) = ([0.0, 0.5, 1.0, 0.25], [0.0, 0.75, 0.5, 0.25]);
+        let c = Change::between(&a, &b, &ra, &rb);
+        assert_eq!(c.source, (0.5 + 0.0 + 1.0 + 0.0) / 4.0);
+        assert_eq!(c.reconstruction, (0.0 + 0.25 + 0.5 + 0.0) / 4.0);
+        // Changes (0.5, 0, −1, 0) in the source, (0, 0.25, −0.5, 0) in the reconstruction.
+        assert_eq!(c.error, (0.5 + 0.25 + 0.5 + 0.0) / 4.0);
+        let still = Change::between(&a, &a, &ra, &ra);
+        assert_eq!(
+            (still.source, still.reconstruction, still.error),
+            (0.0, 0.0, 0.0)
+        );
+    }
 
     #[test]
     fn reflect_matches_scipy() {

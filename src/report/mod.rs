@@ -1,7 +1,8 @@
-//! `report`: how well a VAE reconstructs *these* images. Takes `ReportArgs`, reuses the
-//! precompute stages (discover, decode+resize, batch, encode) or reads stored latents from
-//! shards, decodes with each card's decoder, and hands on a `Summary` after writing
-//! `metrics.parquet`, `summary.json`, `errors.jsonl` and a self-contained `report.html`.
+//! `report`: how well a VAE reconstructs *these* images or clips. Takes `ReportArgs`, reuses
+//! the precompute stages (discover, decode+resize, batch, encode) or reads stored latents from
+//! shards, decodes with each card's decoder (the temporal one for clips, `clips.rs`), and hands
+//! on a `Summary` after writing `metrics.parquet`, `summary.json`, `errors.jsonl` and a
+//! self-contained `report.html`.
 //!
 //! Images flow in chunks: decoded and resized in parallel, then per model batched, encoded,
 //! decoded and scored (metrics in parallel). Only the scores, the running latent statistics and
@@ -9,6 +10,7 @@
 
 mod args;
 mod charts;
+mod clips;
 mod gallery;
 mod html;
 mod lpips;
@@ -25,6 +27,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 pub use args::ReportArgs;
+pub use clips::FrameScore;
 pub use output::{ModelSummary, Summary};
 
 use self::args::{Origin, Plan};
@@ -42,17 +45,21 @@ use crate::resize::Prepared;
 use crate::rows::RowMaker;
 use crate::shards::{ShardSet, StoredRow};
 use crate::source::{SampleRef, Source};
+use crate::temporal::ClipDecoder;
 
-/// One image's scores for one model: a row of `metrics.parquet`.
+/// One image's (or one clip frame's) scores for one model: a row of `metrics.parquet`.
 #[derive(Debug, Clone)]
 pub struct ImageScore {
     pub key: String,
     pub psnr: f64,
     pub ssim: f64,
     pub lpips: Option<f64>,
-    /// Mean and population std of the image's raw latent, all channels together.
+    /// Mean and population std of the image's raw latent, all channels together (a clip
+    /// frame: its window's latent).
     pub latent_mean: f64,
     pub latent_std: f64,
+    /// A clip frame: which, and how it changed from the window's previous frame.
+    pub frame: Option<FrameScore>,
 }
 
 /// An input the report could not score: a line of `errors.jsonl`.
@@ -76,12 +83,18 @@ impl Skipped {
     }
 }
 
+/// What turns raw latents back into pixels: the image decoder, or the temporal one for clips.
+enum Reconstructor {
+    Images(Decoder),
+    Clips(ClipDecoder),
+}
+
 /// One model's sessions, normalization and running results.
 struct Model {
     card: ModelCard,
-    /// Only when encoding images; `--shards` decodes what is stored.
+    /// Only when encoding images or clips; `--shards` decodes what is stored.
     encoder: Option<Encoder>,
-    decoder: Decoder,
+    decoder: Reconstructor,
     /// The normalization to undo: the card's, or what the shards record.
     stored: Stored,
     scores: Vec<ImageScore>,
@@ -95,10 +108,23 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
     let plan = args.plan()?;
     let threads = plan.threads;
     let mut models = Vec::with_capacity(plan.cards.len());
+    let clips = plan.rows.video.is_some();
     for card in &plan.cards {
         let encoder = match plan.origin {
+            Origin::Images if clips => Some(Encoder::open_clips(
+                card,
+                None,
+                threads,
+                LatentMode::Mean,
+                0,
+            )?),
             Origin::Images => Some(Encoder::open(card, threads, LatentMode::Mean, 0)?),
             Origin::Shards(_) => None,
+        };
+        let decoder = if clips {
+            Reconstructor::Clips(ClipDecoder::open(card, threads, None)?)
+        } else {
+            Reconstructor::Images(Decoder::open(card, threads)?)
         };
         let stored = match &plan.origin {
             Origin::Images => Stored {
@@ -118,7 +144,7 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
             }
         };
         models.push(Model {
-            decoder: Decoder::open(card, threads)?,
+            decoder,
             encoder,
             stored,
             scores: Vec::new(),
@@ -139,6 +165,7 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
     };
     if inputs == 0 {
         match &plan.origin {
+            Origin::Images if clips => bail!("--input {} holds no clips", plan.input.display()),
             Origin::Images => bail!("--input {} holds no images", plan.input.display()),
             Origin::Shards(set) => bail!("--shards {} holds no rows", set.store.describe()),
         }
@@ -155,12 +182,17 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
         models,
         lpips,
         pool,
-        progress: Progress::new((inputs * plan.cards.len()) as u64, "image×model"),
+        progress: Progress::new(
+            (inputs * plan.cards.len()) as u64,
+            if clips { "clip×model" } else { "image×model" },
+        ),
         skipped: Vec::new(),
         batch_size: args.batch_size,
     };
     let chunk = (args.batch_size * threads).max(32);
     match &plan.origin {
+        // A clip holds many frames: a chunk is one clip per thread, as in `precompute`.
+        Origin::Images if clips => scorer.score_clips(&plan, threads)?,
         Origin::Images => scorer.score_images(&plan, chunk)?,
         Origin::Shards(set) => scorer.score_shards(&plan, set, chunk)?,
     }
@@ -188,9 +220,11 @@ fn finish(args: &ReportArgs, plan: &Plan, scorer: Scorer, inputs: usize) -> Resu
     let mut summary = Summary {
         version: env!("CARGO_PKG_VERSION"),
         source: match plan.origin {
+            Origin::Images if plan.rows.video.is_some() => "clips",
             Origin::Images => "images",
             Origin::Shards(_) => "shards",
         },
+        video: plan.rows.video.clone(),
         input: plan.input.display().to_string(),
         shards: args.shards.as_ref().map(|s| s.display().to_string()),
         size: plan.rows.framing.size,
@@ -472,8 +506,11 @@ impl Scorer {
             bail!("report scores images; latents {latent_shape:?} are clip windows");
         };
         let model = &mut self.models[m];
-        let z = model.stored.raw_latents(stored, latent_shape);
-        let recon = model.decoder.decode(&z, n, latent_shape)?;
+        let z = model.stored.raw_latents(stored, &latent_shape);
+        let Reconstructor::Images(decoder) = &mut model.decoder else {
+            unreachable!("image reports open image decoders");
+        };
+        let recon = decoder.decode(&z, n, latent_shape)?;
         let plane = 3 * width * height;
         if recon.len() != n * plane {
             bail!(
@@ -518,6 +555,7 @@ impl Scorer {
                 lpips: lpips.as_ref().map(|l| l[i]),
                 latent_mean: moments.mean(),
                 latent_std: moments.std(),
+                frame: None,
             });
             let r = &recon[i * plane..(i + 1) * plane];
             model

@@ -1,21 +1,24 @@
-//! What the report leaves in `--out`: `metrics.parquet` (one row per image and model),
-//! `summary.json` (per-model means, latent statistics, recommended normalization and the
-//! card's), and `errors.jsonl` (images that could not be scored). The HTML page is `html.rs`.
+//! What the report leaves in `--out`: `metrics.parquet` (one row per image and model; on clips
+//! one row per frame of every window and model), `summary.json` (per-model means, latent
+//! statistics, recommended normalization and the card's; on clips the temporal flicker, overall
+//! and per window), and `errors.jsonl` (inputs that could not be scored). The HTML page is
+//! `html.rs`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use arrow_array::{ArrayRef, Float64Array, Int32Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::Serialize;
 
-use super::metrics::{mean_std, LatentStats};
+use super::metrics::{mean_std, Change, LatentStats};
 use super::{ImageScore, Skipped};
+use crate::frames::FrameOptions;
 use crate::model::ModelCard;
 use crate::store::write_atomic;
 
@@ -32,13 +35,17 @@ pub const FIT_TOLERANCE: f64 = 0.10;
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub version: &'static str,
-    /// `images` (encoded here) or `shards` (stored latents decoded).
+    /// `images` or `clips` (encoded here), or `shards` (stored latents decoded).
     pub source: &'static str,
+    /// Clips: the frame options that cut them into windows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub video: Option<FrameOptions>,
     pub input: String,
     pub shards: Option<String>,
     pub size: u32,
     pub resize: String,
-    /// Inputs looked at, and how many of them could not be read (for every model).
+    /// Inputs (images or clips) looked at, and how many of them could not be read (for every
+    /// model).
     pub inputs: usize,
     pub failed: usize,
     pub lpips: Option<String>,
@@ -54,9 +61,13 @@ pub struct Summary {
 pub struct ModelSummary {
     pub card: String,
     pub decoder: String,
-    /// Images scored, and images this model could not score (non-finite latents or output).
+    /// Images scored (on clips: frames), and images (clip windows) this model could not score
+    /// (non-finite latents or output).
     pub images: usize,
     pub failed: usize,
+    /// Clips: windows scored and their temporal flicker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clips: Option<ClipSummary>,
     pub psnr_mean: f64,
     pub psnr_std: f64,
     pub ssim_mean: f64,
@@ -159,6 +170,7 @@ impl ModelSummary {
                 .unwrap_or_default(),
             images: scores.len(),
             failed,
+            clips: ClipSummary::of(scores),
             psnr_mean,
             psnr_std,
             ssim_mean,
@@ -187,6 +199,106 @@ impl ModelSummary {
             shift_factor_fits: shift_fits,
             verdict: verdict(&normalization),
         }
+    }
+}
+
+/// Temporal flicker over a set of frame pairs (consecutive frames of a window): means over the
+/// pairs, each pair weighing the same, of `Change`'s three values (all in [0, 1] units), and how
+/// the reconstruction's compares with the source's. None where there is no pair (one-frame
+/// windows) and, for the ratio, where the source does not change at all.
+#[derive(Debug, Clone, Serialize)]
+pub struct Flicker {
+    /// Frame pairs averaged over: T − 1 per window of T frames.
+    pub pairs: usize,
+    /// Mean absolute frame-to-frame difference of the source frames.
+    pub source: Option<f64>,
+    /// The same of the reconstructed frames.
+    pub reconstruction: Option<f64>,
+    /// `reconstruction / source`: above 1 the reconstruction flickers more than the clip moves,
+    /// below 1 it smooths motion away.
+    pub ratio: Option<f64>,
+    /// `reconstruction − source`.
+    pub difference: Option<f64>,
+    /// Mean absolute difference between the two frame-to-frame changes, per pixel.
+    pub error: Option<f64>,
+}
+
+impl Flicker {
+    pub fn of<'a>(changes: impl Iterator<Item = &'a Change>) -> Self {
+        let (mut pairs, mut source, mut reconstruction, mut error) = (0, 0.0, 0.0, 0.0);
+        for c in changes {
+            pairs += 1;
+            source += c.source;
+            reconstruction += c.reconstruction;
+            error += c.error;
+        }
+        let mean = |sum: f64| (pairs > 0).then(|| sum / pairs as f64);
+        let (source, reconstruction) = (mean(source), mean(reconstruction));
+        Flicker {
+            pairs,
+            source,
+            reconstruction,
+            ratio: source
+                .zip(reconstruction)
+                .filter(|(s, _)| *s > 0.0)
+                .map(|(s, r)| r / s),
+            difference: source.zip(reconstruction).map(|(s, r)| r - s),
+            error: mean(error),
+        }
+    }
+}
+
+/// One clip window's numbers in `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowSummary {
+    pub key: String,
+    pub frames: usize,
+    pub psnr_mean: f64,
+    pub psnr_min: f64,
+    pub ssim_mean: f64,
+    pub flicker: Flicker,
+}
+
+/// A clip report's windows: how many, the flicker over all their frame pairs, and every
+/// window's own numbers (in input order).
+#[derive(Debug, Clone, Serialize)]
+pub struct ClipSummary {
+    pub windows: usize,
+    pub flicker: Flicker,
+    pub per_window: Vec<WindowSummary>,
+}
+
+impl ClipSummary {
+    /// None for images. A window's frames are consecutive scores of one key.
+    fn of(scores: &[ImageScore]) -> Option<Self> {
+        if scores.first()?.frame.is_none() {
+            return None;
+        }
+        let changes = |s: &[ImageScore]| -> Vec<Change> {
+            s.iter()
+                .filter_map(|s| s.frame.as_ref().and_then(|f| f.change))
+                .collect()
+        };
+        let per_window: Vec<WindowSummary> = scores
+            .chunk_by(|a, b| a.key == b.key)
+            .map(|w| {
+                let psnrs: Vec<f64> = w.iter().map(|s| s.psnr).collect();
+                let ssims: Vec<f64> = w.iter().map(|s| s.ssim).collect();
+                WindowSummary {
+                    key: w[0].key.clone(),
+                    frames: w.len(),
+                    psnr_mean: mean_std(&psnrs).0,
+                    psnr_min: psnrs.iter().copied().fold(f64::INFINITY, f64::min),
+                    ssim_mean: mean_std(&ssims).0,
+                    flicker: Flicker::of(changes(w).iter()),
+                }
+            })
+            .collect();
+        Some(ClipSummary {
+            windows: per_window.len(),
+            flicker: Flicker::of(changes(scores).iter()),
+            per_window,
+        })
     }
 }
 
@@ -274,7 +386,12 @@ fn verdict(n: &Normalization) -> String {
 }
 
 /// `metrics.parquet`: key, model, psnr, ssim, lpips (only with `--lpips`), latent_mean,
-/// latent_std; models in `--model` order, images in input order.
+/// latent_std; models in `--model` order, images in input order. On clips one row per frame:
+/// key is the window's, and after model come `frame` (position in the window) and
+/// `source_frame` (the clip's frame index), after the scores `flicker_source`,
+/// `flicker_reconstruction` and `flicker_error` (the frame's `Change` from the window's
+/// previous frame; null on a window's first frame), so a window's flicker is the mean of its
+/// rows' values.
 pub fn write_metrics(
     path: &Path,
     models: &[(&str, &[ImageScore])],
@@ -288,23 +405,53 @@ pub fn write_metrics(
     let floats = |f: fn(&ImageScore) -> f64| -> ArrayRef {
         Arc::new(Float64Array::from_iter_values(rows().map(|(_, s)| f(s))))
     };
+    let clips = rows().any(|(_, s)| s.frame.is_some());
     let mut fields = vec![
         Field::new("key", DataType::Utf8, false),
         Field::new("model", DataType::Utf8, false),
-        Field::new("psnr", DataType::Float64, false),
-        Field::new("ssim", DataType::Float64, false),
     ];
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
             rows().map(|(_, s)| s.key.as_str()),
         )),
         Arc::new(StringArray::from_iter_values(rows().map(|(m, _)| m))),
-        floats(|s| s.psnr),
-        floats(|s| s.ssim),
     ];
+    fn frame(s: &ImageScore) -> &super::FrameScore {
+        s.frame
+            .as_ref()
+            .expect("every row of a clip report is a frame")
+    }
+    if clips {
+        let ints = |f: fn(&super::FrameScore) -> usize| -> ArrayRef {
+            Arc::new(Int32Array::from_iter_values(
+                rows().map(|(_, s)| f(frame(s)) as i32),
+            ))
+        };
+        fields.push(Field::new("frame", DataType::Int32, false));
+        fields.push(Field::new("source_frame", DataType::Int32, false));
+        columns.push(ints(|f| f.index));
+        columns.push(ints(|f| f.source_index));
+    }
+    fields.push(Field::new("psnr", DataType::Float64, false));
+    fields.push(Field::new("ssim", DataType::Float64, false));
+    columns.push(floats(|s| s.psnr));
+    columns.push(floats(|s| s.ssim));
     if with_lpips {
         fields.push(Field::new("lpips", DataType::Float64, false));
         columns.push(floats(|s| s.lpips.unwrap_or(f64::NAN)));
+    }
+    if clips {
+        let changes: [(&str, fn(&Change) -> f64); 3] = [
+            ("flicker_source", |c| c.source),
+            ("flicker_reconstruction", |c| c.reconstruction),
+            ("flicker_error", |c| c.error),
+        ];
+        for (name, f) in changes {
+            fields.push(Field::new(name, DataType::Float64, true));
+            columns.push(Arc::new(Float64Array::from_iter(
+                rows().map(|(_, s)| frame(s).change.as_ref().map(f)),
+            )));
+        }
     }
     fields.push(Field::new("latent_mean", DataType::Float64, false));
     fields.push(Field::new("latent_std", DataType::Float64, false));

@@ -18,15 +18,16 @@ pub struct Stored {
 
 impl Stored {
     /// `z = stored / scaling_factor + shift_factor` (undoes `(z − shift) · scale`), then
-    /// `z · latents_std[c] + latents_mean[c]` per channel of the [C, h, w] latents.
-    pub fn raw_latents(&self, stored: &[f32], latent_shape: [usize; 3]) -> Vec<f32> {
+    /// `z · latents_std[c] + latents_mean[c]` per channel of the [C, h, w] latents (a clip
+    /// window's [C, T', h, w]: one channel's plane is T'·h·w).
+    pub fn raw_latents(&self, stored: &[f32], latent_shape: &[usize]) -> Vec<f32> {
         let mut z: Vec<f32> = stored
             .iter()
             .map(|&v| v / self.scaling_factor + self.shift_factor)
             .collect();
         if let Some((mean, std)) = &self.per_channel {
             let stats = PerChannel { mean, std };
-            stats.denormalize(&mut z, latent_shape[1] * latent_shape[2]);
+            stats.denormalize(&mut z, latent_shape[1..].iter().product());
         }
         z
     }
