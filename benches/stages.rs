@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use image::ImageEncoder;
-use vae_pipeline::batch::{Batcher, RowMeta};
+use vae_pipeline::batch::{Batcher, RowMeta, RowPixels};
 use vae_pipeline::config::{LatentMode, StorageDType};
 use vae_pipeline::decode::{decode_bytes_toward, DecodeOptions};
 use vae_pipeline::encode::{EncodedBatch, Encoder};
@@ -170,7 +170,8 @@ fn parquet_write(c: &mut Criterion) {
                 EncodedBatch {
                     width: SIZE,
                     height: SIZE,
-                    latent_shape,
+                    frames: None,
+                    latent_shape: latent_shape.to_vec(),
                     rows: (0..rows).map(meta).collect(),
                     latents: latents.clone(),
                     stds: None,

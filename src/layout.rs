@@ -169,3 +169,34 @@ pub fn relative(out: &Path, shard: &Path) -> String {
         .collect::<Vec<_>>()
         .join("/")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_folders_name_images_and_clip_windows_one_way() {
+        for shape in [
+            InputShape::image(1024, 768),
+            InputShape {
+                width: 832,
+                height: 480,
+                frames: Some(81),
+            },
+        ] {
+            assert_eq!(parse_shape_dir(&shape_dir_name(shape)), Some(shape));
+        }
+        assert_eq!(shape_dir_name(InputShape::image(64, 32)), "64x32");
+        for not_a_shape in [
+            "64x",
+            "64x64x",
+            "064x64",
+            "64x64x5x1",
+            "64X64",
+            "_errors",
+            "64x64x+5",
+        ] {
+            assert_eq!(parse_shape_dir(not_a_shape), None, "{not_a_shape}");
+        }
+    }
+}

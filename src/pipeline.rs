@@ -224,7 +224,8 @@ fn run(
     let input_f16 = encoders.first().is_some_and(Encoder::input_f16);
     let (batch_tx, batch_rx) = bounded::<(u64, Batch)>(ENCODE_QUEUE * sessions);
     let (write_tx, write_rx) = bounded::<Message>(WRITE_QUEUE * sessions);
-    let mut progress = Progress::new(inputs as u64, "images");
+    let clips = rows.video.is_some();
+    let mut progress = Progress::new(inputs as u64, if clips { "clips" } else { "images" });
 
     let stages = std::thread::scope(|scope| -> Result<_> {
         let producer_tx = write_tx.clone();
@@ -267,7 +268,7 @@ fn run(
             })
             .collect();
         drop((batch_rx, write_tx));
-        let write_busy = consume(&mut writer, write_rx, &mut progress, &mut finality);
+        let write_busy = consume(&mut writer, write_rx, &mut progress, &mut finality, clips);
         let encode_busy = encoding
             .into_iter()
             .map(|e| e.join().expect("encoder thread panicked"))
@@ -426,6 +427,8 @@ enum Message {
     Failed(Failure),
     /// An input whose committed row is current (for progress).
     Skipped,
+    /// A clip's windows are all handed on (progress counts clips, not windows).
+    ClipDone,
 }
 
 /// What the producer hands back: its busy time, the current state of every source that has a
@@ -666,6 +669,9 @@ impl Batching<'_> {
                     return false;
                 }
             }
+            if self.clips && self.write_tx.send(Message::ClipDone).is_err() {
+                return false;
+            }
         }
         true
     }
@@ -771,12 +777,14 @@ fn consume(
     rx: Receiver<Message>,
     progress: &mut Progress,
     finality: &mut Finality,
+    clips: bool,
 ) -> Result<Duration> {
     let mut busy = Duration::ZERO;
     // Batches from several sessions can arrive out of order; they are written in order.
     let mut waiting: BTreeMap<u64, EncodedBatch> = BTreeMap::new();
     let mut next = 0u64;
     let mut skipped = 0;
+    let mut clips_done = 0;
     for message in rx {
         let t = Instant::now();
         match message {
@@ -790,14 +798,17 @@ fn consume(
             }
             Message::Failed(failure) => writer.record_failure(&failure)?,
             Message::Skipped => skipped += 1,
+            Message::ClipDone => clips_done += 1,
         }
         busy += t.elapsed();
         let totals = writer.totals();
         let (rows, failed) = (totals.rows, totals.failed() + totals.duplicates());
-        progress.set(
-            (rows + failed + skipped) as u64,
-            &format!("{failed} failed"),
-        );
+        let done = if clips {
+            clips_done
+        } else {
+            rows + failed + skipped
+        };
+        progress.set(done as u64, &format!("{failed} failed"));
     }
     Ok(busy)
 }

@@ -162,6 +162,9 @@ impl RowMaker {
     pub fn clip_windows(&self, sample: &Sample) -> Result<(ClipInfo, Vec<PlannedWindow>), Failure> {
         let options = self.video.as_ref().expect("a clip run has frame options");
         let key = sample.key.as_str();
+        if sample.bytes.bytes.is_empty() {
+            return Err(Failure::new(key, FailureKind::Empty, "zero-byte file"));
+        }
         if !video::is_video(&sample.bytes.bytes) {
             return Err(Failure::new(
                 key,
