@@ -485,7 +485,71 @@ pub fn write_errors(path: &Path, skipped: &[Skipped]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{verdict, Normalization};
+    use super::{verdict, Change, ClipSummary, Normalization};
+    use crate::report::{FrameScore, ImageScore};
+
+    fn frame(key: &str, index: usize, psnr: f64, change: Option<(f64, f64, f64)>) -> ImageScore {
+        ImageScore {
+            key: key.into(),
+            psnr,
+            ssim: 0.5,
+            lpips: None,
+            latent_mean: 0.0,
+            latent_std: 1.0,
+            frame: Some(FrameScore {
+                index,
+                source_index: index,
+                change: change.map(|(source, reconstruction, error)| Change {
+                    source,
+                    reconstruction,
+                    error,
+                }),
+            }),
+        }
+    }
+
+    #[test]
+    fn flicker_is_the_mean_over_frame_pairs_per_window_and_overall() {
+        let scores = [
+            frame("a/00000-003", 0, 20.0, None),
+            frame("a/00000-003", 1, 22.0, Some((0.1, 0.2, 0.15))),
+            frame("a/00000-003", 2, 24.0, Some((0.3, 0.3, 0.05))),
+            frame("b/00000-002", 0, 30.0, None),
+            frame("b/00000-002", 1, 30.0, Some((0.0, 0.1, 0.1))),
+            frame("c/00000-001", 0, 40.0, None),
+        ];
+        let clips = ClipSummary::of(&scores).expect("frames make a clip summary");
+        assert_eq!(clips.windows, 3);
+        let a = &clips.per_window[0];
+        assert_eq!(
+            (a.key.as_str(), a.frames, a.psnr_min, a.psnr_mean),
+            ("a/00000-003", 3, 20.0, 22.0)
+        );
+        assert_eq!(a.flicker.pairs, 2);
+        assert!((a.flicker.source.unwrap() - 0.2).abs() < 1e-12);
+        assert!((a.flicker.reconstruction.unwrap() - 0.25).abs() < 1e-12);
+        assert!((a.flicker.ratio.unwrap() - 1.25).abs() < 1e-12);
+        assert!((a.flicker.difference.unwrap() - 0.05).abs() < 1e-12);
+        assert!((a.flicker.error.unwrap() - 0.1).abs() < 1e-12);
+        // A still source has no ratio; a one-frame window has no pair at all.
+        let b = &clips.per_window[1].flicker;
+        assert_eq!((b.source, b.ratio), (Some(0.0), None));
+        let c = &clips.per_window[2].flicker;
+        assert_eq!(
+            (c.pairs, c.source, c.reconstruction, c.error),
+            (0, None, None, None)
+        );
+        // Overall: every pair weighs the same (3 pairs), not every window.
+        let all = &clips.flicker;
+        assert_eq!(all.pairs, 3);
+        assert!((all.source.unwrap() - 0.4 / 3.0).abs() < 1e-12);
+        assert!((all.ratio.unwrap() - 0.6 / 0.4).abs() < 1e-12);
+        let images = [ImageScore {
+            frame: None,
+            ..scores[0].clone()
+        }];
+        assert!(ClipSummary::of(&images).is_none());
+    }
 
     fn judge(per_channel: bool, mean: f64, std: f64, stored_std: f64, stored_mean: f64) -> String {
         verdict(&Normalization {

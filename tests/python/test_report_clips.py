@@ -2,7 +2,8 @@
 reconstructions of the tiny Wan 2.1 VAE (`golden_video.npz`, see ../shared/models/families/README.md
 "Video goldens"), numpy and scikit-image.
 
-The golden clips are written losslessly (FFV1, RGB, Matroska) with Debian's `ffmpeg`, so the frames
+The golden clips are written losslessly (FFV1, RGB, Matroska) with Debian's `ffmpeg` (`clips.py`),
+so the frames
 the binary decodes are exactly the goldens' `input`; at --size 64 a 64x64 clip is neither resized
 nor cropped. Every frame's PSNR, SSIM and frame-to-frame change must then be what numpy and
 scikit-image compute from `input` and diffusers' `decoded`, within the export's 1e-4 parity.
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+import clips as make
 from report_reference import run_report, skimage_ssim
 from vp_helpers import require
 
@@ -32,23 +35,6 @@ CLIPS = {
     "grayscale.mkv": "grayscale_64x64_64x64_t5",
 }
 TARGET_FRAMES = "5,9"
-
-
-def ffmpeg(*args) -> None:
-    cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
-
-
-def write_lossless(frames: np.ndarray, path: Path, fps: int = 16) -> None:
-    """frames: uint8 [T, H, W, 3] → FFV1 in Matroska with an RGB pixel format (decodes exactly)."""
-    t, h, w, _ = frames.shape
-    cmd = [
-        "ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-        "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-c:v", "ffv1", "-pix_fmt", "bgr0", str(path),
-    ]
-    proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True, timeout=120)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr.decode()}"
 
 
 def golden_cases(shared: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -70,7 +56,7 @@ def frames_of(tensor: np.ndarray) -> np.ndarray:
 def wan_card(binary, shared, tmp_path_factory) -> Path:
     """`vae-pipeline export` of the tiny Wan 2.1 checkpoint: a card with its [temporal] graphs."""
     checkpoint = require(shared / "models" / "families" / FAMILY, f"tiny {FAMILY} checkpoint folder")
-    out = tmp_path_factory.mktemp("wan-export")
+    out = tmp_path_factory.mktemp("wan-export") / "wan2.1"  # export names the card after its folder
     cmd = [str(binary), "export", "--checkpoint", str(checkpoint), "--out", str(out), "--dtype", "f32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
@@ -91,8 +77,8 @@ def golden_clips(shared, tmp_path_factory) -> tuple[Path, dict]:
         x = frames_of(cases[case]["input"])
         y = np.clip((frames_of(cases[case]["decoded"]) + 1.0) / 2.0, 0.0, 1.0)
         u8 = np.round(x * 255.0).astype(np.uint8)
-        assert np.array_equal(u8 / 255.0, x), f"{case}: the golden input is 8-bit"
-        write_lossless(u8, d / name)
+        assert np.array_equal(u8.astype(np.float32) / np.float32(255), x.astype(np.float32)), f"{case}: 8-bit input"
+        make.ffv1_mkv(d / name, u8)
         for t in map(int, TARGET_FRAMES.split(",")):
             if t <= len(x):
                 want[f"{name}/00000-{t:03d}"] = (x[:t], y[:t])
@@ -195,11 +181,10 @@ def test_gallery_shows_the_worst_frames(golden_report):
 def real_clips(tmp_path_factory) -> Path:
     """An H.264 yuv420p MP4 (17 frames, 96x64), the same cut in half, and a PNG that is no clip."""
     d = tmp_path_factory.mktemp("real-clips")
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=16", "-frames:v", 17, "-c:v", "libx264",
-           "-pix_fmt", "yuv420p", "-movflags", "+faststart", d / "pan.mp4")
-    data = (d / "pan.mp4").read_bytes()
-    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x64", "-frames:v", 1, d / "still.png")
+    rgb = make.frames(t=17, h=64, w=96)
+    make.h264_mp4(d / "pan.mp4", rgb)
+    make.truncated_mp4(d / "truncated.mp4", 0.5, rgb)
+    Image.fromarray(rgb[0]).save(d / "still.png")
     return d
 
 
