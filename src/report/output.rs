@@ -271,9 +271,7 @@ pub struct ClipSummary {
 impl ClipSummary {
     /// None for images. A window's frames are consecutive scores of one key.
     fn of(scores: &[ImageScore]) -> Option<Self> {
-        if scores.first()?.frame.is_none() {
-            return None;
-        }
+        scores.first()?.frame.as_ref()?;
         let changes = |s: &[ImageScore]| -> Vec<Change> {
             s.iter()
                 .filter_map(|s| s.frame.as_ref().and_then(|f| f.change))
@@ -441,7 +439,8 @@ pub fn write_metrics(
         columns.push(floats(|s| s.lpips.unwrap_or(f64::NAN)));
     }
     if clips {
-        let changes: [(&str, fn(&Change) -> f64); 3] = [
+        type Value = fn(&Change) -> f64;
+        let changes: [(&str, Value); 3] = [
             ("flicker_source", |c| c.source),
             ("flicker_reconstruction", |c| c.reconstruction),
             ("flicker_error", |c| c.error),
