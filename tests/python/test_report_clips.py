@@ -231,3 +231,22 @@ def test_report_shards_on_a_clip_set_is_refused_with_what_to_do(binary, wan_card
     assert proc.returncode != 0
     assert "report --shards on clip sets is not supported yet" in proc.stderr, proc.stderr
     assert "--target-frames" in proc.stderr, proc.stderr
+
+
+def test_lpips_per_frame_lines_up_with_the_frames(binary, wan_card, golden_clips, tmp_path):
+    """The MSE stand-in LPIPS (test_report_lpips.py) of every frame is 4·10^(−PSNR/10) of that frame."""
+    from test_report_lpips import save_model
+
+    clips, _ = golden_clips
+    out = tmp_path / "report"
+    run_report(binary, [
+        "--input", clips, "--model", wan_card, "--size", SIZE, "--target-frames", TARGET_FRAMES,
+        "--lpips", save_model(tmp_path / "lpips.onnx", ["x", "y"]), "--threads", 2, "--out", out,
+    ])
+    table = pq.read_table(out / "metrics.parquet")
+    assert table.column_names == [
+        "key", "model", "frame", "source_frame", "psnr", "ssim", "lpips", "flicker_source",
+        "flicker_reconstruction", "flicker_error", "latent_mean", "latent_std",
+    ]
+    for r in table.to_pylist():
+        assert r["lpips"] == pytest.approx(4 * 10 ** (-r["psnr"] / 10), rel=1e-4), (r["key"], r["frame"])
