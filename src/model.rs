@@ -53,9 +53,6 @@ pub struct ModelCard {
     /// Free text for users: where the weights come from, how to export them.
     #[serde(default)]
     pub source: Option<String>,
-    /// STUB until the wanvae merge.
-    #[serde(default)]
-    pub temporal: Option<toml::Table>,
     /// The card file this was read from.
     #[serde(skip)]
     pub card_path: PathBuf,
