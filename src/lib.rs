@@ -47,4 +47,5 @@ pub mod store;
 pub mod summary;
 pub mod throughput;
 pub mod verify;
+pub mod video;
 pub mod write;

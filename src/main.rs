@@ -78,6 +78,14 @@ enum Command {
     /// Convert a VAE checkpoint (diffusers folder or single .safetensors) into encoder/decoder
     /// ONNX files and a model card; --inspect drafts a card for an ONNX file made elsewhere.
     Export(ExportArgs),
+    /// What this binary sees in a clip, as JSON: size, rotation, fps, codec, frame times; with
+    /// --frames FILE also every decoded frame's upright RGB bytes (diagnostics and tests).
+    #[command(hide = true)]
+    ProbeClip {
+        clip: PathBuf,
+        #[arg(long)]
+        frames: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -472,6 +480,9 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Doctor => vae_pipeline::doctor::run(),
+        Command::ProbeClip { clip, frames } => {
+            vae_pipeline::video::probe_clip(&clip, frames.as_deref())
+        }
         Command::Convert(args) => {
             convert::run(&args)?.print();
             Ok(())
