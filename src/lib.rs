@@ -20,6 +20,7 @@ pub mod encode;
 pub mod export;
 pub mod failure;
 pub mod format;
+pub mod frames;
 pub mod hex;
 pub mod host;
 pub mod identity;
