@@ -195,9 +195,8 @@ impl ClipEncoder {
             );
         }
         let t_latent = 1 + (t - 1) / f;
-        let mut carried = Vec::new();
+        let mut stream = self.stream();
         let mut out = Vec::new();
-        let mut plane = 0;
         let mut chunk = Vec::new();
         for i in 0..t_latent {
             let (start, n) = if i == 0 { (0, 1) } else { (1 + f * (i - 1), f) };
@@ -211,21 +210,72 @@ impl ClipEncoder {
                 }
                 &chunk
             };
-            let (dims, values) = self.chunks.run(&mut carried, data, [b, n, 3, h, w])?;
-            if dims.len() != 5 || dims[0] != b || dims[2] != 1 {
-                bail!("clip encoder output has shape {dims:?}; expected [{b}, C, 1, h, w]");
-            }
+            let values = stream.push(data, b, n, h, w)?;
             if i == 0 {
-                plane = dims[3] * dims[4];
                 out = vec![0.0; values.len() * t_latent];
             }
             // values [B, C, 1, h, w] → out[b, c, i].
+            let plane = stream.latent_plane;
             for (k, src) in values.chunks_exact(plane).enumerate() {
                 let at = (k * t_latent + i) * plane;
                 out[at..at + plane].copy_from_slice(src);
             }
         }
         Ok(out)
+    }
+
+    /// One clip chunk by chunk, for callers that decode frames as they go: memory then holds
+    /// one chunk, never the clip.
+    pub fn stream(&mut self) -> ClipStream<'_> {
+        ClipStream {
+            encoder: self,
+            carried: Vec::new(),
+            latent_plane: 0,
+        }
+    }
+}
+
+/// A clip being encoded: the carried frames between chunks.
+pub struct ClipStream<'a> {
+    encoder: &'a mut ClipEncoder,
+    carried: Vec<DynValue>,
+    /// h·w of the latent, known after the first chunk.
+    latent_plane: usize,
+}
+
+impl ClipStream<'_> {
+    /// The next chunk, [B, n, 3, H, W] frame-major: n = 1 for the first, then `frame_factor`.
+    /// Returns its latent frame of the encoder output, [B, C_out, 1, h, w].
+    pub fn push(
+        &mut self,
+        frames: &[f32],
+        b: usize,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<f32>> {
+        let wanted = if self.carried.is_empty() {
+            1
+        } else {
+            self.encoder.frame_factor
+        };
+        if n != wanted || frames.len() != b * n * 3 * h * w {
+            bail!(
+                "a clip chunk of {} values as [{b}, {n}, 3, {h}, {w}]: the temporal encoder takes \
+                 the first frame alone, then chunks of {} frames",
+                frames.len(),
+                self.encoder.frame_factor
+            );
+        }
+        let (dims, values) = self
+            .encoder
+            .chunks
+            .run(&mut self.carried, frames, [b, n, 3, h, w])?;
+        if dims.len() != 5 || dims[0] != b || dims[2] != 1 {
+            bail!("clip encoder output has shape {dims:?}; expected [{b}, C, 1, h, w]");
+        }
+        self.latent_plane = dims[3] * dims[4];
+        Ok(values)
     }
 }
 

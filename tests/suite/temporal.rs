@@ -174,6 +174,12 @@ fn clips_of_the_wrong_length_and_cards_without_clip_graphs_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("1 + 4k frames"), "{err}");
+    let err = encoder
+        .stream()
+        .push(&vec![0.0; 4 * 3 * 16 * 16], 1, 4, 16, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the first frame alone"), "{err}");
 
     let mut image_only = card.clone();
     image_only.temporal = None;
