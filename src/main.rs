@@ -279,14 +279,20 @@ impl ClipArgs {
                 c.origin.preset_keys.remove(stringify!($field));
             } )* };
         }
-        set!(
-            target_frames,
-            frame_extraction,
-            frame_stride,
-            frame_sample,
-            max_frames,
-            target_fps
-        );
+        set!(target_frames, max_frames, target_fps);
+        for (value, field, name) in [
+            (self.frame_stride, &mut video.stride, "frame_stride"),
+            (self.frame_sample, &mut video.sample, "frame_sample"),
+        ] {
+            if let Some(v) = value {
+                *field = v;
+                c.origin.preset_keys.remove(name);
+            }
+        }
+        if let Some(v) = self.frame_extraction {
+            video.extraction = v;
+            c.origin.preset_keys.remove("frame_extraction");
+        }
         if self.source_fps.is_some() {
             video.source_fps = self.source_fps;
             c.origin.preset_keys.remove("source_fps");

@@ -242,6 +242,24 @@ impl ModelCard {
         Ok(hex(&Sha256::digest(&bytes)))
     }
 
+    /// What makes a clip run's latents: the two temporal encoder graphs (first chunk, then
+    /// later chunks), hashed together.
+    pub fn clip_encoder_sha256(&self) -> Result<String> {
+        let t = self.temporal.as_ref().with_context(|| {
+            format!(
+                "model card {} has no [temporal] table",
+                self.card_path.display()
+            )
+        })?;
+        let mut h = Sha256::new();
+        for path in [&t.encoder_first, &t.encoder_chunk] {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read clip encoder {}", path.display()))?;
+            h.update(Sha256::digest(&bytes));
+        }
+        Ok(hex(&h.finalize()))
+    }
+
     /// Human-readable normalization, as recorded in shard metadata.
     pub fn normalization(&self) -> String {
         match &self.batch_norm {

@@ -125,8 +125,10 @@ struct VpfFrame {
     time: f64,
 }
 
-type OpenFn = unsafe extern "C" fn(*const u8, usize, u32, *mut VpfInfo, *mut VpfError) -> *mut c_void;
-type TimesFn = unsafe extern "C" fn(*mut c_void, *mut *const f64, *mut usize, *mut VpfError) -> c_int;
+type OpenFn =
+    unsafe extern "C" fn(*const u8, usize, u32, *mut VpfInfo, *mut VpfError) -> *mut c_void;
+type TimesFn =
+    unsafe extern "C" fn(*mut c_void, *mut *const f64, *mut usize, *mut VpfError) -> c_int;
 type NextFn = unsafe extern "C" fn(*mut c_void, *mut VpfFrame, *mut VpfError) -> c_int;
 type CloseFn = unsafe extern "C" fn(*mut c_void);
 
@@ -149,7 +151,10 @@ pub fn plugin_candidates() -> Vec<PathBuf> {
         return vec![PathBuf::from(path)];
     }
     let mut out = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         out.push(dir.join(PLUGIN_FILE));
         if dir.file_name().is_some_and(|n| n == "deps") {
             out.extend(dir.parent().map(|p| p.join(PLUGIN_FILE)));
@@ -172,8 +177,12 @@ fn load() -> Result<Plugin> {
         );
     };
     // SAFETY: the plugin is our own library; its initialisers only register FFmpeg's.
-    let library = unsafe { libloading::Library::new(path) }
-        .with_context(|| format!("cannot load the FFmpeg plugin {}: {INSTALL}", path.display()))?;
+    let library = unsafe { libloading::Library::new(path) }.with_context(|| {
+        format!(
+            "cannot load the FFmpeg plugin {}: {INSTALL}",
+            path.display()
+        )
+    })?;
     // SAFETY: the symbols are the plugin's C ABI, with the types mirrored above; the ABI version
     // is checked before any other is used.
     unsafe {
@@ -227,7 +236,11 @@ pub fn describe() -> Result<String> {
 }
 
 fn clip_error(err: &VpfError) -> ClipError {
-    let end = err.message.iter().position(|&b| b == 0).unwrap_or(err.message.len());
+    let end = err
+        .message
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(err.message.len());
     let kind = match err.kind {
         KIND_EMPTY => FailureKind::Empty,
         KIND_UNSUPPORTED => FailureKind::Unsupported,
@@ -274,7 +287,8 @@ impl<'a> Handle<'a> {
         let mut err = new_error();
         let threads = u32::try_from(threads).unwrap_or(u32::MAX);
         // SAFETY: the plugin reads `bytes` only while the handle (which borrows them) lives.
-        let clip = unsafe { (plugin.open)(bytes.as_ptr(), bytes.len(), threads, &mut info, &mut err) };
+        let clip =
+            unsafe { (plugin.open)(bytes.as_ptr(), bytes.len(), threads, &mut info, &mut err) };
         if clip.is_null() {
             return Err(clip_error(&err));
         }
@@ -394,7 +408,8 @@ impl Iterator for Frames<'_> {
         let mut pixels = Vec::with_capacity(w * h * 3);
         for row in 0..h {
             // SAFETY: the frame holds `h` rows of `stride` bytes, each with `w` RGB pixels.
-            let line = unsafe { std::slice::from_raw_parts(frame.data.add(row * frame.stride), w * 3) };
+            let line =
+                unsafe { std::slice::from_raw_parts(frame.data.add(row * frame.stride), w * 3) };
             pixels.extend_from_slice(line);
         }
         let stored = RgbImage::from_raw(frame.width, frame.height, pixels)
@@ -434,9 +449,11 @@ pub fn probe_clip(path: &Path, frames_out: Option<&Path>) -> Result<()> {
             let mut times = Vec::new();
             for frame in frames(&bytes)? {
                 let frame = frame?;
-                std::io::Write::write_all(&mut file, frame.image.as_raw()).map_err(|e| ClipError {
-                    kind: FailureKind::Io,
-                    message: format!("cannot write {}: {e}", out.display()),
+                std::io::Write::write_all(&mut file, frame.image.as_raw()).map_err(|e| {
+                    ClipError {
+                        kind: FailureKind::Io,
+                        message: format!("cannot write {}: {e}", out.display()),
+                    }
                 })?;
                 times.push(frame.time);
             }
