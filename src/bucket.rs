@@ -372,6 +372,18 @@ impl MusubiBuckets {
         resos.into_iter().collect()
     }
 
+    /// The rule musubi caches clips with: its `VideoDataset` builds its `BucketSelector` from
+    /// the resolution alone (`retrieve_latent_cache_batches`), so clips are always bucketed and
+    /// `bucket_no_upscale` is ignored, whatever the dataset's `enable_bucket` says. The choice
+    /// and the crop are the images' (from the first frame's size).
+    pub fn for_video(&self) -> Self {
+        MusubiBuckets {
+            enable_bucket: true,
+            no_upscale: false,
+            ..self.clone()
+        }
+    }
+
     /// `get_bucket_resolution`, then `resize_image_to_bucket`.
     pub fn place(&self, resolutions: &[(u32, u32)], w: u32, h: u32) -> Placement {
         let area = u64::from(self.resolution.0) * u64::from(self.resolution.1);
@@ -487,6 +499,33 @@ mod tests {
             .unwrap();
             let back: Holder = toml::from_str(&text).unwrap();
             assert_eq!(back.trainer, rule, "{text}");
+        }
+    }
+
+    /// musubi's `BucketSelector((832, 480), architecture="wan")`, as its video caching builds it
+    /// (values printed by musubi-tuner @30c658c4): clips are bucketed even when the dataset
+    /// says `enable_bucket = false`, and `bucket_no_upscale` does not apply.
+    #[test]
+    fn musubi_buckets_clips_whatever_the_dataset_says() {
+        let images = MusubiBuckets {
+            resolution: (832, 480),
+            enable_bucket: false,
+            no_upscale: true,
+            steps: MusubiBuckets::STEPS,
+        };
+        assert_eq!(images.resolutions(), [(832, 480)]);
+        let clips = images.for_video();
+        let list = clips.resolutions();
+        for (size, bucket) in [
+            ((1920, 1080), (832, 480)),
+            ((720, 1280), (480, 832)),
+            ((640, 480), (720, 544)),
+        ] {
+            assert_eq!(
+                clips.place(&list, size.0, size.1).bucket,
+                bucket,
+                "{size:?}"
+            );
         }
     }
 }

@@ -395,12 +395,19 @@ impl PrecomputeConfig {
                 bucket_reso_steps: self.bucket_step,
                 bucket_no_upscale: self.no_upscale,
             })),
-            "musubi" => Some(TrainerBuckets::Musubi(MusubiBuckets {
-                resolution: (side, side),
-                enable_bucket: true,
-                no_upscale: self.no_upscale,
-                steps: MusubiBuckets::STEPS,
-            })),
+            "musubi" => {
+                let buckets = MusubiBuckets {
+                    resolution: (side, side),
+                    enable_bucket: true,
+                    no_upscale: self.no_upscale,
+                    steps: MusubiBuckets::STEPS,
+                };
+                // musubi's video datasets bucket clips whatever their config says.
+                Some(TrainerBuckets::Musubi(match self.video {
+                    Some(_) => buckets.for_video(),
+                    None => buckets,
+                }))
+            }
             _ => None,
         }
     }

@@ -16,7 +16,7 @@ use crate::config::LatentMode;
 use crate::failure::{Failure, FailureKind};
 use crate::format::InputShape;
 use crate::model::{EncoderOutput, ModelCard};
-use crate::runtime::{self, Gpu, Pixels, Runner};
+use crate::runtime::{self, Device, Gpu, Gpus, Pixels, Runner};
 use crate::temporal::ClipEncoder;
 
 /// diffusers' `DiagonalGaussianDistribution` clamps logvar to this range.
@@ -193,7 +193,14 @@ impl Encoder {
         mode: LatentMode,
         seed: u64,
     ) -> Result<Self> {
-        let clips = ClipEncoder::open(card, intra_threads, gpu)?;
+        let device = match gpu {
+            None => Device::Cpu,
+            Some(gpu) => Device::Cuda(Gpus {
+                ids: vec![gpu.id],
+                options: gpu.options,
+            }),
+        };
+        let clips = ClipEncoder::open(card, intra_threads, &device)?;
         Ok(Encoder {
             engine: Engine::Clips(clips),
             output_name: "moments".into(),
@@ -339,7 +346,7 @@ impl Post {
         let factor = card.spatial_factor as usize;
         let latent_shape = vec![
             card.latent_channels,
-            1 + (t - 1) / 4,
+            1 + (t - 1) / card.temporal.as_ref().map_or(1, |tc| tc.frame_factor),
             h / factor,
             w / factor,
         ];

@@ -85,6 +85,14 @@ enum Command {
     /// Convert a VAE checkpoint (diffusers folder or single .safetensors) into encoder/decoder
     /// ONNX files and a model card; --inspect drafts a card for an ONNX file made elsewhere.
     Export(ExportArgs),
+    /// What this binary sees in a clip, as JSON: size, rotation, fps, codec, frame times; with
+    /// --frames FILE also every decoded frame's upright RGB bytes (diagnostics and tests).
+    #[command(hide = true)]
+    ProbeClip {
+        clip: PathBuf,
+        #[arg(long)]
+        frames: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -278,14 +286,20 @@ impl ClipArgs {
                 c.origin.preset_keys.remove(stringify!($field));
             } )* };
         }
-        set!(
-            target_frames,
-            frame_extraction,
-            frame_stride,
-            frame_sample,
-            max_frames,
-            target_fps
-        );
+        set!(target_frames, max_frames, target_fps);
+        for (value, field, name) in [
+            (self.frame_stride, &mut video.stride, "frame_stride"),
+            (self.frame_sample, &mut video.sample, "frame_sample"),
+        ] {
+            if let Some(v) = value {
+                *field = v;
+                c.origin.preset_keys.remove(name);
+            }
+        }
+        if let Some(v) = self.frame_extraction {
+            video.extraction = v;
+            c.origin.preset_keys.remove("frame_extraction");
+        }
         if self.source_fps.is_some() {
             video.source_fps = self.source_fps;
             c.origin.preset_keys.remove("source_fps");
@@ -482,6 +496,9 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Doctor => vae_pipeline::doctor::run(),
+        Command::ProbeClip { clip, frames } => {
+            vae_pipeline::video::probe_clip(&clip, frames.as_deref())
+        }
         Command::Convert(args) => {
             convert::run(&args)?.print();
             Ok(())

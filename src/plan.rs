@@ -94,7 +94,10 @@ pub fn plan(config: &PrecomputeConfig, scope: Scope) -> Result<RunPlan> {
         .into_iter()
         .map(open)
         .collect::<Result<Vec<_>>>()?;
-    let encoder_sha256 = card.encoder_sha256()?;
+    let encoder_sha256 = match config.video {
+        Some(_) => card.clip_encoder_sha256()?,
+        None => card.encoder_sha256()?,
+    };
     let identity = RunIdentity::new(
         config,
         ModelIdentity::of(&card, encoder_sha256.clone()),

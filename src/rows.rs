@@ -174,27 +174,24 @@ impl RowMaker {
             ));
         }
         let info = video::probe(&sample.bytes.bytes).map_err(|e| clip_failure(key, e))?;
-        let windows = frames::windows(options, &info.times, info.fps);
+        let windows = frames::windows(options, info.times.len());
         if windows.is_empty() {
             return Err(Failure::new(
                 key,
                 FailureKind::TooSmall,
                 format!(
-                    "{} frames give no window of {:?} frames ({:?} extraction)",
+                    "{} frames give no window of {:?} frames ({} extraction)",
                     info.times.len(),
                     options.target_frames,
-                    options.frame_extraction
+                    options.extraction.as_str()
                 ),
             ));
         }
-        let fps = match options.source_fps {
-            Some(_) => options.target_fps,
-            None => info.fps,
-        };
+        let fps = options.window_fps(info.fps);
         let planned = windows
             .into_iter()
             .map(|w| PlannedWindow {
-                key: format!("{key}/{:05}-{:03}", w.start, w.indices.len()),
+                key: format!("{key}/{}", w.suffix()),
                 window: WindowMeta {
                     start: w.start as i32,
                     count: w.indices.len() as i32,

@@ -51,6 +51,9 @@ pub enum Arch {
     ZImage,
     /// Qwen-Image (musubi `qwen_image`): per-channel normalized latents.
     QwenImage,
+    /// Wan 2.1, and Wan 2.2 A14B (musubi `wan`): the Wan 2.1 VAE's per-channel normalized
+    /// latents of clip windows `[C, F, h, w]` (and of images, as musubi's image datasets).
+    Wan,
 }
 
 impl Trainer {
@@ -68,7 +71,12 @@ impl Arch {
     fn channels(self) -> usize {
         match self {
             Arch::Sd | Arch::Sdxl => 4,
-            Arch::Sd3 | Arch::Flux | Arch::FluxKontext | Arch::ZImage | Arch::QwenImage => 16,
+            Arch::Sd3
+            | Arch::Flux
+            | Arch::FluxKontext
+            | Arch::ZImage
+            | Arch::QwenImage
+            | Arch::Wan => 16,
             Arch::Flux2 => 128,
         }
     }
@@ -92,6 +100,7 @@ impl Arch {
             Arch::FluxKontext => "flux-kontext",
             Arch::ZImage => "z-image",
             Arch::QwenImage => "qwen-image",
+            Arch::Wan => "wan",
         }
     }
 
@@ -106,6 +115,7 @@ impl Arch {
             "sd3" => Some(Arch::Sd3),
             "flux1" => Some(Arch::Flux),
             "qwen-image" => Some(Arch::QwenImage),
+            "wan2.1" => Some(Arch::Wan),
             _ => None,
         }
     }
@@ -231,7 +241,8 @@ impl Norm {
 }
 
 /// musubi's Qwen-Image VAE normalization (qwen_image_autoencoder_kl.py `latents_mean`,
-/// `latents_std`; `encode_pixels_to_latents` stores `(z − mean) / std`).
+/// `latents_std`; `encode_pixels_to_latents` stores `(z − mean) / std`), which is also its Wan
+/// VAE's (wan/modules/vae.py `WanVAE` `mean`, `std`, `scale = [mean, 1 / std]`): one VAE.
 const QWEN_IMAGE_MEAN: [f32; 16] = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
     -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -256,12 +267,12 @@ impl Rescale {
         Rescale { from, to }
     }
 
-    /// `stored` is one `[C, h, w]` latent.
+    /// `stored` is one latent of `shape`, channels first (`[C, h, w]` or `[C, F, h, w]`).
     fn apply(&self, stored: &[f32], shape: &[usize]) -> Vec<f32> {
         let Some(to) = &self.to else {
             return stored.to_vec();
         };
-        let plane = shape[1..].iter().product::<usize>();
+        let plane: usize = shape[1..].iter().product();
         let from = &self.from;
         stored
             .iter()
@@ -334,7 +345,7 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
     }
     let supported: &[Arch] = match args.to {
         Trainer::Kohya => &[Arch::Sd, Arch::Sdxl, Arch::Sd3, Arch::Flux],
-        Trainer::Musubi => &[Arch::Flux2, Arch::ZImage, Arch::QwenImage],
+        Trainer::Musubi => &[Arch::Flux2, Arch::ZImage, Arch::QwenImage, Arch::Wan],
         Trainer::Diffusers => &[Arch::Sd, Arch::Sdxl],
     };
     if !supported.contains(&arch) {
@@ -356,20 +367,23 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
             args.to.name()
         );
     }
-    if per_channel != (arch == Arch::QwenImage) {
+    let wan_vae = matches!(arch, Arch::QwenImage | Arch::Wan);
+    if per_channel != wan_vae {
         bail!(
             "--arch {} needs {} latents, but these shards were normalized as {}: {}",
             arch.name(),
-            if arch == Arch::QwenImage {
-                "per-channel normalized (`latents_mean`/`latents_std`, the qwen-image card)"
+            if wan_vae {
+                "per-channel normalized (`latents_mean`/`latents_std`, the qwen-image or \
+                 wan2.1 card)"
             } else {
                 "scale-and-shift"
             },
             meta.normalization,
             if per_channel {
-                "per-channel shards (Qwen-Image, Wan cards) convert to --to musubi --arch qwen-image"
+                "per-channel shards (Qwen-Image, Wan cards) convert to --to musubi --arch \
+                 qwen-image or wan"
             } else {
-                "precompute with the qwen-image card"
+                "precompute with the qwen-image or wan2.1 card"
             }
         );
     }
@@ -387,7 +401,7 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
     }
     let to = match (args.to, arch) {
         (_, Arch::Flux2) => None,
-        (_, Arch::QwenImage) => Some(Norm {
+        (_, Arch::QwenImage | Arch::Wan) => Some(Norm {
             scale: 1.0,
             shift: 0.0,
             channel: Some((QWEN_IMAGE_MEAN.to_vec(), QWEN_IMAGE_STD.to_vec())),
@@ -415,6 +429,9 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
     let mut problems: Vec<Problem> = Vec::new();
     let mut containers = std::collections::BTreeSet::new();
     let mut shapes = std::collections::BTreeSet::new();
+    // Whether rows are clip windows: musubi's image and video datasets each read their own
+    // cache folder, and its video dataset takes every `*_wan.safetensors` there for a window.
+    let mut kinds = std::collections::BTreeSet::new();
     set.for_each_chunk(4096, usize::MAX, false, |rows| {
         for row in rows {
             shapes.insert((row.width, row.height));
@@ -444,18 +461,25 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
             if let Some(c) = container {
                 containers.insert(c);
             }
+            let clip = clip_window(&row.key).filter(|_| latent_dims(&row).len() == 4);
+            kinds.insert(clip.is_some());
             if args.to == Trainer::Musubi {
                 // musubi names latent files by base name and size, and the text-encoder cache
-                // by base name alone: two images of one base name share a caption.
-                let stem = row_stem(&row.key);
-                if let Some(other) = stems.insert(stem.clone(), row.key.clone()) {
+                // by base name alone: two images (clips) of one base name share a caption. A
+                // clip's windows share its base name and caption.
+                let owner = clip.map_or(row.key.as_str(), |(clip, _, _)| clip);
+                let stem = row_stem(owner);
+                if let Some(other) = stems
+                    .insert(stem.clone(), owner.to_string())
+                    .filter(|other| other != owner)
+                {
                     problems.push(Problem::new(
                         format!(
                             "{} and {other} share the base name {:?}: musubi's cache folder is \
                              flat, and its text-encoder cache is named by base name alone \
                              ({}_{}_te.safetensors), so one image would train with the other's \
                              caption",
-                            row.key,
+                            owner,
                             stem,
                             stem.to_string_lossy(),
                             musubi_arch(arch).0
@@ -477,6 +501,17 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
         Ok(())
     })?;
     let rows_with_problems = problems.len();
+    if kinds.len() > 1 {
+        problems.insert(
+            0,
+            Problem::new(
+                "the shards hold both images and clip windows; musubi reads a video dataset's \
+                 cache folder as windows only (and an image dataset's as images only)",
+                "precompute the images and the clips into two shard sets and convert each to \
+                 its own --out (one cache_directory per musubi dataset)",
+            ),
+        );
+    }
     if args.to == Trainer::Diffusers && shapes.len() > 1 {
         problems.insert(
             0,
@@ -708,6 +743,8 @@ struct Plan {
     out: PathBuf,
     rule: Option<TrainerBuckets>,
     resolutions: Vec<(u32, u32)>,
+    /// musubi's rule for clips (`MusubiBuckets::for_video`) and its bucket list.
+    video: Option<(TrainerBuckets, Vec<(u32, u32)>)>,
     /// The diffusers script's square side.
     side: u32,
 }
@@ -726,25 +763,25 @@ impl Plan {
             arch,
             out: out.to_path_buf(),
             resolutions: rule.as_ref().map(|r| r.resolutions()).unwrap_or_default(),
+            video: match &rule {
+                Some(TrainerBuckets::Musubi(m)) => {
+                    let video = TrainerBuckets::Musubi(m.for_video());
+                    let resolutions = video.resolutions();
+                    Some((video, resolutions))
+                }
+                _ => None,
+            },
             rule,
             side,
         })
     }
 
-    /// The row is what the trainer would have cached for its image, or why not.
+    /// The row is what the trainer would have cached for its image or clip window, or why not.
     fn check(&self, row: &StoredRow) -> Result<(), Problem> {
-        let key = &row.key;
-        if row.shape.len() != 3 {
-            return Err(Problem::new(
-                format!(
-                    "{key}: a clip window (latent {:?}), not an image",
-                    row.shape
-                ),
-                "convert clip sets with --to musubi --arch wan",
-            ));
-        }
-        let [c, h, w] = chw(&row.shape);
+        let dims = latent_dims(row);
+        let (c, h, w) = (dims[0], dims[dims.len() - 2], dims[dims.len() - 1]);
         let f = self.arch.factor() as usize;
+        let key = &row.key;
         if c != self.arch.channels() {
             return Err(Problem::new(
                 format!(
@@ -752,8 +789,39 @@ impl Plan {
                     self.arch.name(),
                     self.arch.channels()
                 ),
-                "pass the --arch of the model card the shards were made with",
+                if self.arch == Arch::Wan {
+                    "musubi's Wan (2.1, and 2.2 A14B) trains on the Wan 2.1 VAE's 16 channels: \
+                     precompute with the wan2.1 card"
+                } else {
+                    "pass the --arch of the model card the shards were made with"
+                },
             ));
+        }
+        let clip = dims.len() == 4;
+        if clip && (self.to, self.arch) != (Trainer::Musubi, Arch::Wan) {
+            return Err(Problem::new(
+                format!("{key}: a clip window ({}x{h}x{w} latent frames)", dims[1]),
+                "clip windows convert to --to musubi --arch wan",
+            ));
+        }
+        if clip {
+            let Some((_, _, count)) = clip_window(key) else {
+                return Err(Problem::new(
+                    format!("{key}: a clip window whose key does not end in /<start>-<count>"),
+                    "the set breaks FORMAT.md's window keys: precompute the clips again",
+                ));
+            };
+            let latent_frames = 1 + count.saturating_sub(1) / crate::frames::FRAME_FACTOR;
+            if count % crate::frames::FRAME_FACTOR != 1 || dims[1] != latent_frames {
+                return Err(Problem::new(
+                    format!(
+                        "{key}: {count} frames gave {} latent frames; musubi's Wan windows are \
+                         N·4+1 frames, 1 + N latent frames",
+                        dims[1]
+                    ),
+                    "precompute the clips with the wan2.1 card and target_frames of N·4+1",
+                ));
+            }
         }
         if (h * f, w * f) != (row.height as usize, row.width as usize) {
             return Err(Problem::new(
@@ -787,7 +855,10 @@ impl Plan {
             ));
         }
         let (ow, oh) = (row.orig_width as u32, row.orig_height as u32);
-        let placement: Option<Placement> = rule.place(&self.resolutions, ow, oh);
+        let placement: Option<Placement> = match (&self.video, clip) {
+            (Some((video, resolutions)), true) => video.place(resolutions, ow, oh),
+            _ => rule.place(&self.resolutions, ow, oh),
+        };
         let Some(p) = placement else {
             return Err(Problem::new(
                 format!(
@@ -846,14 +917,20 @@ impl Plan {
                 "precompute the images again (the key names no file)",
             )
         };
-        let (key, container) = unpack_container(&row.key);
+        // A clip window's file is named after its clip, then the window (musubi's item key
+        // `{stem}_{start:05d}-{count:03d}`).
+        let (source, window) = match clip_window(&row.key).filter(|_| latent_dims(row).len() == 4) {
+            Some((clip, start, count)) => (clip, format!("_{start:05}-{count:03}")),
+            None => (row.key.as_str(), String::new()),
+        };
+        let (key, container) = unpack_container(source);
         let Some(image) = crate::source::path_of(&self.out, &key) else {
             return Some(Err(unsafe_key()));
         };
         let Some(stem) = image.file_stem() else {
             return Some(Err(unsafe_key()));
         };
-        let (w, h) = (row.orig_width, row.orig_height);
+        let (w, h) = named_size(row);
         let (suffix, dir) = match self.to {
             Trainer::Kohya => (
                 format!(
@@ -874,6 +951,7 @@ impl Plan {
             ),
         };
         let mut name = stem.to_os_string();
+        name.push(window);
         name.push(suffix);
         Some(Ok((
             dir.join(name),
@@ -885,7 +963,8 @@ impl Plan {
     /// `original_size` [W,H], `crop_ltrb`, `latents_flipped`; SD3 and FLUX suffix every key
     /// with `_{h}x{w}` (strategy_sd3.py / strategy_flux.py: multi-resolution caches).
     fn kohya_npz(&self, row: &StoredRow, rescale: &Rescale) -> Vec<u8> {
-        let [c, h, w] = chw(&row.shape);
+        let dims = latent_dims(row);
+        let [c, h, w] = image_dims(&dims);
         let suffix = match self.arch {
             Arch::Sd3 | Arch::Flux => format!("_{h}x{w}"),
             _ => String::new(),
@@ -896,7 +975,7 @@ impl Plan {
             npz::Array::f32(
                 &format!("latents{suffix}"),
                 vec![c, h, w],
-                &rescale.apply(&row.latent, &row.shape),
+                &rescale.apply(&row.latent, &dims),
             ),
             npz::Array::i64(
                 &format!("original_size{suffix}"),
@@ -911,7 +990,7 @@ impl Plan {
             arrays.push(npz::Array::f32(
                 &format!("latents_flipped{suffix}"),
                 vec![c, h, w],
-                &rescale.apply(flip, &row.shape),
+                &rescale.apply(flip, &dims),
             ));
         }
         npz::npz(&arrays)
@@ -920,32 +999,93 @@ impl Plan {
     /// musubi's `.safetensors` (cache_io.py): FLUX.2 `latents_{H}x{W}_float32` of (C, H, W)
     /// (`save_latent_cache_flux_2`), Z-Image `latents_1x{H}x{W}_float32` of (C, H, W)
     /// (`save_latent_cache_z_image`), Qwen-Image `latents_1x{H}x{W}_float32` of (C, 1, H, W)
-    /// (`save_latent_cache_qwen_image`); metadata architecture, width, height, format_version
-    /// (`save_latent_cache_common`).
+    /// (`save_latent_cache_qwen_image`), Wan `latents_{F}x{H}x{W}_float32` of (C, F, H, W), an
+    /// image's F = 1 (`save_latent_cache_wan`); metadata architecture, width, height,
+    /// format_version, and a window's frame_count (`save_latent_cache_common`). float32, as
+    /// musubi writes with `--vae_dtype float32` (its default is bfloat16; it trains on either).
     fn musubi_safetensors(&self, row: &StoredRow, rescale: &Rescale) -> Result<Vec<u8>> {
-        let [c, h, w] = chw(&row.shape);
-        let values = rescale.apply(&row.latent, &row.shape);
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let (key, shape) = match self.arch {
-            Arch::Flux2 => (format!("latents_{h}x{w}_float32"), vec![c, h, w]),
-            Arch::QwenImage => (format!("latents_1x{h}x{w}_float32"), vec![c, 1, h, w]),
+        let dims = latent_dims(row);
+        let values = rescale.apply(&row.latent, &dims);
+        let (c, h, w) = (dims[0], dims[dims.len() - 2], dims[dims.len() - 1]);
+        let (key, shape) = match (self.arch, dims.len()) {
+            (Arch::Flux2, _) => (format!("latents_{h}x{w}_float32"), vec![c, h, w]),
+            (Arch::QwenImage, _) | (Arch::Wan, 3) => {
+                (format!("latents_1x{h}x{w}_float32"), vec![c, 1, h, w])
+            }
+            (Arch::Wan, _) => (format!("latents_{}x{h}x{w}_float32", dims[1]), dims.clone()),
             _ => (format!("latents_1x{h}x{w}_float32"), vec![c, h, w]),
         };
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)?;
-        let metadata: HashMap<String, String> = [
+        let mut metadata = vec![
             ("architecture", musubi_arch(self.arch).1.to_string()),
-            ("width", row.orig_width.to_string()),
-            ("height", row.orig_height.to_string()),
+            ("width", named_size(row).0.to_string()),
+            ("height", named_size(row).1.to_string()),
             ("format_version", "1.0.1".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        Ok(safetensors::tensor::serialize(
-            [(key, view)],
-            Some(metadata),
-        )?)
+        ];
+        if let Some((_, _, count)) = clip_window(&row.key).filter(|_| dims.len() == 4) {
+            metadata.push(("frame_count", count.to_string()));
+        }
+        Ok(safetensors_f32(&key, &shape, &values, &metadata))
     }
+}
+
+/// One f32 tensor as a `.safetensors` file: the 8-byte header length, the JSON header (keys
+/// sorted, `__metadata__` first, padded with spaces to 8 bytes as the safetensors crate pads),
+/// the little-endian data. Written here rather than by `safetensors::serialize`, whose metadata
+/// map comes out in a random order, so a rerun writes the same bytes and leaves files alone.
+fn safetensors_f32(
+    name: &str,
+    shape: &[usize],
+    values: &[f32],
+    metadata: &[(&str, String)],
+) -> Vec<u8> {
+    let metadata: serde_json::Map<String, serde_json::Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str())))
+        .collect();
+    let header = serde_json::json!({
+        "__metadata__": metadata,
+        name: {"dtype": "F32", "shape": shape, "data_offsets": [0, values.len() * 4]},
+    });
+    let mut header = serde_json::to_vec(&header).expect("a JSON map serializes");
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + header.len() + values.len() * 4);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+/// The size a cache file is named by (and musubi records as `width`/`height`): an image's original
+/// size, but a clip's bucket: its video caching reads the frames already resized to the bucket
+/// (`load_video` with the bucket selector) and takes their size as the "original" one.
+fn named_size(row: &StoredRow) -> (i32, i32) {
+    if latent_dims(row).len() == 4 {
+        (row.width, row.height)
+    } else {
+        (row.orig_width, row.orig_height)
+    }
+}
+
+/// The row's latent dimensions: `[C, h, w]` of an image, `[C, F, h, w]` of a clip window.
+fn latent_dims(row: &StoredRow) -> Vec<usize> {
+    row.shape.to_vec()
+}
+
+/// An image row's `[C, h, w]` (clip windows are refused before kohya and diffusers files).
+fn image_dims(dims: &[usize]) -> [usize; 3] {
+    [dims[0], dims[dims.len() - 2], dims[dims.len() - 1]]
+}
+
+/// A clip window's key `<clip key>/<start:05d>-<count:03d>` (FORMAT.md) as (clip key, start,
+/// count); None for other keys.
+fn clip_window(key: &str) -> Option<(&str, usize, usize)> {
+    let (clip, window) = key.rsplit_once('/')?;
+    let (start, count) = window.split_once('-')?;
+    let digits = |t: &str, width: usize| t.len() >= width && t.bytes().all(|b| b.is_ascii_digit());
+    if clip.is_empty() || !digits(start, 5) || !digits(count, 3) {
+        return None;
+    }
+    Some((clip, start.parse().ok()?, count.parse().ok()?))
 }
 
 /// A key whose first components lead into a tar or Parquet input (`data/00003.tar/000030017`),
@@ -979,23 +1119,19 @@ fn musubi_arch(arch: Arch) -> (&'static str, &'static str) {
         Arch::Flux2 => ("f2d", "flux_2_dev"),
         Arch::FluxKontext => ("fk", "flux_kontext"),
         Arch::QwenImage => ("qi", "qwen_image"),
+        Arch::Wan => ("wan", "wan"),
         _ => ("zi", "z_image"),
     }
-}
-
-/// `[C, h, w]` of an image row's latent (`check` refused clip rows for image targets).
-fn chw(shape: &[usize]) -> [usize; 3] {
-    [shape[0], shape[shape.len() - 2], shape[shape.len() - 1]]
 }
 
 /// One Parquet file of the diffusers dataset: `model_input` as nested [C][h][w] float32 lists
 /// (`latent · scaling_factor`, what the script's `compute_vae_encodings` returns), `original_sizes`
 /// (h, w), `crop_top_lefts` (top, left), `text` (the caption) and `key`.
 fn diffusers_part(rows: &[StoredRow], rescale: &Rescale) -> Result<Vec<u8>> {
-    let [c, h, w] = chw(&rows[0].shape);
+    let [c, h, w] = image_dims(&latent_dims(&rows[0]));
     let values: Vec<f32> = rows
         .iter()
-        .flat_map(|r| rescale.apply(&r.latent, &r.shape))
+        .flat_map(|r| rescale.apply(&r.latent, &latent_dims(r)))
         .collect();
     let f32_field = Arc::new(Field::new("item", DataType::Float32, true));
     let row_list = FixedSizeListArray::new(
@@ -1064,4 +1200,129 @@ fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
     }
     store::write_atomic(path, bytes)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wan_metadata(
+        width: &str,
+        height: &str,
+        frames: Option<&str>,
+    ) -> Vec<(&'static str, String)> {
+        let mut m = vec![
+            ("architecture", "wan".to_string()),
+            ("width", width.to_string()),
+            ("height", height.to_string()),
+            ("format_version", "1.0.1".to_string()),
+        ];
+        m.extend(frames.map(|f| ("frame_count", f.to_string())));
+        m
+    }
+
+    /// (header as JSON, data bytes) of a `.safetensors` file.
+    fn parts(bytes: &[u8]) -> (serde_json::Value, Vec<u8>) {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        (header, bytes[8 + n..].to_vec())
+    }
+
+    /// The fixture is what musubi's own `save_latent_cache_wan` wrote for this tensor
+    /// (`benches/musubi_wan_check.py --fixture`); its metadata order is random, so the headers
+    /// are compared as JSON and the data byte for byte.
+    #[test]
+    fn wan_latent_file_is_musubis() {
+        let theirs = include_bytes!("../../tests/fixtures/musubi_wan_latent.safetensors");
+        let values: Vec<f32> = (0..16 * 2 * 2 * 3)
+            .map(|i| i as f32 * 0.25 - 10.0)
+            .collect();
+        let metadata = wan_metadata("64", "48", Some("5"));
+        let ours = safetensors_f32("latents_2x2x3_float32", &[16, 2, 2, 3], &values, &metadata);
+        assert_eq!(parts(&ours), parts(theirs));
+        assert_eq!(ours.len() % 8, 0);
+        let read = safetensors::SafeTensors::deserialize(&ours).unwrap();
+        assert_eq!(
+            read.tensor("latents_2x2x3_float32").unwrap().shape(),
+            [16, 2, 2, 3]
+        );
+    }
+
+    fn image_row(key: &str) -> StoredRow {
+        StoredRow {
+            key: key.to_string(),
+            source_sha256: [0; 32],
+            orig_width: 100,
+            orig_height: 75,
+            crop_top: 0,
+            crop_left: 2,
+            width: 64,
+            height: 48,
+            shape: vec![16, 6, 8],
+            latent: (0..16 * 6 * 8).map(|i| i as f32).collect(),
+            latent_flip: None,
+            caption: None,
+            window: None,
+        }
+    }
+
+    /// An image row as musubi's Wan image datasets cache it: `{stem}_{W}x{H}_wan.safetensors`
+    /// (the original size), `latents_1x{h}x{w}` of (C, 1, h, w), no frame_count; the same bytes
+    /// on every run (the safetensors crate's metadata order changes from run to run, so a rerun
+    /// rewrote every file).
+    #[test]
+    fn wan_image_rows_and_same_bytes_every_time() {
+        let plan = Plan {
+            to: Trainer::Musubi,
+            arch: Arch::Wan,
+            out: PathBuf::from("cache"),
+            rule: None,
+            resolutions: Vec::new(),
+            video: None,
+            side: 0,
+        };
+        let row = image_row("photos/a.b.jpg");
+        let Some(Ok((path, None))) = plan.path(&row) else {
+            panic!("no path")
+        };
+        assert_eq!(path, Path::new("cache/a.b_0100x0075_wan.safetensors"));
+        let norm = Norm::scale_shift(0.0, 1.0);
+        let rescale = Rescale::new(norm.clone(), Some(norm));
+        let bytes = plan.musubi_safetensors(&row, &rescale).unwrap();
+        let (header, data) = parts(&bytes);
+        assert_eq!(
+            header["latents_1x6x8_float32"]["shape"],
+            serde_json::json!([16, 1, 6, 8])
+        );
+        let metadata: serde_json::Map<_, _> = wan_metadata("100", "75", None)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+            .collect();
+        assert_eq!(header["__metadata__"], serde_json::Value::Object(metadata));
+        assert_eq!(data.len(), 16 * 6 * 8 * 4);
+        for _ in 0..8 {
+            assert_eq!(plan.musubi_safetensors(&row, &rescale).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn window_keys() {
+        assert_eq!(
+            clip_window("clips/a_b.mp4/00004-005"),
+            Some(("clips/a_b.mp4", 4, 5))
+        );
+        assert_eq!(
+            clip_window("x.mkv/123456-1001"),
+            Some(("x.mkv", 123_456, 1001))
+        );
+        for key in [
+            "photos/2024-001.jpg",
+            "a/0004-005",
+            "/00000-001",
+            "00000-001",
+            "a/00000-01",
+        ] {
+            assert_eq!(clip_window(key), None, "{key}");
+        }
+    }
 }
