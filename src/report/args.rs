@@ -157,6 +157,8 @@ impl ReportArgs {
         let config = PrecomputeConfig {
             size: self.size.unwrap_or(defaults.size),
             resize: self.resize.unwrap_or(defaults.resize),
+            // Clips frame as a clip run does (musubi buckets them whatever its config says).
+            video: self.video.clone(),
             ..defaults
         };
         if config.size == 0 {
