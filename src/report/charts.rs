@@ -21,9 +21,10 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing a chart: {e}")
 }
 
-/// Histogram of per-image PSNR, one translucent series per model on shared 0.5 dB-or-wider
-/// bins. Images reconstructed exactly (PSNR = ∞) have no bin and are left out.
-pub fn psnr_histogram(models: &[(&str, Vec<f64>)]) -> Result<String> {
+/// Histogram of per-image (on clips per-frame: `unit` "frames") PSNR, one translucent series per
+/// model on shared 0.5 dB-or-wider bins. Images reconstructed exactly (PSNR = ∞) have no bin and
+/// are left out.
+pub fn psnr_histogram(models: &[(&str, Vec<f64>)], unit: &str) -> Result<String> {
     let finite = || {
         models
             .iter()
@@ -64,7 +65,7 @@ pub fn psnr_histogram(models: &[(&str, Vec<f64>)]) -> Result<String> {
             .configure_mesh()
             .disable_x_mesh()
             .x_desc("PSNR (dB)")
-            .y_desc("images")
+            .y_desc(unit)
             .label_style((FONT, 13))
             .axis_desc_style((FONT, 14))
             .draw()

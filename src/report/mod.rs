@@ -258,7 +258,12 @@ fn finish(args: &ReportArgs, plan: &Plan, scorer: Scorer, inputs: usize) -> Resu
             )
         })
         .collect();
-    let psnr_chart = charts::psnr_histogram(&psnrs)?;
+    let unit = if plan.rows.video.is_some() {
+        "frames"
+    } else {
+        "images"
+    };
+    let psnr_chart = charts::psnr_histogram(&psnrs, unit)?;
     let mut pages = Vec::with_capacity(models.len());
     for (i, m) in models.into_iter().enumerate() {
         let (name, s) = summary
