@@ -3,8 +3,9 @@
 //! mean latent, and per frame of every window PSNR, SSIM and how the frame changed from the one
 //! before it in the source and in the reconstruction (the window's temporal flicker).
 //!
-//! Clips flow a few at a time (one per thread), as in `precompute`: only the scores, the latent
-//! statistics and the gallery's pictures are kept.
+//! Clips flow a few at a time (one per thread), as in `precompute`, their frames as resized 8-bit
+//! pictures; a batch's frames are widened to f32 only while it is scored. Only the scores, the
+//! latent statistics and the gallery's pictures are kept.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,9 +35,12 @@ pub struct FrameScore {
 /// One window's frames as the encoder saw them, planar `3 × h × w` in [0, 1].
 type Originals = Vec<Vec<f32>>;
 
-/// A window's scores before they are kept: per frame (PSNR, SSIM, change), or None when the
-/// reconstruction is not finite.
-type WindowScores = Option<Vec<(f64, f64, Option<Change>)>>;
+/// A clip window's resized frames (shared with overlapping windows) and its row.
+type ClipWindow = (Vec<Arc<Prepared>>, RowMeta);
+
+/// A window's originals and per-frame (PSNR, SSIM, change), or None when the reconstruction is
+/// not finite.
+type WindowScores = Option<(Originals, Vec<(f64, f64, Option<Change>)>)>;
 
 impl Scorer {
     /// Clips → windows of frames (parallel, a clip per thread) → per model: clip batches →
@@ -53,7 +57,7 @@ impl Scorer {
                         .map(|item| item.and_then(|s| load_clip(source, &plan.rows, s)))
                         .collect()
                 });
-            let mut windows: Vec<(Vec<Arc<Prepared>>, RowMeta)> = Vec::new();
+            let mut windows: Vec<ClipWindow> = Vec::new();
             let mut clips = 0;
             for item in prepared {
                 match item {
@@ -67,12 +71,6 @@ impl Scorer {
                     Err(failure) => self.skip_image(failure),
                 }
             }
-            let originals: Vec<Originals> = self.pool.install(|| {
-                windows
-                    .par_iter()
-                    .map(|(frames, _)| frames.iter().map(|f| planar01(f)).collect())
-                    .collect()
-            });
             let index: HashMap<&str, usize> = windows
                 .iter()
                 .enumerate()
@@ -84,11 +82,11 @@ impl Scorer {
                     if let Some(batch) =
                         batcher.push(RowPixels::Frames(frames.clone()), meta.clone())
                     {
-                        self.encode_and_score_clips(m, batch, &originals, &index)?;
+                        self.encode_and_score_clips(m, batch, &windows, &index)?;
                     }
                 }
                 for batch in batcher.flush() {
-                    self.encode_and_score_clips(m, batch, &originals, &index)?;
+                    self.encode_and_score_clips(m, batch, &windows, &index)?;
                 }
                 let name = self.models[m].card.name.clone();
                 self.progress.advance(clips as u64, &name);
@@ -103,7 +101,7 @@ impl Scorer {
         &mut self,
         m: usize,
         batch: Batch,
-        originals: &[Originals],
+        windows: &[ClipWindow],
         index: &HashMap<&str, usize>,
     ) -> Result<()> {
         let (width, height) = (batch.width as usize, batch.height as usize);
@@ -145,17 +143,16 @@ impl Scorer {
         for v in &mut recon {
             *v = ((*v - lo) / (hi - lo)).clamp(0.0, 1.0);
         }
-        let windows: Vec<&Originals> = encoded
+        let sources: Vec<&[Arc<Prepared>]> = encoded
             .rows
             .iter()
-            .map(|r| &originals[index[r.key.as_str()]])
+            .map(|r| windows[index[r.key.as_str()]].0.as_slice())
             .collect();
         let lpips = match self.lpips.as_mut() {
             Some(l) => {
-                let all: Vec<f32> = windows
+                let all: Vec<f32> = sources
                     .iter()
-                    .flat_map(|w| w.iter().flatten())
-                    .copied()
+                    .flat_map(|w| w.iter().flat_map(|f| planar01(f)))
                     .collect();
                 Some(l.score(&all, &recon, n * frames, height, width)?)
             }
@@ -167,15 +164,17 @@ impl Scorer {
                 .into_par_iter()
                 .map(|i| {
                     let r = &recon[i * window_len..(i + 1) * window_len];
-                    r.iter()
-                        .all(|v| v.is_finite())
-                        .then(|| score_window(windows[i], r, width, height))
+                    r.iter().all(|v| v.is_finite()).then(|| {
+                        let originals: Originals = sources[i].iter().map(|f| planar01(f)).collect();
+                        let scores = score_window(&originals, r, width, height);
+                        (originals, scores)
+                    })
                 })
                 .collect()
         });
         let per_latent = shape.iter().product::<usize>();
         for (i, (row, score)) in encoded.rows.iter().zip(scored).enumerate() {
-            let Some(frame_scores) = score else {
+            let Some((originals, frame_scores)) = score else {
                 model.failed += 1;
                 self.skipped.push(Skipped {
                     key: row.key.clone(),
@@ -214,7 +213,7 @@ impl Scorer {
                     &format!("{} frame {t}", row.key),
                     p,
                     s,
-                    &windows[i][t],
+                    &originals[t],
                     r,
                     width,
                     height,
