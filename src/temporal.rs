@@ -179,7 +179,7 @@ impl ClipEncoder {
         w: usize,
     ) -> Result<Vec<f32>> {
         let f = self.frame_factor;
-        if t == 0 || (t - 1) % f != 0 {
+        if t == 0 || !(t - 1).is_multiple_of(f) {
             bail!(
                 "a clip of {t} frames: the temporal encoder takes 1 + {f}k frames (1, {}, {}, …)",
                 1 + f,
@@ -318,7 +318,7 @@ impl ClipDecoder {
         w: usize,
     ) -> Result<Vec<f32>> {
         let plane = h * w;
-        if t_latent == 0 || b == 0 || z.len() % (b * t_latent * plane) != 0 {
+        if t_latent == 0 || b == 0 || !z.len().is_multiple_of(b * t_latent * plane) {
             bail!(
                 "{} values are not a latent of [{b}, C, {t_latent}, {h}, {w}]",
                 z.len()
