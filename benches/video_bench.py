@@ -2,7 +2,7 @@
 r"""Clips → Wan latents: ours (`vae-pipeline precompute` on clips) against musubi-tuner's own
 `wan_cache_latents.py`, side by side in one run, on the same H.264 clips with the same tiny Wan 2.1
 VAE (../shared/models/families/wan2.1) on the CPU, both in f32. Also PyAV's decode alone (musubi's
-decoder), and ours when OURS_DECODE_CMD is set.
+decoder), against ours (`probe-clip`) when the binary has it.
 
 Run from the repository root with the project venv (numpy, pyarrow, safetensors):
 
@@ -58,10 +58,11 @@ def ours_geometry_flags(width, height):
     return ["--resize", "bucket", "--size", f"{width}x{height}"]
 
 
-# Ours decoding alone (frames/s), e.g. the ffmpeg helper's decode bench: a command template with
-# {clips} (the clip paths as separate arguments); it prints one JSON line with "frames" and
-# "seconds". None: skipped.
-OURS_DECODE_CMD = None
+# Ours decoding alone (frames/s): the binary's hidden `probe-clip` subcommand (the FFmpeg plugin:
+# probe, decode, RGB conversion, rotation; frames written to /dev/null), one process per clip,
+# as benches/video_decode.py runs it. It prints JSON whose `frame_times` lists the frames. Skipped
+# when the binary lacks the subcommand.
+OURS_DECODE_ARGS = ["probe-clip", "{clip}", "--frames", "/dev/null"]
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = ROOT / "benches" / "video" / "musubi_tiny_wan.py"
@@ -167,13 +168,19 @@ def agreement(work):
 
 
 def decode_only(a, clips, work):
+    """Decode alone: PyAV as musubi's load_video calls it (default threading), and ours."""
     rows = {}
     _, _, _, text = timed([a.peer_python, str(HELPER), "pyav-decode", *map(str, clips)], work, "pyav")
-    rows["PyAV (musubi's decoder)"] = json.loads(re.search(r"^BENCH_PYAV (.*)$", text, re.M).group(1))
-    if OURS_DECODE_CMD is not None:
-        cmd = [part for c in OURS_DECODE_CMD for part in ([str(x) for x in clips] if c == "{clips}" else [c])]
-        _, _, _, text = timed(cmd, work, "ours-decode")
-        rows["ours"] = json.loads(text.strip().splitlines()[-1])
+    rows["PyAV (as musubi calls it)"] = json.loads(re.search(r"^BENCH_PYAV (.*)$", text, re.M).group(1))
+    if a.peer_only or subprocess.run([str(a.bin), OURS_DECODE_ARGS[0], "--help"], capture_output=True).returncode:
+        return rows
+    t0, frames = time.perf_counter(), 0
+    for clip in clips:
+        args = [str(clip) if x == "{clip}" else x for x in OURS_DECODE_ARGS]
+        out = subprocess.run([str(a.bin), *args], capture_output=True, text=True, check=True).stdout
+        frames += len(json.loads(out)["frame_times"])
+    rows["ours (probe-clip, a process per clip)"] = {"clips": len(clips), "frames": frames,
+                                                     "seconds": time.perf_counter() - t0}
     return rows
 
 
