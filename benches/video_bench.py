@@ -44,18 +44,21 @@ import sys
 import time
 from pathlib import Path
 
-# How ours is run on clips: the flags the lead settles once `precompute` takes clips.
-OURS_MODEL = "wan2.1"
+# How ours is run on clips (`precompute`'s clip flags). The model is the same tiny diffusers
+# folder, exported by `vae-pipeline export` into WORK/ours-wan21-tiny/ (card.toml with the
+# [temporal] graphs and the folder's latents_mean/std) unless --model names a card.
 OURS_VIDEO_FLAGS = ["--target-frames", "{frames}", "--frame-extraction", "head"]
 # Same precision as the peer (musubi runs with --vae_dtype float32), latents stored as f32.
 OURS_FLAGS = ["--dtype", "f32"]
 
 
 def ours_geometry_flags(width, height):
-    """Ours keeps the clip's own size (no resize), as musubi's single bucket does."""
-    if width == height:
-        return ["--size", str(width)]
-    return ["--resize", "bucket", "--size", f"{width}x{height}"]
+    """Ours keeps the clip's own size (no resize), as musubi's single bucket does: a square clip
+    of side --size is center-cropped to itself."""
+    if width != height:
+        sys.exit(f"video_bench: ours keeps a {width}x{height} clip unresized only with flags this script "
+                 "does not know yet: use a square --size, or --peer-only, or extend ours_geometry_flags")
+    return ["--size", str(width)]
 
 
 # Ours decoding alone (frames/s): the binary's hidden `probe-clip` subcommand (the FFmpeg plugin:
@@ -130,11 +133,21 @@ def run_peer(a, clips, work, vae, n_frames, width, height):
             "load_s": marks["encode_start"] - marks["process_start"], "outputs": len(written)}
 
 
+def export_ours(binary, family, folder):
+    """Our ONNX graphs and card for the diffusers folder (a few seconds; outside the timings)."""
+    subprocess.run([str(binary), "export", "--checkpoint", str(family), "--out", str(folder)], check=True,
+                   stdout=subprocess.DEVNULL)
+    card = folder / "card.toml"
+    if "[temporal]" not in card.read_text():
+        sys.exit(f"video_bench: {card} has no [temporal] table: this binary's export does not write the clip graphs")
+    return card
+
+
 def run_ours(a, clips_dir, work, n_frames, width, height):
     """`vae-pipeline precompute` over the clip folder, fresh output folder."""
     out = work / "ours-out"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(a.bin), "precompute", "--input", str(clips_dir), "--out", str(out), "--model", a.model,
+    cmd = [str(a.bin), "precompute", "--input", str(clips_dir), "--out", str(out), "--model", str(a.model),
            *ours_geometry_flags(width, height), *[f.format(frames=n_frames) for f in OURS_VIDEO_FLAGS], *OURS_FLAGS,
            "--threads", str(a.threads)]
     wall, cpu, rss, _ = timed(cmd, work, "ours")
@@ -202,7 +215,8 @@ def main():
                    help="the tiny diffusers Wan 2.1 VAE both sides use")
     p.add_argument("--kodak", type=Path, default=ROOT.parent / "shared/data/kodak")
     p.add_argument("--bin", type=Path, default=Path(os.environ.get("BIN", ROOT / "target/release/vae-pipeline")))
-    p.add_argument("--model", default=OURS_MODEL, help="our card for the same model")
+    p.add_argument("--model", type=Path, default=None,
+                   help="our card for the same model [exported from --family into WORK/ours-wan21-tiny]")
     p.add_argument("--threads", type=int, default=0, help="ours: --threads (0 = all cores; torch uses all)")
     p.add_argument("--work", type=Path, default=ROOT / "target/bench/video")
     p.add_argument("--json", type=Path, default=None, help="results JSON [WORK/video_bench.json]")
@@ -225,6 +239,11 @@ def main():
     vae = a.work / "musubi-wan21-tiny.safetensors"
     if not vae.exists():
         subprocess.run([a.peer_python, str(HELPER), "convert", "--family", str(a.family), "--out", str(vae)], check=True)
+
+    if not a.peer_only:
+        ours_geometry_flags(width, height)
+        if a.model is None:
+            a.model = export_ours(a.bin, a.family, a.work / "ours-wan21-tiny")
 
     runs = {"musubi": [], "ours": []}
     for _ in range(a.rounds):
