@@ -143,7 +143,7 @@ def export_ours(binary, family, folder):
     return card
 
 
-def run_ours(a, clips_dir, work, n_frames, width, height):
+def run_ours(a, clips_dir, n_clips, work, n_frames, width, height):
     """`vae-pipeline precompute` over the clip folder, fresh output folder."""
     out = work / "ours-out"
     shutil.rmtree(out, ignore_errors=True)
@@ -152,6 +152,8 @@ def run_ours(a, clips_dir, work, n_frames, width, height):
            "--threads", str(a.threads)]
     wall, cpu, rss, _ = timed(cmd, work, "ours")
     success = json.loads((out / "_SUCCESS").read_text())
+    if success["rows"] != n_clips:
+        sys.exit(f"video_bench: ours wrote {success['rows']} rows for {n_clips} clips (see {out}/_errors.jsonl)")
     return {"wall_s": wall, "work_s": success["seconds"], "cpu_s": cpu, "peak_rss_mib": rss, "outputs": success["rows"]}
 
 
@@ -248,7 +250,7 @@ def main():
     runs = {"musubi": [], "ours": []}
     for _ in range(a.rounds):
         if not a.peer_only:
-            runs["ours"].append(run_ours(a, clips_dir, a.work, a.frames, width, height))
+            runs["ours"].append(run_ours(a, clips_dir, len(clips), a.work, a.frames, width, height))
         runs["musubi"].append(run_peer(a, clips, a.work, vae, a.frames, width, height))
     results = {name: median_run(r) for name, r in runs.items() if r}
     decode = decode_only(a, clips, a.work)
