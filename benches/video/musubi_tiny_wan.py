@@ -14,6 +14,9 @@ changes only what the tiny model needs, at run time, without editing musubi's fi
   import time, which raises on a machine without an NVIDIA driver: it answers "cpu" while
   musubi's modules are imported.
 
+The weights are the diffusers file renamed to the original Wan names musubi loads (`convert`),
+and `cache` wraps musubi's `encode_datasets` only to note when it starts and ends.
+
 Subcommands:
   convert --family DIR --out FILE   diffusers weights -> original Wan names (what musubi loads)
   cache --family DIR -- ARGS...     musubi's wan_cache_latents.py with ARGS; prints BENCH_PEER json
