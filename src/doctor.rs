@@ -78,7 +78,10 @@ pub fn report() -> (String, bool) {
             let _ = writeln!(s, "FFmpeg plugin (clips): {found}");
         }
         Err(e) => {
-            let _ = writeln!(s, "FFmpeg plugin (clips): not usable, images still work. {e:#}");
+            let _ = writeln!(
+                s,
+                "FFmpeg plugin (clips): not usable, images still work. {e:#}"
+            );
         }
     }
     let _ = writeln!(

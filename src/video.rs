@@ -41,15 +41,17 @@ const IMAGE_BRANDS: &[&[u8; 4]] = &[
     b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis",
 ];
 
-/// Container signature (ISO-BMFF `ftyp`, Matroska/WebM EBML, RIFF AVI), for bytes from tars and
-/// Parquet that come without a file name to go by.
+/// Container signature (ISO-BMFF `ftyp`, or an old QuickTime file's first `moov`/`mdat`/`wide`
+/// atom; Matroska/WebM EBML; RIFF AVI), for bytes from tars and Parquet that come without a file
+/// name to go by. HEIF/AVIF still images (ISO-BMFF too) are not clips.
 pub fn is_video(head: &[u8]) -> bool {
     let bmff = head.len() >= 12
         && &head[4..8] == b"ftyp"
         && !IMAGE_BRANDS.iter().any(|b| &head[8..12] == *b);
+    let quicktime = head.len() >= 8 && matches!(&head[4..8], b"moov" | b"mdat" | b"wide");
     let matroska = head.starts_with(&[0x1A, 0x45, 0xDF, 0xA3]);
     let avi = head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"AVI ";
-    bmff || matroska || avi
+    bmff || quicktime || matroska || avi
 }
 
 /// Why a clip cannot be used, in the vocabulary of `_errors.jsonl`: `corrupt` (truncated,
@@ -125,8 +127,10 @@ struct VpfFrame {
     time: f64,
 }
 
-type OpenFn = unsafe extern "C" fn(*const u8, usize, u32, *mut VpfInfo, *mut VpfError) -> *mut c_void;
-type TimesFn = unsafe extern "C" fn(*mut c_void, *mut *const f64, *mut usize, *mut VpfError) -> c_int;
+type OpenFn =
+    unsafe extern "C" fn(*const u8, usize, u32, *mut VpfInfo, *mut VpfError) -> *mut c_void;
+type TimesFn =
+    unsafe extern "C" fn(*mut c_void, *mut *const f64, *mut usize, *mut VpfError) -> c_int;
 type NextFn = unsafe extern "C" fn(*mut c_void, *mut VpfFrame, *mut VpfError) -> c_int;
 type CloseFn = unsafe extern "C" fn(*mut c_void);
 
@@ -149,7 +153,10 @@ pub fn plugin_candidates() -> Vec<PathBuf> {
         return vec![PathBuf::from(path)];
     }
     let mut out = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         out.push(dir.join(PLUGIN_FILE));
         if dir.file_name().is_some_and(|n| n == "deps") {
             out.extend(dir.parent().map(|p| p.join(PLUGIN_FILE)));
@@ -172,8 +179,14 @@ fn load() -> Result<Plugin> {
         );
     };
     // SAFETY: the plugin is our own library; its initialisers only register FFmpeg's.
-    let library = unsafe { libloading::Library::new(path) }
-        .with_context(|| format!("cannot load the FFmpeg plugin {}: {INSTALL}", path.display()))?;
+    let library = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // libloading's message is "dlopen failed"; its source names the missing library.
+        let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+        anyhow::anyhow!(
+            "cannot load the FFmpeg plugin {} ({why}); {INSTALL}",
+            path.display()
+        )
+    })?;
     // SAFETY: the symbols are the plugin's C ABI, with the types mirrored above; the ABI version
     // is checked before any other is used.
     unsafe {
@@ -227,7 +240,11 @@ pub fn describe() -> Result<String> {
 }
 
 fn clip_error(err: &VpfError) -> ClipError {
-    let end = err.message.iter().position(|&b| b == 0).unwrap_or(err.message.len());
+    let end = err
+        .message
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(err.message.len());
     let kind = match err.kind {
         KIND_EMPTY => FailureKind::Empty,
         KIND_UNSUPPORTED => FailureKind::Unsupported,
@@ -274,7 +291,8 @@ impl<'a> Handle<'a> {
         let mut err = new_error();
         let threads = u32::try_from(threads).unwrap_or(u32::MAX);
         // SAFETY: the plugin reads `bytes` only while the handle (which borrows them) lives.
-        let clip = unsafe { (plugin.open)(bytes.as_ptr(), bytes.len(), threads, &mut info, &mut err) };
+        let clip =
+            unsafe { (plugin.open)(bytes.as_ptr(), bytes.len(), threads, &mut info, &mut err) };
         if clip.is_null() {
             return Err(clip_error(&err));
         }
@@ -294,6 +312,10 @@ impl<'a> Handle<'a> {
         }
     }
 }
+
+// SAFETY: a clip's FFmpeg contexts may move between threads; the handle uses them from one
+// thread at a time (`&mut self` for every call but the drop).
+unsafe impl Send for Handle<'_> {}
 
 impl Drop for Handle<'_> {
     fn drop(&mut self) {
@@ -394,7 +416,8 @@ impl Iterator for Frames<'_> {
         let mut pixels = Vec::with_capacity(w * h * 3);
         for row in 0..h {
             // SAFETY: the frame holds `h` rows of `stride` bytes, each with `w` RGB pixels.
-            let line = unsafe { std::slice::from_raw_parts(frame.data.add(row * frame.stride), w * 3) };
+            let line =
+                unsafe { std::slice::from_raw_parts(frame.data.add(row * frame.stride), w * 3) };
             pixels.extend_from_slice(line);
         }
         let stored = RgbImage::from_raw(frame.width, frame.height, pixels)
@@ -434,9 +457,11 @@ pub fn probe_clip(path: &Path, frames_out: Option<&Path>) -> Result<()> {
             let mut times = Vec::new();
             for frame in frames(&bytes)? {
                 let frame = frame?;
-                std::io::Write::write_all(&mut file, frame.image.as_raw()).map_err(|e| ClipError {
-                    kind: FailureKind::Io,
-                    message: format!("cannot write {}: {e}", out.display()),
+                std::io::Write::write_all(&mut file, frame.image.as_raw()).map_err(|e| {
+                    ClipError {
+                        kind: FailureKind::Io,
+                        message: format!("cannot write {}: {e}", out.display()),
+                    }
                 })?;
                 times.push(frame.time);
             }
@@ -470,10 +495,12 @@ mod tests {
         let avif = b"\0\0\0\x1cftypavif\0\0\0\0";
         let webm = [0x1A, 0x45, 0xDF, 0xA3, 0x9F];
         let avi = b"RIFF\x10\0\0\0AVI LIST";
+        let quicktime = b"\0\0\0\x08wide\0\0\0\0mdat";
         let webp = b"RIFF\x10\0\0\0WEBPVP8 ";
         assert!(is_video(mp4));
         assert!(is_video(&webm));
         assert!(is_video(avi));
+        assert!(is_video(quicktime));
         assert!(!is_video(heic));
         assert!(!is_video(avif));
         assert!(!is_video(webp));

@@ -105,9 +105,9 @@ unsafe extern "C" fn seek(opaque: *mut c_void, offset: i64, whence: c_int) -> i6
         return r.len as i64;
     }
     let base = match whence & !AVSEEK_FORCE {
-        0 => 0,                // SEEK_SET
-        1 => r.pos as i64,     // SEEK_CUR
-        2 => r.len as i64,     // SEEK_END
+        0 => 0,            // SEEK_SET
+        1 => r.pos as i64, // SEEK_CUR
+        2 => r.len as i64, // SEEK_END
         _ => return AVERROR(libc::EINVAL) as i64,
     };
     let target = base + offset;
@@ -231,7 +231,10 @@ impl Clip {
         clip.format = format;
         let ret = avformat_find_stream_info(format, ptr::null_mut());
         if ret < 0 {
-            return fail(KIND_CORRUPT, format!("unreadable streams: {}", av_error(ret)));
+            return fail(
+                KIND_CORRUPT,
+                format!("unreadable streams: {}", av_error(ret)),
+            );
         }
         let mut codec: *const AVCodec = ptr::null();
         let index = av_find_best_stream(
@@ -262,7 +265,10 @@ impl Clip {
             );
         }
         if index < 0 {
-            return fail(KIND_CORRUPT, format!("no usable video stream: {}", av_error(index)));
+            return fail(
+                KIND_CORRUPT,
+                format!("no usable video stream: {}", av_error(index)),
+            );
         }
         clip.stream = index;
         clip.time_base = rational((*stream).time_base);
@@ -282,7 +288,10 @@ impl Clip {
         }
         let ret = avcodec_parameters_to_context(clip.decoder, params);
         if ret < 0 {
-            return fail(KIND_CORRUPT, format!("decoder parameters: {}", av_error(ret)));
+            return fail(
+                KIND_CORRUPT,
+                format!("decoder parameters: {}", av_error(ret)),
+            );
         }
         (*clip.decoder).thread_count = threads as c_int;
         (*clip.decoder).pkt_timebase = (*stream).time_base;
@@ -359,7 +368,11 @@ impl Clip {
                         format!("frame {} is damaged (truncated file?)", times.len()),
                     );
                 }
-                let ts = if p.pts != AV_NOPTS_VALUE { p.pts } else { p.dts };
+                let ts = if p.pts != AV_NOPTS_VALUE {
+                    p.pts
+                } else {
+                    p.dts
+                };
                 times.push(ts);
             }
             av_packet_unref(self.packet);
@@ -408,7 +421,10 @@ impl Clip {
                 return Ok(false);
             }
             if ret != AVERROR(libc::EAGAIN) {
-                return fail(KIND_CORRUPT, format!("undecodable frame: {}", av_error(ret)));
+                return fail(
+                    KIND_CORRUPT,
+                    format!("undecodable frame: {}", av_error(ret)),
+                );
             }
             if self.flushing {
                 return Ok(false);
@@ -421,7 +437,10 @@ impl Clip {
                 continue;
             }
             if ret < 0 {
-                return fail(KIND_CORRUPT, format!("unreadable packet: {}", av_error(ret)));
+                return fail(
+                    KIND_CORRUPT,
+                    format!("unreadable packet: {}", av_error(ret)),
+                );
             }
             if (*self.packet).stream_index != self.stream {
                 av_packet_unref(self.packet);
@@ -435,7 +454,10 @@ impl Clip {
             let ret = avcodec_send_packet(self.decoder, self.packet);
             av_packet_unref(self.packet);
             if ret < 0 && ret != AVERROR(libc::EAGAIN) {
-                return fail(KIND_CORRUPT, format!("undecodable frame: {}", av_error(ret)));
+                return fail(
+                    KIND_CORRUPT,
+                    format!("undecodable frame: {}", av_error(ret)),
+                );
             }
         }
     }
