@@ -5,9 +5,12 @@ PyAV, both to upright RGB24 frames, side by side in one run. A benchmark, not a 
         [--frames 81] [--size 832x480] [--codec h264|vp9] [--repeat 2]
 
 Clips are made first with Debian's ffmpeg (tests/python/clips.py), then each side decodes all of
-them `--repeat` times and the best pass counts. Ours runs one process per clip (its probe's demux
+them `--repeat` times, taking turns, and the best pass counts. Ours runs one process per clip (its probe's demux
 pass, decoding, conversion, rotation, frames written to /dev/null); PyAV decodes in this process
-(`frame.to_ndarray(format="rgb24")`). Wall time and CPU time (user + system, children included)
+(`frame.to_ndarray(format="rgb24")`). Two rows for scale: ours without decoding (process start,
+plugin load, probe pass: what a process per clip adds, which the pipeline, decoding in-process,
+does not pay but for the probe) and Debian's `ffmpeg` CLI (same FFmpeg 5.1, a process per clip).
+Wall time and CPU time (user + system, children included)
 are both shown: on a shared machine the CPU time is the steadier of the two. Both let FFmpeg pick the decoder threads (PyAV with
 `thread_type = "AUTO"`, ours with thread count 0), so both use frame and slice threads.
 """
@@ -28,13 +31,25 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))
 import clips  # noqa: E402
 
 
-def ours(binary: Path, paths: list[Path]) -> int:
+def ours(binary: Path, paths: list[Path], decode: bool = True) -> int:
+    """Frames decoded (`decode`), or found by the probe alone (process start, plugin load, demux
+    pass: the part of ours that is not decoding)."""
     n = 0
     for p in paths:
-        out = subprocess.run([str(binary), "probe-clip", str(p), "--frames", "/dev/null"],
+        frames = ["--frames", "/dev/null"] if decode else []
+        out = subprocess.run([str(binary), "probe-clip", str(p), *frames],
                              capture_output=True, text=True, check=True).stdout
-        n += len(json.loads(out)["frame_times"])
+        n += len(json.loads(out)["frame_times" if decode else "times"])
     return n
+
+
+def cli(paths: list[Path], frames: int) -> int:
+    """Debian's `ffmpeg` CLI, one process per clip, decoding to rgb24 (same FFmpeg 5.1 and swscale
+    flags as ours): what a process per clip costs, for scale."""
+    for p in paths:
+        subprocess.run([clips.FFMPEG, "-v", "error", "-threads", "0", "-i", str(p), "-f", "rawvideo",
+                        "-pix_fmt", "rgb24", "-sws_flags", "bilinear", "-y", "/dev/null"], check=True)
+    return frames * len(paths)
 
 
 def pyav(paths: list[Path]) -> int:
@@ -58,15 +73,19 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def best(fn, repeat: int) -> tuple[float, float, int]:
-    """Best wall seconds and best CPU seconds over `repeat` passes, and the frames decoded."""
-    walls, cpus, count = [], [], 0
+def best(sides: dict, repeat: int) -> list[tuple[str, float, float, int]]:
+    """(name, best wall seconds, best CPU seconds, frames) per side; the sides take turns, pass by
+    pass, so a machine whose load changes affects both alike."""
+    walls = {name: [] for name in sides}
+    cpus = {name: [] for name in sides}
+    counts = {}
     for _ in range(repeat):
-        t, c = time.perf_counter(), cpu_seconds()
-        count = fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(cpu_seconds() - c)
-    return min(walls), min(cpus), count
+        for name, fn in sides.items():
+            t, c = time.perf_counter(), cpu_seconds()
+            counts[name] = fn()
+            walls[name].append(time.perf_counter() - t)
+            cpus[name].append(cpu_seconds() - c)
+    return [(name, min(walls[name]), min(cpus[name]), counts[name]) for name in sides]
 
 
 def main() -> None:
@@ -85,8 +104,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = [make[0](Path(tmp) / f"clip{i}.{make[1]}", clips.frames(args.frames, h, w, seed=i))
                  for i in range(args.clips)]
-        rows = [("vae-pipeline (FFmpeg plugin)", *best(lambda: ours(args.bin, paths), args.repeat)),
-                (f"PyAV {av.__version__}", *best(lambda: pyav(paths), args.repeat))]
+        rows = best({"vae-pipeline (FFmpeg plugin)": lambda: ours(args.bin, paths),
+                     f"PyAV {av.__version__}": lambda: pyav(paths),
+                     "  of ours: start + probe only": lambda: ours(args.bin, paths, decode=False),
+                     "ffmpeg CLI (Debian 5.1)": lambda: cli(paths, args.frames)},
+                    args.repeat)
     print(f"{args.clips} clips x {args.frames} frames, {w}x{h} {args.codec} yuv420p -> RGB24, "
           f"best of {args.repeat}")
     print(f"{'decoder':32} {'seconds':>8} {'clips/s':>8} {'frames/s':>9} {'CPU s':>7} {'frames/CPU s':>13}")
