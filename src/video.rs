@@ -29,7 +29,7 @@ pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "mov", "mkv", "webm", "avi"];
 pub const PLUGIN_FILE: &str = "libvae_pipeline_ffmpeg.so";
 pub const PLUGIN_ENV: &str = "VAE_PIPELINE_FFMPEG";
 
-/// What to install for the plugin that `cargo build` and the wheel make (linked against Debian
+/// What to install for the plugin that `cargo build` makes here (linked against Debian
 /// 12's FFmpeg 5.1).
 const INSTALL: &str = "the FFmpeg plugin was built against FFmpeg 5.1 (Debian 12): `apt install \
      libavcodec59 libavformat59 libswscale6`; elsewhere build it against your FFmpeg's libraries \
@@ -145,9 +145,9 @@ struct Plugin {
     _library: libloading::Library,
 }
 
-/// Where the plugin is looked for, in order: `$VAE_PIPELINE_FFMPEG` (only it, when set), beside
-/// the executable (a `cargo build`; its parent for cargo's test binaries in `deps/`), and the
-/// wheel's data folder `<prefix>/share/vae-pipeline/lib`.
+/// Where the plugin is looked for: `$VAE_PIPELINE_FFMPEG` (only it, when set), else beside the
+/// executable (a `cargo build`; its parent for cargo's test binaries in `deps/`). The pip wheel
+/// does not ship it: it links FFmpeg's libraries, which a manylinux wheel may not need.
 pub fn plugin_candidates() -> Vec<PathBuf> {
     if let Some(path) = std::env::var_os(PLUGIN_ENV).filter(|v| !v.is_empty()) {
         return vec![PathBuf::from(path)];
@@ -162,9 +162,6 @@ pub fn plugin_candidates() -> Vec<PathBuf> {
             out.extend(dir.parent().map(|p| p.join(PLUGIN_FILE)));
         }
     }
-    if let Some(prefix) = crate::runtime::installed_prefix() {
-        out.push(prefix.join("share/vae-pipeline/lib").join(PLUGIN_FILE));
-    }
     out
 }
 
@@ -174,7 +171,11 @@ fn load() -> Result<Plugin> {
         let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
         bail!(
             "the FFmpeg plugin {PLUGIN_FILE} was not found (looked at {}): `cargo build --release` \
-             builds it beside the binary, the pip wheel installs it; or set {PLUGIN_ENV} to it",
+             builds it beside the binary; the pip wheel does not ship it (it links FFmpeg): in a \
+             checkout, with FFmpeg's -dev packages, clang and pkg-config installed (Debian 12: \
+             `apt install libavcodec-dev libavformat-dev libswscale-dev clang libclang-dev \
+             pkg-config`), run `cargo build --release -p vae-pipeline-ffmpeg` and set {PLUGIN_ENV} \
+             to target/release/{PLUGIN_FILE}",
             looked.join(", ")
         );
     };
@@ -196,7 +197,7 @@ fn load() -> Result<Plugin> {
         if version() != ABI_VERSION {
             bail!(
                 "the FFmpeg plugin {} speaks ABI {}, this binary {ABI_VERSION}: use the plugin \
-                 built with this binary (same `cargo build`, same wheel)",
+                 built with this binary (the same `cargo build`)",
                 path.display(),
                 version()
             );
