@@ -581,7 +581,7 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
                     };
                     let bytes = match args.to {
                         Trainer::Kohya => plan.kohya_npz(row, &rescale),
-                        _ => plan.musubi_safetensors(row, &rescale)?,
+                        _ => plan.musubi_safetensors(row, &rescale),
                     };
                     write_if_changed(&path, &bytes)
                 })
@@ -1003,7 +1003,7 @@ impl Plan {
     /// image's F = 1 (`save_latent_cache_wan`); metadata architecture, width, height,
     /// format_version, and a window's frame_count (`save_latent_cache_common`). float32, as
     /// musubi writes with `--vae_dtype float32` (its default is bfloat16; it trains on either).
-    fn musubi_safetensors(&self, row: &StoredRow, rescale: &Rescale) -> Result<Vec<u8>> {
+    fn musubi_safetensors(&self, row: &StoredRow, rescale: &Rescale) -> Vec<u8> {
         let dims = latent_dims(row);
         let values = rescale.apply(&row.latent, &dims);
         let (c, h, w) = (dims[0], dims[dims.len() - 2], dims[dims.len() - 1]);
@@ -1024,7 +1024,7 @@ impl Plan {
         if let Some((_, _, count)) = clip_window(&row.key).filter(|_| dims.len() == 4) {
             metadata.push(("frame_count", count.to_string()));
         }
-        Ok(safetensors_f32(&key, &shape, &values, &metadata))
+        safetensors_f32(&key, &shape, &values, &metadata)
     }
 }
 
@@ -1287,7 +1287,7 @@ mod tests {
         assert_eq!(path, Path::new("cache/a.b_0100x0075_wan.safetensors"));
         let norm = Norm::scale_shift(0.0, 1.0);
         let rescale = Rescale::new(norm.clone(), Some(norm));
-        let bytes = plan.musubi_safetensors(&row, &rescale).unwrap();
+        let bytes = plan.musubi_safetensors(&row, &rescale);
         let (header, data) = parts(&bytes);
         assert_eq!(
             header["latents_1x6x8_float32"]["shape"],
@@ -1300,7 +1300,7 @@ mod tests {
         assert_eq!(header["__metadata__"], serde_json::Value::Object(metadata));
         assert_eq!(data.len(), 16 * 6 * 8 * 4);
         for _ in 0..8 {
-            assert_eq!(plan.musubi_safetensors(&row, &rescale).unwrap(), bytes);
+            assert_eq!(plan.musubi_safetensors(&row, &rescale), bytes);
         }
     }
 
