@@ -19,9 +19,14 @@ export VAE_PIPELINE_PYTHON := $(abspath $(PY))
 setup: build-tools $(ORT_LIB) $(VENV)/.installed models chromium
 
 # libjpeg-turbo is built from source by the turbojpeg crate: it needs cmake and nasm (Debian).
+# The FFmpeg plugin (ffmpeg/) links FFmpeg's libraries through ffmpeg-sys-next, whose bindgen needs
+# clang and pkg-config; the tests make their clips with the ffmpeg CLI (Debian 12: FFmpeg 5.1).
+FFMPEG_DEBS := libavcodec-dev libavformat-dev libswscale-dev clang libclang-dev pkg-config ffmpeg
 build-tools:
 	@command -v cmake >/dev/null && command -v nasm >/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends cmake nasm; }
+	@dpkg -s $(FFMPEG_DEBS) >/dev/null 2>&1 || \
+	  { apt-get update && apt-get install -y --no-install-recommends $(FFMPEG_DEBS); }
 
 $(ORT_LIB):
 	mkdir -p .ort
@@ -83,10 +88,15 @@ $(BIN):
 # The wheel for `pip install`: maturin links the same release build (`cargo test` built it
 # already, so only the binary is relinked, stripped), the shipped cards travel as wheel data
 # into <prefix>/share/vae-pipeline/models. Platform tag: see docs/install.md "Install with pip".
+# The FFmpeg plugin travels as wheel data too (<prefix>/share/vae-pipeline/lib), FFmpeg's own
+# libraries do not: the binary does not link them, clips need the system's (docs: video).
 WHEEL_DATA := target/wheel-data/data/share/vae-pipeline/models
+WHEEL_LIB  := target/wheel-data/data/share/vae-pipeline/lib
 wheel: $(VENV)/.installed
-	rm -rf target/wheel-data target/wheels && mkdir -p $(WHEEL_DATA)
+	rm -rf target/wheel-data target/wheels && mkdir -p $(WHEEL_DATA) $(WHEEL_LIB)
 	cp models/*.toml $(WHEEL_DATA)/
+	cargo build $(CARGO_FLAGS) -p vae-pipeline-ffmpeg
+	cp target/release/libvae_pipeline_ffmpeg.so $(WHEEL_LIB)/
 	$(VENV)/bin/maturin build --release --locked --compatibility manylinux_2_34 --out target/wheels
 
 # `cargo test` builds the release binary too (one build, one profile) for the Python tests; the

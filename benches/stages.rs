@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use image::ImageEncoder;
-use vae_pipeline::batch::{Batcher, RowMeta};
+use vae_pipeline::batch::{Batcher, RowMeta, RowPixels};
 use vae_pipeline::config::{LatentMode, StorageDType};
 use vae_pipeline::decode::{decode_bytes_toward, DecodeOptions};
 use vae_pipeline::encode::{EncodedBatch, Encoder};
@@ -99,6 +99,7 @@ fn meta(i: usize) -> RowMeta {
         height: SIZE as i32,
         caption: None,
         extra: Vec::new(),
+        window: None,
     }
 }
 
@@ -113,7 +114,7 @@ fn batch_assembly(c: &mut Criterion) {
             b.iter(|| {
                 let mut batcher = Batcher::new(16, [-1.0, 1.0]).with_f16(f16);
                 (0..16)
-                    .filter_map(|i| batcher.push(image.clone(), meta(i)))
+                    .filter_map(|i| batcher.push(RowPixels::Image(image.clone()), meta(i)))
                     .count()
             })
         });
@@ -169,7 +170,8 @@ fn parquet_write(c: &mut Criterion) {
                 EncodedBatch {
                     width: SIZE,
                     height: SIZE,
-                    latent_shape,
+                    frames: None,
+                    latent_shape: latent_shape.to_vec(),
                     rows: (0..rows).map(meta).collect(),
                     latents: latents.clone(),
                     stds: None,
@@ -217,7 +219,7 @@ fn ort_call_overhead(c: &mut Criterion) {
                 || {
                     let mut batcher = Batcher::new(n, [0.0, 1.0]);
                     (0..n)
-                        .find_map(|i| batcher.push(image.clone(), meta(i)))
+                        .find_map(|i| batcher.push(RowPixels::Image(image.clone()), meta(i)))
                         .unwrap()
                 },
                 |batch| encoder.encode(batch).unwrap(),

@@ -3,10 +3,12 @@
 //! rayon pool, plus the rows' metadata. A partial batch is flushed at the end.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use half::f16;
 use rayon::prelude::*;
 
+use crate::format::{InputShape, WindowMeta};
 use crate::pool;
 use crate::resize::{Level, Prepared};
 use crate::runtime::Pixels;
@@ -28,15 +30,56 @@ pub struct RowMeta {
     pub caption: Option<String>,
     /// Values of the run's JSON sidecar columns, in `SidecarSchema` order.
     pub extra: Vec<Option<crate::sidecar::Scalar>>,
+    /// A clip row's window of frames (None for images).
+    pub window: Option<WindowMeta>,
 }
 
-/// Images of one shape, ready for the encoder.
+/// What one row feeds the encoder: an image, or a clip window's frames (one size, shared
+/// between overlapping windows).
+pub enum RowPixels {
+    Image(Prepared),
+    Frames(Vec<Arc<Prepared>>),
+}
+
+impl RowPixels {
+    fn frames(&self) -> usize {
+        match self {
+            RowPixels::Image(_) => 1,
+            RowPixels::Frames(f) => f.len(),
+        }
+    }
+
+    fn frame(&self, i: usize) -> &Prepared {
+        match self {
+            RowPixels::Image(p) => p,
+            RowPixels::Frames(f) => &f[i],
+        }
+    }
+
+    /// The batch shape this row joins.
+    fn shape(&self) -> InputShape {
+        let first = self.frame(0);
+        InputShape {
+            width: first.crop_width,
+            height: first.crop_height,
+            frames: match self {
+                RowPixels::Image(_) => None,
+                RowPixels::Frames(f) => Some(f.len() as u32),
+            },
+        }
+    }
+}
+
+/// Images (or clip windows) of one shape, ready for the encoder.
 pub struct Batch {
     pub width: u32,
     pub height: u32,
+    /// Frames per clip window; None for images.
+    pub frames: Option<u32>,
     pub rows: Vec<RowMeta>,
     /// `rows.len()` × 3 × height × width, NCHW, in the model's input range and element type;
     /// with `flipped`, each image is followed by its mirror image (2 × `rows.len()` images).
+    /// Clips: `rows.len()` × T × 3 × height × width (frame-major), a flipped clip after its clip.
     pub pixels: BatchPixels,
     pub flipped: bool,
 }
@@ -75,38 +118,42 @@ impl BatchPixels {
         }
     }
 
-    /// Writes `images` (slot i gets image i and, with `copies` 2, its mirror after it), all
-    /// images at once on the rayon pool.
-    fn fill(&mut self, images: &[Prepared], copies: usize, range: [f32; 2]) {
+    /// Writes `rows` (slot i gets row i's frames and, with `copies` 2, their mirror images
+    /// after them), all frames at once on the rayon pool.
+    fn fill(&mut self, rows: &[RowPixels], copies: usize, range: [f32; 2]) {
         fn fill_as<T: Level + Send>(
             dst: &mut [T],
-            images: &[Prepared],
+            rows: &[RowPixels],
             copies: usize,
             range: [f32; 2],
         ) {
-            let per = dst.len() / images.len().max(1);
+            let per = dst.len() / rows.len().max(1);
             dst.par_chunks_mut(per)
-                .zip(images.par_iter())
-                .for_each(|(slot, image)| {
-                    for (i, dst) in slot.chunks_mut(per / copies).enumerate() {
-                        image.write_chw(dst, range, i == 1);
-                    }
+                .zip(rows.par_iter())
+                .for_each(|(slot, row)| {
+                    let frames = row.frames();
+                    slot.par_chunks_mut(per / (copies * frames))
+                        .enumerate()
+                        .for_each(|(i, dst)| {
+                            row.frame(i % frames).write_chw(dst, range, i >= frames)
+                        });
                 });
         }
         match self {
-            BatchPixels::F32(v) => fill_as(v, images, copies, range),
-            BatchPixels::F16(v) => fill_as(v, images, copies, range),
+            BatchPixels::F32(v) => fill_as(v, rows, copies, range),
+            BatchPixels::F16(v) => fill_as(v, rows, copies, range),
         }
     }
 }
 
 impl Batch {
-    fn with_capacity(width: u32, height: u32, rows: usize, flipped: bool, f16: bool) -> Self {
+    fn with_capacity(shape: InputShape, rows: usize, flipped: bool, f16: bool) -> Self {
         let images = if flipped { 2 * rows } else { rows };
-        let len = images * image_len(width, height);
+        let len = images * shape_len(shape);
         Batch {
-            width,
-            height,
+            width: shape.width,
+            height: shape.height,
+            frames: shape.frames,
             rows: Vec::with_capacity(rows),
             pixels: if f16 {
                 BatchPixels::F16(pool::HALVES.take_len(len))
@@ -124,6 +171,14 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
+
+    pub fn input_shape(&self) -> InputShape {
+        InputShape {
+            width: self.width,
+            height: self.height,
+            frames: self.frames,
+        }
+    }
 }
 
 impl Drop for Batch {
@@ -135,15 +190,16 @@ impl Drop for Batch {
     }
 }
 
-fn image_len(width: u32, height: u32) -> usize {
-    3 * width as usize * height as usize
+/// Values of one row's pixels (all its frames).
+fn shape_len(shape: InputShape) -> usize {
+    3 * shape.width as usize * shape.height as usize * shape.frames.unwrap_or(1) as usize
 }
 
-/// A batch being filled: its rows so far and their images, written all at once when it is
+/// A batch being filled: its rows so far and their pixels, written all at once when it is
 /// handed on.
 struct Filling {
     batch: Batch,
-    images: Vec<Prepared>,
+    pixels: Vec<RowPixels>,
 }
 
 /// Groups prepared images by shape into batches of `batch_size`.
@@ -152,7 +208,7 @@ pub struct Batcher {
     input_range: [f32; 2],
     flip: bool,
     f16: bool,
-    open: BTreeMap<(u32, u32), Filling>,
+    open: BTreeMap<InputShape, Filling>,
 }
 
 impl Batcher {
@@ -186,15 +242,15 @@ impl Batcher {
         }
     }
 
-    /// Adds one image; returns the batch it completed, if any.
-    pub fn push(&mut self, image: Prepared, meta: RowMeta) -> Option<Batch> {
-        let shape = (image.crop_width, image.crop_height);
+    /// Adds one row; returns the batch it completed, if any.
+    pub fn push(&mut self, pixels: RowPixels, meta: RowMeta) -> Option<Batch> {
+        let shape = pixels.shape();
         let (batch_size, flip, f16) = (self.batch_size, self.flip, self.f16);
         let filling = self.open.entry(shape).or_insert_with(|| Filling {
-            batch: Batch::with_capacity(shape.0, shape.1, batch_size, flip, f16),
-            images: Vec::with_capacity(batch_size),
+            batch: Batch::with_capacity(shape, batch_size, flip, f16),
+            pixels: Vec::with_capacity(batch_size),
         });
-        filling.images.push(image);
+        filling.pixels.push(pixels);
         filling.batch.rows.push(meta);
         if filling.batch.len() == self.batch_size {
             let filling = self.open.remove(&shape).expect("present");
@@ -204,11 +260,11 @@ impl Batcher {
         }
     }
 
-    /// Writes a batch's images into its tensor, cut to its rows.
-    fn finish(&self, Filling { mut batch, images }: Filling) -> Batch {
-        let filled = images.len() * self.copies() * image_len(batch.width, batch.height);
+    /// Writes a batch's rows into its tensor, cut to its rows.
+    fn finish(&self, Filling { mut batch, pixels }: Filling) -> Batch {
+        let filled = pixels.len() * self.copies() * shape_len(batch.input_shape());
         batch.pixels.truncate(filled);
-        batch.pixels.fill(&images, self.copies(), self.input_range);
+        batch.pixels.fill(&pixels, self.copies(), self.input_range);
         batch
     }
 

@@ -80,6 +80,7 @@ pub use crate::decode::AlphaPolicy;
 pub use crate::format::StorageDType;
 
 use crate::bucket::{KohyaBuckets, MusubiBuckets, TrainerBuckets};
+use crate::frames::FrameOptions;
 
 /// `buckets` values that name a list or rule rather than a file.
 pub const NAMED_BUCKETS: [&str; 3] = ["sdxl", "kohya", "musubi"];
@@ -151,6 +152,10 @@ pub struct PrecomputeConfig {
     pub partition: Option<String>,
     /// Added to a Slurm array or Kubernetes index: arrays longer than Slurm's `MaxArraySize`.
     pub partition_offset: usize,
+    /// Clips: which windows of frames each clip gives, as musubi-tuner takes them (preset
+    /// `[video]`, `--target-frames` …). Set, the run encodes clips with the card's temporal VAE;
+    /// unset, images.
+    pub video: Option<FrameOptions>,
     /// Discard an output folder of another config instead of refusing it. An action, not a
     /// setting: never read from presets or recorded.
     #[serde(skip)]
@@ -208,6 +213,7 @@ impl Default for PrecomputeConfig {
             partition: None,
             partition_offset: 0,
             latent_compression: Default::default(),
+            video: None,
             overwrite: false,
             origin: Origin::default(),
         }
@@ -389,12 +395,19 @@ impl PrecomputeConfig {
                 bucket_reso_steps: self.bucket_step,
                 bucket_no_upscale: self.no_upscale,
             })),
-            "musubi" => Some(TrainerBuckets::Musubi(MusubiBuckets {
-                resolution: (side, side),
-                enable_bucket: true,
-                no_upscale: self.no_upscale,
-                steps: MusubiBuckets::STEPS,
-            })),
+            "musubi" => {
+                let buckets = MusubiBuckets {
+                    resolution: (side, side),
+                    enable_bucket: true,
+                    no_upscale: self.no_upscale,
+                    steps: MusubiBuckets::STEPS,
+                };
+                // musubi's video datasets bucket clips whatever their config says.
+                Some(TrainerBuckets::Musubi(match self.video {
+                    Some(_) => buckets.for_video(),
+                    None => buckets,
+                }))
+            }
             _ => None,
         }
     }

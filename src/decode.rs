@@ -114,6 +114,14 @@ pub fn decode_bytes_toward(
             format!("{format} images are not decoded; convert them to PNG or JPEG"),
         ));
     }
+    if crate::video::is_video(bytes) {
+        return Err((
+            FailureKind::Unsupported,
+            "a video clip, not an image: clips are encoded by a clip run (--target-frames, \
+             docs/video.md), with a video VAE's card"
+                .into(),
+        ));
+    }
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| (FailureKind::Io, e.to_string()))?;

@@ -1,6 +1,7 @@
 //! Doctor: takes the environment, hands on what this binary finds in it, for a user whose setup
 //! does not work: the ONNX Runtime library (path, how it was found, its build), the execution
-//! providers it offers, whether a CUDA GPU is visible, and the model card folders searched.
+//! providers it offers, whether a CUDA GPU is visible, whether clips can be decoded (the FFmpeg
+//! plugin and FFmpeg's libraries), and the model card folders searched.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -72,6 +73,17 @@ pub fn report() -> (String, bool) {
         }
     }
     let _ = writeln!(s, "CUDA: {}", cuda_visibility());
+    match crate::video::describe() {
+        Ok(found) => {
+            let _ = writeln!(s, "FFmpeg plugin (clips): {found}");
+        }
+        Err(e) => {
+            let _ = writeln!(
+                s,
+                "FFmpeg plugin (clips): not usable, images still work. {e:#}"
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "model cards (`--model NAME` looks in these folders, in order):"

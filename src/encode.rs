@@ -11,11 +11,13 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::batch::{Batch, RowMeta};
+use crate::batch::{Batch, BatchPixels, RowMeta};
 use crate::config::LatentMode;
 use crate::failure::{Failure, FailureKind};
+use crate::format::InputShape;
 use crate::model::{EncoderOutput, ModelCard};
-use crate::runtime::{self, Gpu, Pixels, Runner};
+use crate::runtime::{self, Device, Gpu, Gpus, Pixels, Runner};
+use crate::temporal::ClipEncoder;
 
 /// diffusers' `DiagonalGaussianDistribution` clamps logvar to this range.
 const LOGVAR_RANGE: (f32, f32) = (-30.0, 20.0);
@@ -24,8 +26,10 @@ const LOGVAR_RANGE: (f32, f32) = (-30.0, 20.0);
 pub struct EncodedBatch {
     pub width: u32,
     pub height: u32,
-    /// `[C, h, w]` of one stored latent.
-    pub latent_shape: [usize; 3],
+    /// Frames per clip window; None for images.
+    pub frames: Option<u32>,
+    /// `[C, h, w]` of one stored latent, `[C, T', h, w]` for clips.
+    pub latent_shape: Vec<usize>,
     pub rows: Vec<RowMeta>,
     /// `rows.len()` × C·h·w stored values.
     pub latents: Vec<f32>,
@@ -38,11 +42,28 @@ pub struct EncodedBatch {
     pub failures: Vec<Failure>,
 }
 
-/// One encoder worker: a session plus what turns its output into stored latents.
+impl EncodedBatch {
+    pub fn input_shape(&self) -> InputShape {
+        InputShape {
+            width: self.width,
+            height: self.height,
+            frames: self.frames,
+        }
+    }
+}
+
+/// One encoder worker: a session (or a card's temporal graphs, for clips) plus what turns its
+/// output into stored latents.
 pub struct Encoder {
-    runner: Runner,
+    engine: Engine,
     output_name: String,
     post: Post,
+}
+
+/// What runs the encoder: the image graph through a `Runner`, or the temporal VAE's chunk loop.
+enum Engine {
+    Images(Runner),
+    Clips(ClipEncoder),
 }
 
 /// What turns an encoder output into stored latents: shared by the rows of a batch, which are
@@ -153,8 +174,36 @@ impl Encoder {
         }
         let runner = Runner::new(session, input_name, output_name.clone(), input_f16, gpu)?;
         Ok(Encoder {
-            runner,
+            engine: Engine::Images(runner),
             output_name,
+            post: Post {
+                card: card.clone(),
+                mode,
+                seed,
+            },
+        })
+    }
+
+    /// The card's temporal encoder, for clip windows (`config.video`): `[B, T, 3, H, W]` in,
+    /// `[B, C, T', h, w]` out, one chunk of frames at a time.
+    pub fn open_clips(
+        card: &ModelCard,
+        gpu: Option<Gpu>,
+        intra_threads: usize,
+        mode: LatentMode,
+        seed: u64,
+    ) -> Result<Self> {
+        let device = match gpu {
+            None => Device::Cpu,
+            Some(gpu) => Device::Cuda(Gpus {
+                ids: vec![gpu.id],
+                options: gpu.options,
+            }),
+        };
+        let clips = ClipEncoder::open(card, intra_threads, &device)?;
+        Ok(Encoder {
+            engine: Engine::Clips(clips),
+            output_name: "moments".into(),
             post: Post {
                 card: card.clone(),
                 mode,
@@ -165,32 +214,39 @@ impl Encoder {
 
     /// Whether the encoder takes float16 (the batcher then writes f16 batches).
     pub fn input_f16(&self) -> bool {
-        self.runner.input_f16()
+        match &self.engine {
+            Engine::Images(runner) => runner.input_f16(),
+            Engine::Clips(_) => false,
+        }
     }
 
-    /// The session's runner, for `bench-encoder`'s encoder-only measurement.
-    pub fn runner(&mut self) -> &mut Runner {
-        &mut self.runner
+    /// The image session's runner, for `bench-encoder`'s encoder-only measurement.
+    pub fn runner(&mut self) -> Result<&mut Runner> {
+        match &mut self.engine {
+            Engine::Images(runner) => Ok(runner),
+            Engine::Clips(_) => bail!("bench-encoder measures image encoders"),
+        }
     }
 
     /// Runs one small gray image to check output channels and spatial factor when the ONNX
     /// graph leaves them dynamic.
     fn probe(&mut self) -> Result<()> {
         let card = &self.post.card;
+        let Engine::Images(runner) = &mut self.engine else {
+            return Ok(());
+        };
         let side = (card.spatial_factor * 8) as usize;
         let mid = (card.input_range[0] + card.input_range[1]) / 2.0;
         let (f32s, f16s) = (
             vec![mid; 3 * side * side],
             vec![f16::from_f32(mid); 3 * side * side],
         );
-        let pixels = if self.runner.input_f16() {
+        let pixels = if runner.input_f16() {
             Pixels::F16(&f16s)
         } else {
             Pixels::F32(&f32s)
         };
-        let shape = self
-            .runner
-            .run(pixels, [1, 3, side, side], |shape, _| Ok(shape))?;
+        let shape = runner.run(pixels, [1, 3, side, side], |shape, _| Ok(shape))?;
         let at = card.card_path.display();
         if shape[1] != card.output_channels() {
             bail!("{}", channel_mismatch(card, &self.output_name, shape[1]));
@@ -215,11 +271,15 @@ impl Encoder {
         let rows = std::mem::take(&mut batch.rows);
         let shape = [images, 3, batch.height as usize, batch.width as usize];
         let Encoder {
-            runner,
+            engine,
             output_name,
             post,
         } = self;
         let card = &post.card;
+        let runner = match engine {
+            Engine::Images(runner) => runner,
+            Engine::Clips(clips) => return post.clips(clips, batch, rows),
+        };
         let (shape, done) = runner.run(batch.pixels.view(), shape, |shape, raw| {
             if shape[1] != card.output_channels() {
                 bail!("{}", channel_mismatch(card, output_name, shape[1]));
@@ -241,7 +301,6 @@ impl Encoder {
                 .collect();
             Ok((shape, done))
         })?;
-        let per_latent = card.latent_channels * shape[2] * shape[3];
         let latent_shape = match &card.batch_norm {
             Some(bn) => {
                 let p = bn.patch_size;
@@ -255,15 +314,82 @@ impl Encoder {
                         card.spatial_factor as usize * p
                     );
                 }
-                [card.latent_channels * p * p, shape[2] / p, shape[3] / p]
+                vec![card.latent_channels * p * p, shape[2] / p, shape[3] / p]
             }
-            None => [card.latent_channels, shape[2], shape[3]],
+            None => vec![card.latent_channels, shape[2], shape[3]],
         };
-        let dist = card.output == EncoderOutput::Moments && post.mode == LatentMode::Dist;
+        Ok(post.assemble(&batch, latent_shape, rows, done))
+    }
+}
+
+impl Post {
+    /// A batch of clip windows through the temporal encoder, then each row's latent as for
+    /// images (the latent mode, the card's per-channel normalization over [C, T'·h·w]).
+    fn clips(
+        &self,
+        clips: &mut ClipEncoder,
+        batch: Batch,
+        rows: Vec<RowMeta>,
+    ) -> Result<EncodedBatch> {
+        let card = &self.card;
+        let BatchPixels::F32(pixels) = &batch.pixels else {
+            bail!("clip batches are float32");
+        };
+        let t = batch.frames.unwrap_or(1) as usize;
+        let (h, w) = (batch.height as usize, batch.width as usize);
+        let count = if batch.flipped {
+            2 * rows.len()
+        } else {
+            rows.len()
+        };
+        let output = clips.encode(pixels, count, t, h, w)?;
+        let factor = card.spatial_factor as usize;
+        let latent_shape = vec![
+            card.latent_channels,
+            1 + (t - 1) / card.temporal.as_ref().map_or(1, |tc| tc.frame_factor),
+            h / factor,
+            w / factor,
+        ];
+        let per_output = output.len() / count.max(1);
+        if per_output != card.output_channels() * latent_shape[1..].iter().product::<usize>() {
+            bail!(
+                "model card {}: {t} frames of {w}x{h} gave {per_output} values per clip, not {} × {:?}",
+                card.card_path.display(),
+                card.output_channels(),
+                &latent_shape[1..]
+            );
+        }
+        let flipped = batch.flipped;
+        let one =
+            |at: usize, key: &str| self.store(&output[at * per_output..(at + 1) * per_output], key);
+        let done: Vec<RowValues> = (0..rows.len())
+            .into_par_iter()
+            .map(|i| {
+                let at = if flipped { 2 * i } else { i };
+                let (latent, std) = one(at, &rows[i].key);
+                let flip = flipped.then(|| one(at + 1, &format!("{}#flip", rows[i].key)));
+                (latent, std, flip)
+            })
+            .collect();
+        Ok(self.assemble(&batch, latent_shape, rows, done))
+    }
+
+    /// The batch's stored latents, rows with NaN or Inf anywhere dropped as `nonfinite`.
+    fn assemble(
+        &self,
+        batch: &Batch,
+        latent_shape: Vec<usize>,
+        rows: Vec<RowMeta>,
+        done: Vec<RowValues>,
+    ) -> EncodedBatch {
+        let (card, n, flipped) = (&self.card, rows.len(), batch.flipped);
+        let per_latent = latent_shape.iter().product::<usize>();
+        let dist = card.output == EncoderOutput::Moments && self.mode == LatentMode::Dist;
         let with_std = |on: bool| (on && dist).then(|| Vec::with_capacity(n * per_latent));
         let mut out = EncodedBatch {
             width: batch.width,
             height: batch.height,
+            frames: batch.frames,
             latent_shape,
             rows: Vec::with_capacity(n),
             latents: Vec::with_capacity(n * per_latent),
@@ -305,7 +431,7 @@ impl Encoder {
                 ));
             }
         }
-        Ok(out)
+        out
     }
 }
 

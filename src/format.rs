@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::layout::{
     done_marker, is_shard_name, is_tmp_name, is_tmp_of, parse_shape_dir, relative, shape_dir_name,
-    tmp_name, Scope, CONFIG, ERRORS, LOCK, MANIFEST, PARTITIONS, PLAN, RUNS, SUCCESS,
+    tmp_name, InputShape, Scope, CONFIG, ERRORS, LOCK, MANIFEST, PARTITIONS, PLAN, RUNS, SUCCESS,
 };
 use crate::store::{ShardStore, StoreFile};
 
@@ -43,6 +43,15 @@ pub const GEOMETRY_COLUMNS: [&str; 6] = [
     "width",
     "height",
 ];
+/// What a clip set records about each row's window of frames, after the geometry columns:
+/// the window's first frame and frame count (musubi's item key), the source frames it holds,
+/// the clip's frame rate and the rate the window was sampled at.
+pub const FRAME_START: &str = "frame_start";
+pub const FRAME_COUNT: &str = "frame_count";
+pub const FRAME_INDICES: &str = "frame_indices";
+pub const SOURCE_FPS: &str = "source_fps";
+pub const FPS: &str = "fps";
+pub const CLIP_COLUMNS: [&str; 5] = [FRAME_START, FRAME_COUNT, FRAME_INDICES, SOURCE_FPS, FPS];
 /// The tensor columns, in schema order; all but `latent` are present only when asked for.
 pub const TENSOR_COLUMNS: [&str; 4] = ["latent", "latent_std", "latent_flip", "latent_flip_std"];
 
@@ -51,6 +60,7 @@ pub fn is_format_column(name: &str) -> bool {
     [KEY, SOURCE_SHA256, CAPTION].contains(&name)
         || GEOMETRY_COLUMNS.contains(&name)
         || TENSOR_COLUMNS.contains(&name)
+        || CLIP_COLUMNS.contains(&name)
 }
 
 /// How latent values are stored.
@@ -98,7 +108,7 @@ impl StorageDType {
 /// A `arrow.fixed_shape_tensor` field. Its list child must be nullable or pyarrow reads a plain
 /// fixed-size list; the metadata is written by hand because arrow-rs' own writes JSON nulls that
 /// pyarrow rejects (see FACTS.md).
-pub fn tensor_field(name: &str, dtype: StorageDType, shape: [usize; 3]) -> Field {
+pub fn tensor_field(name: &str, dtype: StorageDType, shape: &[usize]) -> Field {
     let item = Field::new("item", dtype.element_type(), true);
     let len = shape.iter().product::<usize>() as i32;
     Field::new(name, DataType::FixedSizeList(Arc::new(item), len), false).with_metadata(
@@ -109,7 +119,14 @@ pub fn tensor_field(name: &str, dtype: StorageDType, shape: [usize; 3]) -> Field
             ),
             (
                 "ARROW:extension:metadata".to_string(),
-                format!("{{\"shape\":[{},{},{}]}}", shape[0], shape[1], shape[2]),
+                format!(
+                    "{{\"shape\":[{}]}}",
+                    shape
+                        .iter()
+                        .map(usize::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
             ),
         ]
         .into_iter()
@@ -117,8 +134,8 @@ pub fn tensor_field(name: &str, dtype: StorageDType, shape: [usize; 3]) -> Field
     )
 }
 
-/// Latent values (row-major, rows × C·h·w) as a tensor column.
-pub fn tensor_array(values: Vec<f32>, dtype: StorageDType, shape: [usize; 3]) -> ArrayRef {
+/// Latent values (row-major, rows × the shape's product) as a tensor column.
+pub fn tensor_array(values: Vec<f32>, dtype: StorageDType, shape: &[usize]) -> ArrayRef {
     let item = Arc::new(Field::new("item", dtype.element_type(), true));
     let child: ArrayRef = match dtype {
         StorageDType::F16 => Arc::new(Float16Array::from_iter_values(
@@ -142,8 +159,8 @@ pub fn is_tensor_field(field: &Field) -> bool {
         == Some("arrow.fixed_shape_tensor")
 }
 
-/// `[C, h, w]` from a tensor field's extension metadata.
-pub fn tensor_shape(field: &Field) -> Result<[usize; 3]> {
+/// `[C, h, w]` (images) or `[C, T, h, w]` (clips) from a tensor field's extension metadata.
+pub fn tensor_shape(field: &Field) -> Result<Vec<usize>> {
     let meta = field
         .metadata()
         .get("ARROW:extension:metadata")
@@ -161,8 +178,10 @@ pub fn tensor_shape(field: &Field) -> Result<[usize; 3]> {
         .map(|d| d.as_u64().map(|d| d as usize))
         .collect::<Option<_>>()
         .context("tensor shape is not a list of sizes")?;
-    dims.try_into()
-        .map_err(|d| anyhow::anyhow!("latent shape {d:?} is not [C, h, w]"))
+    if !(3..=4).contains(&dims.len()) {
+        bail!("latent shape {dims:?} is not [C, h, w] or [C, T, h, w]");
+    }
+    Ok(dims)
 }
 
 /// Stored tensor values widened to f32: float16, float32, or bfloat16 bits in uint16.
@@ -228,7 +247,7 @@ pub struct TensorColumns {
 /// `pyarrow.parquet.read_schema(f).metadata` shows it as well as the Parquet footer does.
 pub fn schema(
     dtype: StorageDType,
-    latent_shape: [usize; 3],
+    latent_shape: &[usize],
     tensors: TensorColumns,
     extra: &[(String, DataType)],
     metadata: &ShardMetadata,
@@ -240,6 +259,9 @@ pub fn schema(
     for name in GEOMETRY_COLUMNS {
         fields.push(Field::new(name, DataType::Int32, false));
     }
+    if latent_shape.len() == 4 {
+        fields.extend(clip_fields());
+    }
     let present = [true, tensors.std, tensors.flip, tensors.flip && tensors.std];
     for (name, _) in TENSOR_COLUMNS.iter().zip(present).filter(|t| t.1) {
         fields.push(tensor_field(name, dtype, latent_shape));
@@ -249,6 +271,48 @@ pub fn schema(
         fields.push(Field::new(name, data_type.clone(), true));
     }
     Arc::new(Schema::new(fields).with_metadata(metadata.to_map()))
+}
+
+/// The frames one clip row holds (`format::CLIP_COLUMNS`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowMeta {
+    /// First frame and frame count as musubi-tuner names the window (`{start:05}-{count:03}`).
+    pub start: i32,
+    pub count: i32,
+    /// The source frames, in order.
+    pub indices: Vec<i32>,
+    pub source_fps: f64,
+    /// The rate the window was sampled at.
+    pub fps: f64,
+}
+
+/// What `--dedupe` compares: a row's source bytes, and in a clip set also its window (the
+/// windows of one clip share the clip's hash; its key ends in the window, `…/<start>-<count>`).
+pub fn content_id(sha256: &[u8; 32], key: &str, clips: bool) -> [u8; 32] {
+    if !clips {
+        return *sha256;
+    }
+    let window = key.rsplit_once('/').map_or("", |(_, w)| w);
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(sha256);
+    h.update(window.as_bytes());
+    h.finalize().into()
+}
+
+/// The clip columns (`CLIP_COLUMNS`), present when latents have a time axis.
+fn clip_fields() -> [Field; 5] {
+    [
+        Field::new(FRAME_START, DataType::Int32, false),
+        Field::new(FRAME_COUNT, DataType::Int32, false),
+        Field::new(
+            FRAME_INDICES,
+            DataType::List(Arc::new(Field::new("item", DataType::Int32, true))),
+            false,
+        ),
+        Field::new(SOURCE_FPS, DataType::Float64, false),
+        Field::new(FPS, DataType::Float64, false),
+    ]
 }
 
 /// Each column's name, type and nullability as a reader sees them. Writers name a list's child

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{LatentMode, PrecomputeConfig};
 use crate::decode::DecodeOptions;
 use crate::format::{StorageDType, FORMAT_VERSION};
+use crate::frames::FrameOptions;
 use crate::hex::hex;
 use crate::model::{BatchNorm, EncoderOutput, ModelCard};
 use crate::resize::Framing;
@@ -70,6 +71,9 @@ pub struct RunIdentity {
     /// Size, policy and the resolved bucket list (its contents, not a file name).
     pub framing: Framing,
     pub decode: DecodeOptions,
+    /// Clips: the frame windows (absent for images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video: Option<FrameOptions>,
 }
 
 impl RunIdentity {
@@ -115,6 +119,7 @@ impl RunIdentity {
             seed,
             flip,
             dedupe,
+            video,
         } = config;
         // model, size, resize and the bucket settings are in `model` and `framing`; alpha and
         // the size limits in `decode`; captions are data (each row's digest), the rest run settings
@@ -129,6 +134,7 @@ impl RunIdentity {
             model,
             framing,
             decode: config.decode_options(),
+            video: video.clone(),
         }
     }
 

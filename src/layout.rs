@@ -20,16 +20,48 @@ pub const PLAN: &str = "_plan.json";
 /// Per-partition side files: done markers, errors, runs, locks.
 pub const PARTITIONS: &str = "_partitions";
 
-/// `<W>x<H>`: the folder of one latent input shape.
-pub fn shape_dir_name(width: u32, height: u32) -> String {
-    format!("{width}x{height}")
+/// The input shape of one shape folder: W×H for images, W×H×T for clips of T frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InputShape {
+    pub width: u32,
+    pub height: u32,
+    /// Frames per window, for clips.
+    pub frames: Option<u32>,
 }
 
-/// The `(W, H)` a shape folder name stands for.
-pub fn parse_shape_dir(name: &str) -> Option<(u32, u32)> {
-    let (w, h) = name.split_once('x')?;
-    let (w, h) = (w.parse().ok()?, h.parse().ok()?);
-    (shape_dir_name(w, h) == name).then_some((w, h))
+impl InputShape {
+    pub fn image(width: u32, height: u32) -> Self {
+        InputShape {
+            width,
+            height,
+            frames: None,
+        }
+    }
+}
+
+/// `<W>x<H>` (images) or `<W>x<H>x<T>` (clips): the folder of one input shape.
+pub fn shape_dir_name(shape: InputShape) -> String {
+    match shape.frames {
+        None => format!("{}x{}", shape.width, shape.height),
+        Some(t) => format!("{}x{}x{t}", shape.width, shape.height),
+    }
+}
+
+/// The input shape a shape folder name stands for.
+pub fn parse_shape_dir(name: &str) -> Option<InputShape> {
+    let mut parts = name.split('x');
+    let width = parts.next()?.parse().ok()?;
+    let height = parts.next()?.parse().ok()?;
+    let frames = match parts.next() {
+        Some(t) => Some(t.parse().ok()?),
+        None => None,
+    };
+    let shape = InputShape {
+        width,
+        height,
+        frames,
+    };
+    (parts.next().is_none() && shape_dir_name(shape) == name).then_some(shape)
 }
 
 /// What one run writes in a set: all of it, or one partition of a many-worker run. A
@@ -136,4 +168,35 @@ pub fn relative(out: &Path, shard: &Path) -> String {
         .map(|c| c.as_os_str().to_string_lossy())
         .collect::<Vec<_>>()
         .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_folders_name_images_and_clip_windows_one_way() {
+        for shape in [
+            InputShape::image(1024, 768),
+            InputShape {
+                width: 832,
+                height: 480,
+                frames: Some(81),
+            },
+        ] {
+            assert_eq!(parse_shape_dir(&shape_dir_name(shape)), Some(shape));
+        }
+        assert_eq!(shape_dir_name(InputShape::image(64, 32)), "64x32");
+        for not_a_shape in [
+            "64x",
+            "64x64x",
+            "064x64",
+            "64x64x5x1",
+            "64X64",
+            "_errors",
+            "64x64x+5",
+        ] {
+            assert_eq!(parse_shape_dir(not_a_shape), None, "{not_a_shape}");
+        }
+    }
 }

@@ -46,6 +46,8 @@ pub mod sidecar;
 pub mod source;
 pub mod store;
 pub mod summary;
+pub mod temporal;
 pub mod throughput;
 pub mod verify;
+pub mod video;
 pub mod write;

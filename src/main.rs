@@ -11,6 +11,7 @@ use vae_pipeline::config::{
 };
 use vae_pipeline::convert::{self, ConvertArgs};
 use vae_pipeline::export::{self, ExportArgs};
+use vae_pipeline::frames::{FrameExtraction, FrameOptions};
 use vae_pipeline::model::ModelCard;
 use vae_pipeline::report::{self, ReportArgs};
 use vae_pipeline::runtime::Device;
@@ -77,6 +78,14 @@ enum Command {
     /// Convert a VAE checkpoint (diffusers folder or single .safetensors) into encoder/decoder
     /// ONNX files and a model card; --inspect drafts a card for an ONNX file made elsewhere.
     Export(ExportArgs),
+    /// What this binary sees in a clip, as JSON: size, rotation, fps, codec, frame times; with
+    /// --frames FILE also every decoded frame's upright RGB bytes (diagnostics and tests).
+    #[command(hide = true)]
+    ProbeClip {
+        clip: PathBuf,
+        #[arg(long)]
+        frames: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -214,12 +223,81 @@ struct PrecomputeArgs {
     /// Added to the array or job index: arrays longer than Slurm's MaxArraySize [default: 0].
     #[arg(long)]
     partition_offset: Option<usize>,
+    #[command(flatten)]
+    frames: ClipArgs,
     /// Replace an output folder made with a different config instead of refusing it.
     #[arg(long)]
     overwrite: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+/// The clip flags: musubi-tuner's frame options (`frames::FrameOptions`).
+#[derive(Args)]
+struct ClipArgs {
+    /// Clips: window lengths in frames, each N·4+1 (musubi's target_frames); setting any clip flag (or a preset [video] table) makes the run encode clips with the card's temporal VAE [default: 1].
+    #[arg(long, value_delimiter = ',')]
+    target_frames: Option<Vec<usize>>,
+    /// Clips: which windows each clip gives, as musubi-tuner's frame_extraction [default: head].
+    #[arg(long, value_enum)]
+    frame_extraction: Option<FrameExtraction>,
+    /// Clips, --frame-extraction slide: frames between window starts [default: 1].
+    #[arg(long)]
+    frame_stride: Option<usize>,
+    /// Clips, --frame-extraction uniform: windows per clip and target length [default: 1].
+    #[arg(long)]
+    frame_sample: Option<usize>,
+    /// Clips, --frame-extraction full: the most frames one window takes [default: 129].
+    #[arg(long)]
+    max_frames: Option<usize>,
+    /// Clips: the clips' frame rate as musubi's source_fps; set, frames are resampled to --target-fps by their timestamps [default: none: every frame].
+    #[arg(long)]
+    source_fps: Option<f64>,
+    /// Clips: the frame rate windows are sampled at when --source-fps is set (Wan trains at 16) [default: 16].
+    #[arg(long)]
+    target_fps: Option<f64>,
+}
+
+impl ClipArgs {
+    /// Any flag given turns the run into a clip run (`config.video`), over the preset's values.
+    fn apply(self, c: &mut PrecomputeConfig) {
+        let given = self.target_frames.is_some()
+            || self.frame_extraction.is_some()
+            || self.frame_stride.is_some()
+            || self.frame_sample.is_some()
+            || self.max_frames.is_some()
+            || self.source_fps.is_some()
+            || self.target_fps.is_some();
+        if !given {
+            return;
+        }
+        let video = c.video.get_or_insert_with(FrameOptions::default);
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field {
+                video.$field = v;
+                c.origin.preset_keys.remove(stringify!($field));
+            } )* };
+        }
+        set!(target_frames, max_frames, target_fps);
+        for (value, field, name) in [
+            (self.frame_stride, &mut video.stride, "frame_stride"),
+            (self.frame_sample, &mut video.sample, "frame_sample"),
+        ] {
+            if let Some(v) = value {
+                *field = v;
+                c.origin.preset_keys.remove(name);
+            }
+        }
+        if let Some(v) = self.frame_extraction {
+            video.extraction = v;
+            c.origin.preset_keys.remove("frame_extraction");
+        }
+        if self.source_fps.is_some() {
+            video.source_fps = self.source_fps;
+            c.origin.preset_keys.remove("source_fps");
+        }
+    }
 }
 
 impl PrecomputeArgs {
@@ -309,6 +387,7 @@ impl PrecomputeArgs {
                 c.set_by_flag(field);
             }
         }
+        self.frames.apply(&mut c);
         c.no_upscale |= self.no_upscale;
         c.flip |= self.flip;
         c.dedupe |= self.dedupe;
@@ -407,6 +486,9 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Doctor => vae_pipeline::doctor::run(),
+        Command::ProbeClip { clip, frames } => {
+            vae_pipeline::video::probe_clip(&clip, frames.as_deref())
+        }
         Command::Convert(args) => {
             convert::run(&args)?.print();
             Ok(())

@@ -53,9 +53,31 @@ pub struct ModelCard {
     /// Free text for users: where the weights come from, how to export them.
     #[serde(default)]
     pub source: Option<String>,
+    /// Clip graphs (Wan family): present when the card encodes clips, see `TemporalCard`.
+    #[serde(default)]
+    pub temporal: Option<TemporalCard>,
     /// The card file this was read from.
     #[serde(skip)]
     pub card_path: PathBuf,
+}
+
+/// A card's `[temporal]` table: the clip graphs `export` writes for the Wan family (paths
+/// resolved like `encoder`). diffusers' `AutoencoderKLWan` encodes the first frame alone, then
+/// chunks of `frame_factor` frames, carrying each causal conv's last frames from chunk to chunk;
+/// the `*_first` graphs run the first chunk and return the carried frames, the `*_chunk` graphs
+/// take them and return the next (`crate::temporal` loops them). Checked when opened, not when
+/// the card loads: image encoding does not need them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemporalCard {
+    /// Frames per latent frame after the first: T frames give 1 + (T − 1)/frame_factor.
+    pub frame_factor: usize,
+    pub encoder_first: PathBuf,
+    pub encoder_chunk: PathBuf,
+    #[serde(default)]
+    pub decoder_first: Option<PathBuf>,
+    #[serde(default)]
+    pub decoder_chunk: Option<PathBuf>,
 }
 
 /// FLUX.2 (`AutoencoderKLFlux2`) normalizes latents with its batch-norm running statistics
@@ -88,6 +110,12 @@ impl ModelCard {
         let dir = path.parent().unwrap_or(Path::new("."));
         card.encoder = onnx_path(dir, &card.encoder);
         card.decoder = card.decoder.map(|d| onnx_path(dir, &d));
+        if let Some(t) = &mut card.temporal {
+            t.encoder_first = onnx_path(dir, &t.encoder_first);
+            t.encoder_chunk = onnx_path(dir, &t.encoder_chunk);
+            t.decoder_first = t.decoder_first.as_deref().map(|d| onnx_path(dir, d));
+            t.decoder_chunk = t.decoder_chunk.as_deref().map(|d| onnx_path(dir, d));
+        }
         card.card_path = path.to_path_buf();
         card.check_values()?;
         Ok(card)
@@ -98,6 +126,9 @@ impl ModelCard {
         let [lo, hi] = self.input_range;
         if lo >= hi || !lo.is_finite() || !hi.is_finite() {
             bail!("model card {at}: field `input_range` must be [low, high] with low < high, got [{lo}, {hi}]");
+        }
+        if self.temporal.as_ref().is_some_and(|t| t.frame_factor == 0) {
+            bail!("model card {at}: `[temporal]` frame_factor must be positive");
         }
         if self.latent_channels == 0 {
             bail!("model card {at}: field `latent_channels` must be positive");
@@ -209,6 +240,24 @@ impl ModelCard {
         let bytes = std::fs::read(&self.encoder)
             .with_context(|| format!("cannot read encoder {}", self.encoder.display()))?;
         Ok(hex(&Sha256::digest(&bytes)))
+    }
+
+    /// What makes a clip run's latents: the two temporal encoder graphs (first chunk, then
+    /// later chunks), hashed together.
+    pub fn clip_encoder_sha256(&self) -> Result<String> {
+        let t = self.temporal.as_ref().with_context(|| {
+            format!(
+                "model card {} has no [temporal] table",
+                self.card_path.display()
+            )
+        })?;
+        let mut h = Sha256::new();
+        for path in [&t.encoder_first, &t.encoder_chunk] {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read clip encoder {}", path.display()))?;
+            h.update(Sha256::digest(&bytes));
+        }
+        Ok(hex(&h.finalize()))
     }
 
     /// Human-readable normalization, as recorded in shard metadata.

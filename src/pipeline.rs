@@ -15,7 +15,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::batch::{Batch, Batcher};
+use crate::batch::{Batch, Batcher, RowPixels};
 use crate::config::PrecomputeConfig;
 use crate::encode::{EncodedBatch, Encoder};
 use crate::failure::{Failure, FailureKind};
@@ -23,7 +23,6 @@ use crate::format::{done_marker, Scope, SUCCESS};
 use crate::partition_files::{self, DoneMarker, DroppedRow};
 use crate::plan::RunPlan;
 use crate::progress::Progress;
-use crate::resize::Prepared;
 use crate::resume::{self, Committed, Current};
 use crate::rows::{MetadataDigest, RowMaker};
 use crate::source::{SampleRef, Source};
@@ -225,7 +224,8 @@ fn run(
     let input_f16 = encoders.first().is_some_and(Encoder::input_f16);
     let (batch_tx, batch_rx) = bounded::<(u64, Batch)>(ENCODE_QUEUE * sessions);
     let (write_tx, write_rx) = bounded::<Message>(WRITE_QUEUE * sessions);
-    let mut progress = Progress::new(inputs as u64, "images");
+    let clips = rows.video.is_some();
+    let mut progress = Progress::new(inputs as u64, if clips { "clips" } else { "images" });
 
     let stages = std::thread::scope(|scope| -> Result<_> {
         let producer_tx = write_tx.clone();
@@ -268,7 +268,7 @@ fn run(
             })
             .collect();
         drop((batch_rx, write_tx));
-        let write_busy = consume(&mut writer, write_rx, &mut progress, &mut finality);
+        let write_busy = consume(&mut writer, write_rx, &mut progress, &mut finality, clips);
         let encode_busy = encoding
             .into_iter()
             .map(|e| e.join().expect("encoder thread panicked"))
@@ -401,9 +401,9 @@ fn run(
     Ok(summary)
 }
 
-/// One image out of decode+resize.
+/// One row out of decode+resize: an image, or one window of a clip.
 enum PreparedRow {
-    Ready(Prepared, crate::batch::RowMeta, MetadataDigest),
+    Ready(RowPixels, crate::batch::RowMeta, MetadataDigest),
     /// A committed row is current for this key.
     Committed {
         key: String,
@@ -427,6 +427,8 @@ enum Message {
     Failed(Failure),
     /// An input whose committed row is current (for progress).
     Skipped,
+    /// A clip's windows are all handed on (progress counts clips, not windows).
+    ClipDone,
 }
 
 /// What the producer hands back: its busy time, the current state of every source that has a
@@ -461,7 +463,12 @@ fn produce(
         .thread_name(|i| format!("decode-{i}"))
         .build()
         .context("cannot start the decode thread pool")?;
-    let chunk_len = (config.batch_size * threads).max(32);
+    // A clip holds many frames: a chunk is one clip per decode thread.
+    let chunk_len = if rows.video.is_some() {
+        threads.max(1)
+    } else {
+        (config.batch_size * threads).max(32)
+    };
     let limit = if config.limit > 0 {
         config.limit
     } else {
@@ -471,6 +478,7 @@ fn produce(
     let mut batching = Batching {
         stop,
         dedupe: config.dedupe,
+        clips: rows.video.is_some(),
         batcher,
         next_seq: 0,
         first_with: HashMap::new(),
@@ -490,15 +498,18 @@ fn produce(
         let submit = |chunk: Vec<Result<SampleRef, Failure>>| {
             let (tx, rx) = bounded(1);
             scope.spawn(move |_| {
-                let prepared: Vec<(PreparedRow, Duration)> = chunk
+                let prepared: Vec<(Vec<PreparedRow>, Duration)> = chunk
                     .into_par_iter()
                     .map(|item| {
                         let t = Instant::now();
-                        let row = match item {
-                            Ok(sample) => prepare_row(source, rows, sample, committed),
-                            Err(failure) => unusable(failure, committed),
+                        let rows = match item {
+                            Ok(sample) if rows.video.is_some() => {
+                                prepare_clip_rows(source, rows, sample, committed)
+                            }
+                            Ok(sample) => vec![prepare_row(source, rows, sample, committed)],
+                            Err(failure) => vec![unusable(failure, committed)],
                         };
-                        (row, t.elapsed())
+                        (rows, t.elapsed())
                     })
                     .collect();
                 let _ = tx.send(prepared);
@@ -558,15 +569,68 @@ fn prepare_row(
         };
     }
     match rows.prepare(loaded, text) {
-        Ok((image, meta)) => PreparedRow::Ready(image, meta, digest),
+        Ok((image, meta)) => PreparedRow::Ready(RowPixels::Image(image), meta, digest),
         Err(failure) => PreparedRow::Failed(failure),
     }
 }
 
+/// Loads one clip and makes a row per window (`RowMaker::clip_windows`); windows whose
+/// committed rows are current are not decoded, and a clip whose windows all are is not decoded
+/// at all.
+fn prepare_clip_rows(
+    source: &(dyn Source + Send),
+    rows: &RowMaker,
+    sample: SampleRef,
+    committed: &Committed,
+) -> Vec<PreparedRow> {
+    let loaded = match source.load(sample) {
+        Ok(loaded) => loaded,
+        Err(failure) => return vec![unusable(failure, committed)],
+    };
+    let text = rows.text(&loaded);
+    let digest = rows.digest(&text);
+    let (info, windows) = match rows.clip_windows(&loaded) {
+        Ok(planned) => planned,
+        Err(failure) => return vec![PreparedRow::Failed(failure)],
+    };
+    let sha256 = loaded.bytes.sha256;
+    let mut out = Vec::with_capacity(windows.len());
+    let mut wanted = Vec::new();
+    for window in windows {
+        if committed.holds(&window.key, &sha256, &digest) {
+            out.push(PreparedRow::Committed {
+                key: window.key,
+                sha256,
+                digest,
+            });
+        } else if committed.was_dropped(&window.key, &sha256) {
+            out.push(PreparedRow::Dropped {
+                key: window.key,
+                sha256,
+            });
+        } else {
+            wanted.push(window);
+        }
+    }
+    if !wanted.is_empty() {
+        match rows.prepare_clip(&loaded, &text, &info, wanted) {
+            Ok(ready) => out.extend(
+                ready
+                    .into_iter()
+                    .map(|(pixels, meta)| PreparedRow::Ready(pixels, meta, digest)),
+            ),
+            Err(failure) => out.push(PreparedRow::Failed(failure)),
+        }
+    }
+    out
+}
+
 /// A sample that could not be listed or loaded. One that cannot be read now (permissions, a
-/// flaky mount) but has a committed row keeps that row.
+/// flaky mount) but has committed rows (its own, or a clip's windows) keeps them.
 fn unusable(mut failure: Failure, committed: &Committed) -> PreparedRow {
-    if failure.kind == FailureKind::Io && committed.has_key(&failure.key) {
+    if failure.kind == FailureKind::Io
+        && (committed.has_key(&failure.key) || !committed.keys_under(&failure.key).is_empty())
+    {
         failure.message += "; its committed row is kept";
         PreparedRow::Unreadable(failure)
     } else {
@@ -579,6 +643,8 @@ struct Batching<'a> {
     /// Raised by a signal: no more rows go into batches.
     stop: &'a AtomicBool,
     dedupe: bool,
+    /// A clip run: rows are windows, `--dedupe` compares clip and window.
+    clips: bool,
     batcher: Batcher,
     next_seq: u64,
     /// --dedupe: the first key (in key order) holding each content hash.
@@ -591,23 +657,44 @@ struct Batching<'a> {
 
 impl Batching<'_> {
     /// Takes one chunk's rows in order; false when a downstream stage has gone.
-    fn push_all(&mut self, prepared: Vec<(PreparedRow, Duration)>) -> bool {
-        for (row, took) in prepared {
+    fn push_all(&mut self, prepared: Vec<(Vec<PreparedRow>, Duration)>) -> bool {
+        for (rows, took) in prepared {
             if self.stop.load(Ordering::Relaxed) {
                 self.produced.interrupted = true;
                 return true;
             }
             self.produced.busy += took;
+            for row in rows {
+                if !self.push(row) {
+                    return false;
+                }
+            }
+            if self.clips && self.write_tx.send(Message::ClipDone).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// What `--dedupe` compares (`format::content_id`).
+    fn content_id(&self, key: &str, sha256: &[u8; 32]) -> [u8; 32] {
+        crate::format::content_id(sha256, key, self.clips)
+    }
+
+    /// Takes one row; false when a downstream stage has gone.
+    fn push(&mut self, row: PreparedRow) -> bool {
+        {
             let row = match row {
                 PreparedRow::Ready(_, ref meta, _) if self.dedupe => {
-                    match self.first_with.get(&meta.source_sha256) {
+                    let id = self.content_id(&meta.key, &meta.source_sha256);
+                    match self.first_with.get(&id) {
                         Some(first) => PreparedRow::Failed(Failure::new(
                             meta.key.clone(),
                             FailureKind::Duplicate,
                             format!("same bytes as {first}, encoded once (--dedupe)"),
                         )),
                         None => {
-                            self.first_with.insert(meta.source_sha256, meta.key.clone());
+                            self.first_with.insert(id, meta.key.clone());
                             row
                         }
                     }
@@ -618,19 +705,20 @@ impl Batching<'_> {
                 | PreparedRow::Dropped { ref key, sha256 }
                     if self.dedupe =>
                 {
-                    self.first_with.entry(sha256).or_insert_with(|| key.clone());
+                    let id = self.content_id(key, &sha256);
+                    self.first_with.entry(id).or_insert_with(|| key.clone());
                     row
                 }
                 row => row,
             };
             let sent = match row {
-                PreparedRow::Ready(image, meta, digest) => {
+                PreparedRow::Ready(pixels, meta, digest) => {
                     if self.committed.has_key(&meta.key) {
                         self.produced
                             .current
                             .insert(meta.key.clone(), Current::Row(meta.source_sha256, digest));
                     }
-                    match self.batcher.push(image, meta) {
+                    match self.batcher.push(pixels, meta) {
                         Some(batch) => self.send(batch),
                         None => true,
                     }
@@ -652,6 +740,9 @@ impl Batching<'_> {
                     self.write_tx.send(Message::Skipped).is_ok()
                 }
                 PreparedRow::Unreadable(failure) => {
+                    for key in self.committed.keys_under(&failure.key) {
+                        self.produced.current.insert(key, Current::Unreadable);
+                    }
                     self.produced
                         .current
                         .insert(failure.key.clone(), Current::Unreadable);
@@ -661,11 +752,8 @@ impl Batching<'_> {
                     self.write_tx.send(Message::Failed(failure)).is_ok()
                 }
             };
-            if !sent {
-                return false;
-            }
+            sent
         }
-        true
     }
 
     fn send(&mut self, batch: Batch) -> bool {
@@ -689,12 +777,14 @@ fn consume(
     rx: Receiver<Message>,
     progress: &mut Progress,
     finality: &mut Finality,
+    clips: bool,
 ) -> Result<Duration> {
     let mut busy = Duration::ZERO;
     // Batches from several sessions can arrive out of order; they are written in order.
     let mut waiting: BTreeMap<u64, EncodedBatch> = BTreeMap::new();
     let mut next = 0u64;
     let mut skipped = 0;
+    let mut clips_done = 0;
     for message in rx {
         let t = Instant::now();
         match message {
@@ -708,14 +798,17 @@ fn consume(
             }
             Message::Failed(failure) => writer.record_failure(&failure)?,
             Message::Skipped => skipped += 1,
+            Message::ClipDone => clips_done += 1,
         }
         busy += t.elapsed();
         let totals = writer.totals();
         let (rows, failed) = (totals.rows, totals.failed() + totals.duplicates());
-        progress.set(
-            (rows + failed + skipped) as u64,
-            &format!("{failed} failed"),
-        );
+        let done = if clips {
+            clips_done
+        } else {
+            rows + failed + skipped
+        };
+        progress.set(done as u64, &format!("{failed} failed"));
     }
     Ok(busy)
 }

@@ -12,6 +12,7 @@ use crate::config::{LatentMode, PrecomputeConfig};
 use crate::encode::Encoder;
 use crate::format::{Scope, PLAN};
 use crate::format::{ShardMetadata, TensorColumns, FORMAT_VERSION};
+use crate::frames::FrameOptions;
 use crate::identity::{ModelIdentity, RunIdentity};
 use crate::model::{EncoderOutput, ModelCard};
 use crate::partition_files::PartitionPlan;
@@ -79,14 +80,24 @@ pub fn plan(config: &PrecomputeConfig, scope: Scope) -> Result<RunPlan> {
         Some(path) => crate::captions::load(path).with_context(|| config.knob("captions"))?,
         None => Default::default(),
     };
+    if let Some(video) = &config.video {
+        check_clip_run(config, video, &card)?;
+    }
     let device = Device::parse(&config.device)?;
     let (decode_threads, encode_threads) = thread_split(config.thread_budget(), &device);
+    let open = |gpu| match config.video {
+        Some(_) => Encoder::open_clips(&card, gpu, encode_threads, config.latent_mode, config.seed),
+        None => Encoder::open_on(&card, gpu, encode_threads, config.latent_mode, config.seed),
+    };
     let encoders = device
         .placements()
         .into_iter()
-        .map(|gpu| Encoder::open_on(&card, gpu, encode_threads, config.latent_mode, config.seed))
+        .map(open)
         .collect::<Result<Vec<_>>>()?;
-    let encoder_sha256 = card.encoder_sha256()?;
+    let encoder_sha256 = match config.video {
+        Some(_) => card.clip_encoder_sha256()?,
+        None => card.encoder_sha256()?,
+    };
     let identity = RunIdentity::new(
         config,
         ModelIdentity::of(&card, encoder_sha256.clone()),
@@ -164,6 +175,7 @@ pub fn plan(config: &PrecomputeConfig, scope: Scope) -> Result<RunPlan> {
             decode: config.decode_options(),
             captions,
             sidecars,
+            video: config.video.clone(),
         },
         tensors,
         inputs,
@@ -187,8 +199,9 @@ fn whole_metadata(
         SidecarSchema::infer(source.metadata_pass().take(limit).inspect(|_| inputs += 1));
     if inputs == 0 {
         bail!(
-            "--input {} holds no images (jpg, png, webp, gif, bmp or tiff files, searched \
-             recursively, or samples in tar or Parquet files): nothing to do",
+            "--input {} holds no images or clips (jpg, png, webp, gif, bmp or tiff files, mp4, mov, \
+             mkv, webm or avi clips, searched recursively, or samples in tar or Parquet files): \
+             nothing to do",
             config.input.display()
         );
     }
@@ -199,6 +212,24 @@ fn whole_metadata(
 }
 
 /// Refuses a batch size whose input tensor alone would not fit in memory.
+/// A clip run needs frame options that make sense, a card with a temporal VAE and FFmpeg: all
+/// checked before any work, each with what to do.
+fn check_clip_run(config: &PrecomputeConfig, video: &FrameOptions, card: &ModelCard) -> Result<()> {
+    video
+        .check()
+        .context("clip frame options (--target-frames …, preset [video])")?;
+    if card.temporal.is_none() {
+        bail!(
+            "{} {}: its card has no [temporal] VAE, so it encodes images, not clips; use a video \
+             VAE's card (wan2.1, wan2.2 or qwen-image, or `vae-pipeline export` of a Wan-family \
+             checkpoint), or drop the clip flags to encode images",
+            config.knob("model"),
+            card.name
+        );
+    }
+    crate::video::available()
+}
+
 fn check_batch_memory(config: &PrecomputeConfig, framing: &Framing) -> Result<()> {
     let window = framing
         .buckets
@@ -207,7 +238,12 @@ fn check_batch_memory(config: &PrecomputeConfig, framing: &Framing) -> Result<()
         .max()
         .unwrap_or(0)
         .max(u64::from(config.size) * u64::from(config.size));
-    let per_image = 3 * 4 * window * if config.flip { 2 } else { 1 };
+    let frames = config
+        .video
+        .as_ref()
+        .and_then(|v| v.target_frames.iter().max())
+        .map_or(1, |&t| t as u64);
+    let per_image = 3 * 4 * window * frames * if config.flip { 2 } else { 1 };
     let bytes = per_image.saturating_mul(config.batch_size as u64);
     if bytes > MAX_BATCH_BYTES {
         bail!(

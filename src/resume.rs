@@ -72,6 +72,16 @@ impl Committed {
         self.rows.contains_key(key)
     }
 
+    /// The committed keys inside `key` (a clip's windows, `<key>/<window>`).
+    pub fn keys_under(&self, key: &str) -> Vec<String> {
+        let prefix = format!("{key}/");
+        self.rows
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.rows.values().map(Vec::len).sum()
     }

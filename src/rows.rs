@@ -3,16 +3,20 @@
 //! `report` both run per image; also the row's metadata digest, which tells a resuming run
 //! whether a committed row's caption and metadata columns are still current.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::batch::RowMeta;
+use crate::batch::{RowMeta, RowPixels};
 use crate::decode::{decode_sample, DecodeOptions};
 use crate::failure::{Failure, FailureKind};
+use crate::format::WindowMeta;
+use crate::frames::{self, FrameOptions};
 use crate::resize::{prepare, Framing, Prepared};
 use crate::sidecar::{Scalar, SidecarSchema};
 use crate::source::Sample;
+use crate::video::{self, ClipError, ClipInfo};
 
 /// Identifies a row's caption and metadata columns (names, types and values): 16 bytes of
 /// sha256. A committed row is current when its source hash and this digest both match.
@@ -55,6 +59,14 @@ pub struct RowMaker {
     pub captions: HashMap<String, String>,
     /// The run's metadata columns.
     pub sidecars: SidecarSchema,
+    /// A clip run's frame windows (None: images).
+    pub video: Option<FrameOptions>,
+}
+
+/// One window a clip gives, before any frame is decoded: its row key and what it holds.
+pub struct PlannedWindow {
+    pub key: String,
+    pub window: WindowMeta,
 }
 
 /// A row's caption and metadata values, before decoding.
@@ -71,6 +83,7 @@ impl RowMaker {
             decode,
             captions: HashMap::new(),
             sidecars: SidecarSchema::default(),
+            video: None,
         }
     }
 
@@ -138,7 +151,150 @@ impl RowMaker {
             height: image.crop_height as i32,
             caption: text.caption,
             extra: text.extra,
+            window: None,
         };
         Ok((image, meta))
     }
+
+    /// A clip's windows (`frames::windows` over its frame times, from a demux pass without
+    /// decoding), each keyed `<clip key>/<start:05>-<count:03>`: what a resuming run checks
+    /// before it decodes anything.
+    pub fn clip_windows(&self, sample: &Sample) -> Result<(ClipInfo, Vec<PlannedWindow>), Failure> {
+        let options = self.video.as_ref().expect("a clip run has frame options");
+        let key = sample.key.as_str();
+        if sample.bytes.bytes.is_empty() {
+            return Err(Failure::new(key, FailureKind::Empty, "zero-byte file"));
+        }
+        if !video::is_video(&sample.bytes.bytes) {
+            return Err(Failure::new(
+                key,
+                FailureKind::Unsupported,
+                "not a video clip (MP4, MOV, Matroska/WebM or AVI); a clip run encodes clips only, \
+                 run images separately",
+            ));
+        }
+        let info = video::probe(&sample.bytes.bytes).map_err(|e| clip_failure(key, e))?;
+        let windows = frames::windows(options, info.times.len());
+        if windows.is_empty() {
+            return Err(Failure::new(
+                key,
+                FailureKind::TooSmall,
+                format!(
+                    "{} frames give no window of {:?} frames ({} extraction)",
+                    info.times.len(),
+                    options.target_frames,
+                    options.extraction.as_str()
+                ),
+            ));
+        }
+        let fps = options.window_fps(info.fps);
+        let planned = windows
+            .into_iter()
+            .map(|w| PlannedWindow {
+                key: format!("{key}/{}", w.suffix()),
+                window: WindowMeta {
+                    start: w.start as i32,
+                    count: w.indices.len() as i32,
+                    indices: w.indices.iter().map(|&i| i as i32).collect(),
+                    source_fps: info.fps,
+                    fps,
+                },
+            })
+            .collect();
+        Ok((info, planned))
+    }
+
+    /// Decodes the frames `windows` need (streamed: a frame no window needs is dropped at
+    /// once, decoding stops after the last needed one), resizes each once into the clip's
+    /// window (one geometry for the whole clip: the same bucket and crop for every frame), and
+    /// hands on one row per window; overlapping windows share their frames.
+    pub fn prepare_clip(
+        &self,
+        sample: &Sample,
+        text: &RowText,
+        info: &ClipInfo,
+        windows: Vec<PlannedWindow>,
+    ) -> Result<Vec<(RowPixels, RowMeta)>, Failure> {
+        let key = sample.key.as_str();
+        let fail = |kind, message: String| Failure::new(key, kind, message);
+        let (width, height) = (info.width, info.height);
+        let geometry = self.framing.geometry(key, width, height).ok_or_else(|| {
+            fail(
+                FailureKind::TooSmall,
+                format!("{width}x{height}: no bucket fits without upscaling (--no-upscale)"),
+            )
+        })?;
+        let (tw, th) = geometry.resized;
+        if u64::from(tw) * u64::from(th) > self.decode.max_pixels {
+            return Err(fail(
+                FailureKind::TooLarge,
+                format!(
+                    "{width}x{height} resized for a {}x{} window is {tw}x{th}, above --max-pixels {}",
+                    geometry.target.0, geometry.target.1, self.decode.max_pixels
+                ),
+            ));
+        }
+        let needed: BTreeSet<usize> = windows
+            .iter()
+            .flat_map(|w| w.window.indices.iter().map(|&i| i as usize))
+            .collect();
+        let last = *needed.last().expect("a window holds frames");
+        let mut resized: HashMap<usize, Arc<Prepared>> = HashMap::with_capacity(needed.len());
+        for frame in video::frames(&sample.bytes.bytes).map_err(|e| clip_failure(key, e))? {
+            let frame = frame.map_err(|e| clip_failure(key, e))?;
+            if needed.contains(&frame.index) {
+                let image = prepare(frame.image, geometry).map_err(|e| {
+                    fail(
+                        FailureKind::Corrupt,
+                        format!("frame {}: {e:#}", frame.index),
+                    )
+                })?;
+                resized.insert(frame.index, Arc::new(image));
+            }
+            if frame.index >= last {
+                break;
+            }
+        }
+        if let Some(missing) = needed.iter().find(|i| !resized.contains_key(i)) {
+            return Err(fail(
+                FailureKind::Corrupt,
+                format!(
+                    "frame {missing} of {} listed could not be decoded (truncated?)",
+                    info.times.len()
+                ),
+            ));
+        }
+        let first = resized.values().next().expect("frames decoded");
+        let (crop_width, crop_height) = (first.crop_width as i32, first.crop_height as i32);
+        Ok(windows
+            .into_iter()
+            .map(|planned| {
+                let frames = planned
+                    .window
+                    .indices
+                    .iter()
+                    .map(|&i| resized[&(i as usize)].clone())
+                    .collect();
+                let meta = RowMeta {
+                    key: planned.key,
+                    source_sha256: sample.bytes.sha256,
+                    orig_width: width as i32,
+                    orig_height: height as i32,
+                    crop_top: geometry.offset.1,
+                    crop_left: geometry.offset.0,
+                    width: crop_width,
+                    height: crop_height,
+                    caption: text.caption.clone(),
+                    extra: text.extra.clone(),
+                    window: Some(planned.window),
+                };
+                (RowPixels::Frames(frames), meta)
+            })
+            .collect())
+    }
+}
+
+/// A clip that could not be probed or decoded, as an error line of its kind.
+fn clip_failure(key: &str, error: ClipError) -> Failure {
+    Failure::new(key, error.kind, error.message)
 }

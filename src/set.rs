@@ -401,7 +401,7 @@ pub fn finalize(root: &Path) -> Result<Finalized> {
         errors.extend(out.read(&Scope::Partition(p).errors())?.unwrap_or_default());
     }
     let cross = if config.identity.dedupe {
-        drop_duplicates(out, &mut markers)?
+        drop_duplicates(out, &mut markers, config.identity.video.is_some())?
     } else {
         0
     };
@@ -525,10 +525,12 @@ struct SeenRow {
 /// one per hash); the others are dropped. Rows earlier finalizes dropped count as they were, so
 /// the outcome is the same however often this runs. Each partition that loses rows has its done
 /// marker rewritten first (its `dropped` rows and its shards' new row counts), then its shards.
-/// Returns how many rows are dropped in all.
+/// Returns how many rows are dropped in all. In a clip set a row's hash is its clip's and its
+/// window's (`format::content_id`).
 fn drop_duplicates(
     out: &dyn ShardStore,
     markers: &mut BTreeMap<usize, DoneMarker>,
+    clips: bool,
 ) -> Result<usize> {
     let mut by_hash: BTreeMap<[u8; 32], Vec<SeenRow>> = BTreeMap::new();
     let mut rows_in: BTreeMap<String, usize> = BTreeMap::new();
@@ -554,6 +556,7 @@ fn drop_duplicates(
                 .context("no source_sha256 column")?;
             for i in 0..batch.num_rows() {
                 let hash: [u8; 32] = hashes.value(i).try_into().expect("32-byte hash");
+                let hash = format::content_id(&hash, keys.value(i), clips);
                 by_hash.entry(hash).or_default().push(SeenRow {
                     partition,
                     shard: shard.clone(),
@@ -570,6 +573,7 @@ fn drop_duplicates(
             let hash = d
                 .sha256()
                 .with_context(|| out.name(&done_marker(marker.partition)))?;
+            let hash = format::content_id(&hash, &d.key, clips);
             let rows = by_hash.entry(hash).or_default();
             if !rows.iter().any(|r| r.shard == d.shard && r.key == d.key) {
                 rows.push(SeenRow {

@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use arrow_array::{
-    Array, FixedSizeBinaryArray, FixedSizeListArray, Int32Array, RecordBatch, StringArray,
+    Array, FixedSizeBinaryArray, FixedSizeListArray, Float64Array, Int32Array, ListArray,
+    RecordBatch, StringArray,
 };
 use parquet::arrow::ProjectionMask;
 
-use crate::format::{self, ShardMetadata};
+use crate::format::{self, ShardMetadata, WindowMeta};
 use crate::identity::RunIdentity;
 use crate::store::ShardStore;
 
@@ -46,8 +47,10 @@ pub struct StoredRow {
     /// The window the encoder saw (the row's bucket).
     pub width: i32,
     pub height: i32,
-    /// `[C, h, w]` of `latent`.
-    pub shape: [usize; 3],
+    /// `[C, h, w]` (images) or `[C, T, h, w]` (clips) of `latent`.
+    pub shape: Vec<usize>,
+    /// A clip row's window of frames (`format::CLIP_COLUMNS`).
+    pub window: Option<WindowMeta>,
     /// The stored (normalized) latent, widened to f32.
     pub latent: Vec<f32>,
     /// `latent_flip`, when the set has it.
@@ -177,7 +180,7 @@ impl ShardSet {
                 }
                 let batch = batch.with_context(|| format!("reading {}", self.store.name(file)))?;
                 let mut rows = self
-                    .rows_of(&batch, shape)
+                    .rows_of(&batch, &shape)
                     .with_context(|| format!("reading {}", self.store.name(file)))?;
                 rows.truncate(left);
                 left -= rows.len();
@@ -187,7 +190,7 @@ impl ShardSet {
         Ok(())
     }
 
-    fn rows_of(&self, batch: &RecordBatch, shape: [usize; 3]) -> Result<Vec<StoredRow>> {
+    fn rows_of(&self, batch: &RecordBatch, shape: &[usize]) -> Result<Vec<StoredRow>> {
         let keys: &StringArray = column(batch, "key")?;
         let hashes: &FixedSizeBinaryArray = column(batch, "source_sha256")?;
         let orig_widths: &Int32Array = column(batch, "orig_width")?;
@@ -203,6 +206,7 @@ impl ShardSet {
         let latents = batch
             .column_by_name("latent")
             .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
+        let windows = windows_of(batch)?;
         let mut rows = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
             let latent = match latents {
@@ -233,12 +237,38 @@ impl ShardSet {
                 crop_left: lefts.value(i),
                 width: widths.value(i),
                 height: heights.value(i),
-                shape,
+                shape: shape.to_vec(),
                 latent,
+                window: windows.as_ref().map(|w| w(i)),
             });
         }
         Ok(rows)
     }
+}
+
+/// Row i's window, when the batch has the clip columns.
+#[allow(clippy::type_complexity)]
+fn windows_of(batch: &RecordBatch) -> Result<Option<Box<dyn Fn(usize) -> WindowMeta + '_>>> {
+    if batch.column_by_name(format::FRAME_START).is_none() {
+        return Ok(None);
+    }
+    let starts: &Int32Array = column(batch, format::FRAME_START)?;
+    let counts: &Int32Array = column(batch, format::FRAME_COUNT)?;
+    let indices: &ListArray = column(batch, format::FRAME_INDICES)?;
+    let source_fps: &Float64Array = column(batch, format::SOURCE_FPS)?;
+    let fps: &Float64Array = column(batch, format::FPS)?;
+    Ok(Some(Box::new(move |i| WindowMeta {
+        start: starts.value(i),
+        count: counts.value(i),
+        indices: indices
+            .value(i)
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .map(|a| a.values().to_vec())
+            .unwrap_or_default(),
+        source_fps: source_fps.value(i),
+        fps: fps.value(i),
+    })))
 }
 
 fn read_info(store: &dyn ShardStore, shard: &str) -> Result<ShardInfo> {

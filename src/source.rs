@@ -26,9 +26,11 @@ use walkdir::WalkDir;
 use crate::failure::{Failure, FailureKind};
 use crate::pool;
 
-/// Extensions this tool decodes (matched case-insensitively).
+/// Extensions this tool decodes (matched case-insensitively): images, and clips
+/// (`video::VIDEO_EXTENSIONS`, decoded through FFmpeg in a clip run).
 pub(crate) const DECODED: &[&str] = &[
-    "jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff",
+    "jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff", "mp4", "mov", "mkv",
+    "webm", "avi",
 ];
 /// Image formats users have that this tool does not decode: reported, never ignored.
 pub(crate) const NOT_DECODED: &[&str] = &[

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::batch::{Batch, Batcher, RowMeta};
+use crate::batch::{Batch, Batcher, RowMeta, RowPixels};
 use crate::config::LatentMode;
 use crate::encode::Encoder;
 use crate::model::ModelCard;
@@ -76,7 +76,7 @@ pub fn encoder_throughput(
             .iter_mut()
             .map(|encoder| {
                 let pixels = template.pixels.view();
-                scope.spawn(move || encoder.runner().resident(pixels, shape, 1, runs))
+                scope.spawn(move || encoder.runner()?.resident(pixels, shape, 1, runs))
             })
             .collect();
         let mut slowest = 0.0f64;
@@ -196,8 +196,9 @@ fn synthetic_batch(size: u32, n: usize, range: [f32; 2], f16: bool) -> Batch {
             height: size as i32,
             caption: None,
             extra: Vec::new(),
+            window: None,
         };
-        done = batcher.push(image(), meta);
+        done = batcher.push(RowPixels::Image(image()), meta);
     }
     done.expect("n images fill a batch of n")
 }

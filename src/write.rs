@@ -6,9 +6,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use arrow_array::types::Int32Type;
 use arrow_array::{
-    ArrayRef, FixedSizeBinaryArray, FixedSizeListArray, Float16Array, Int32Array, RecordBatch,
-    StringArray, UInt16Array,
+    ArrayRef, FixedSizeBinaryArray, FixedSizeListArray, Float16Array, Float64Array, Int32Array,
+    ListArray, RecordBatch, StringArray, UInt16Array,
 };
 use arrow_schema::{DataType, Field, SchemaRef};
 use half::{bf16, f16, slice::HalfFloatSliceExt, vec::HalfFloatVecExt};
@@ -19,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::encode::EncodedBatch;
 use crate::failure::{Failure, FailureKind};
 use crate::format::LatentCompression;
-use crate::format::{self, Scope, ShardMetadata, StorageDType, TensorColumns, MANIFEST, SUCCESS};
+use crate::format::{
+    self, InputShape, Scope, ShardMetadata, StorageDType, TensorColumns, WindowMeta, MANIFEST,
+    SUCCESS,
+};
 use crate::shard_file::ShardFile;
 use crate::store::{Commit, ShardStore};
 
@@ -95,13 +99,13 @@ pub struct ShardWriter {
     tensors: TensorColumns,
     /// Metadata columns (nullable), after `caption`.
     extra_columns: Vec<(String, DataType)>,
-    open: HashMap<(u32, u32), ShardFile>,
+    open: HashMap<InputShape, ShardFile>,
     /// Encodes row groups (see `shard_file`).
     pool: Arc<ThreadPool>,
     /// Per shape folder, the part number after the highest committed, so a resumed run never
     /// reuses a name.
     next_part: HashMap<String, usize>,
-    schemas: HashMap<(u32, u32), SchemaRef>,
+    schemas: HashMap<InputShape, SchemaRef>,
     /// `_errors.jsonl`, written whole when the writer closes.
     errors: Vec<u8>,
     totals: WriteTotals,
@@ -178,7 +182,7 @@ impl ShardWriter {
         if batch.rows.is_empty() {
             return Ok(());
         }
-        let shape = (batch.width, batch.height);
+        let shape = batch.input_shape();
         let record = self.record_batch(batch)?;
         let mut offset = 0;
         while offset < record.num_rows() {
@@ -204,8 +208,8 @@ impl ShardWriter {
         Ok(())
     }
 
-    fn open_shard(&mut self, shape: (u32, u32), schema: SchemaRef) -> Result<ShardFile> {
-        let dir_name = format::shape_dir_name(shape.0, shape.1);
+    fn open_shard(&mut self, shape: InputShape, schema: SchemaRef) -> Result<ShardFile> {
+        let dir_name = format::shape_dir_name(shape);
         let part = self.next_part.entry(dir_name.clone()).or_default();
         let rel = format!("{dir_name}/{}", self.scope.part_name(*part));
         *part += 1;
@@ -263,19 +267,19 @@ impl ShardWriter {
     }
 
     fn schema(&mut self, batch: &EncodedBatch) -> SchemaRef {
-        let shape = (batch.width, batch.height);
+        let shape = batch.input_shape();
         let (dtype, tensors) = (self.dtype, self.tensors);
         let (extra, metadata) = (&self.extra_columns, &self.metadata);
         self.schemas
             .entry(shape)
-            .or_insert_with(|| format::schema(dtype, batch.latent_shape, tensors, extra, metadata))
+            .or_insert_with(|| format::schema(dtype, &batch.latent_shape, tensors, extra, metadata))
             .clone()
     }
 
     /// One tensor column in the stored type: f32 moves in without a copy; f16 and bf16 are
     /// converted on the write pool, in chunks with the CPU's conversion instructions, not one
     /// value at a time on the writer's thread.
-    fn tensor_column(&self, values: Vec<f32>, shape: [usize; 3]) -> ArrayRef {
+    fn tensor_column(&self, values: Vec<f32>, shape: &[usize]) -> ArrayRef {
         const CHUNK: usize = 1 << 16;
         let child: ArrayRef = match self.dtype {
             StorageDType::F32 => return format::tensor_array(values, self.dtype, shape),
@@ -323,13 +327,16 @@ impl ShardWriter {
             int(|r| r.crop_left),
             int(|r| r.width),
             int(|r| r.height),
-            self.tensor_column(batch.latents, batch.latent_shape),
         ];
+        if batch.frames.is_some() {
+            columns.extend(clip_columns(rows)?);
+        }
+        columns.push(self.tensor_column(batch.latents, &batch.latent_shape));
         for extra in [batch.stds, batch.flip_latents, batch.flip_stds]
             .into_iter()
             .flatten()
         {
-            columns.push(self.tensor_column(extra, batch.latent_shape));
+            columns.push(self.tensor_column(extra, &batch.latent_shape));
         }
         columns.push(Arc::new(StringArray::from(
             rows.iter().map(|r| r.caption.clone()).collect::<Vec<_>>(),
@@ -342,4 +349,34 @@ impl ShardWriter {
         }
         Ok(RecordBatch::try_new(schema, columns)?)
     }
+}
+
+/// The clip columns (`format::CLIP_COLUMNS`) of a batch of windows.
+fn clip_columns(rows: &[crate::batch::RowMeta]) -> Result<[ArrayRef; 5]> {
+    let windows = rows
+        .iter()
+        .map(|r| {
+            r.window
+                .as_ref()
+                .with_context(|| format!("{}: a clip row without its window", r.key))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let int = |f: fn(&WindowMeta) -> i32| -> ArrayRef {
+        Arc::new(Int32Array::from_iter_values(windows.iter().map(|w| f(w))))
+    };
+    let float = |f: fn(&WindowMeta) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(windows.iter().map(|w| f(w))))
+    };
+    let indices = ListArray::from_iter_primitive::<Int32Type, _, _>(
+        windows
+            .iter()
+            .map(|w| Some(w.indices.iter().map(|&i| Some(i)).collect::<Vec<_>>())),
+    );
+    Ok([
+        int(|w| w.start),
+        int(|w| w.count),
+        Arc::new(indices),
+        float(|w| w.source_fps),
+        float(|w| w.fps),
+    ])
 }

@@ -25,7 +25,8 @@ __all__ = ["find_bin", "read", "unfinished", "ShardRoot", "FORMAT_VERSION"]
 #: The shard format these readers understand (FORMAT.md in the repository).
 FORMAT_VERSION = "2"
 
-_SHAPE_DIR = re.compile(r"^(\d+)x(\d+)$")
+# <W>x<H> (images) or <W>x<H>x<T> (clip windows of T frames).
+_SHAPE_DIR = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 _DONE_MARKER = re.compile(r"^p(\d+)\.json$")
 
 

@@ -9,14 +9,17 @@ column is an `arrow.fixed_shape_tensor` [C, H/f, W/f]. See FORMAT.md in the repo
 
 Each item is a dict:
 
-    latent         float32 (C, h, w): numpy array, or torch tensor with as_torch=True
+    latent         float32 (C, h, w), (C, T', h, w) for clip windows: numpy array, or torch
+                   tensor with as_torch=True
     original_size  (orig_height, orig_width)      SDXL's original_size
     crop_top_left  (crop_top, crop_left)          SDXL's crops_coords_top_left (mirrored if flipped)
     target_size    (height, width)                SDXL's target_size
     caption        str or None
     key            path of the source image relative to --input
-    bucket         (W, H) of the shard folder
+    bucket         (W, H) of the shard folder, (W, H, T) for clip windows of T frames
     flipped        whether the horizontally mirrored latent (`latent_flip`) was returned
+    frame_start, frame_count, frame_indices, source_fps, fps
+                   clip windows only: the window's frames (FORMAT.md "Clips")
 
 Training loop (SDXL-style micro-conditioning; batches never mix shapes):
 
@@ -78,9 +81,12 @@ from vae_pipeline import ShardRoot, unfinished
 
 __all__ = ["LatentsDataset", "BucketBatchSampler", "collate", "worker_init_fn", "decode_latents"]
 
-_BUCKET_DIR = re.compile(r"^(\d+)x(\d+)$")
+# <W>x<H> (images) or <W>x<H>x<T> (clip windows of T frames): the bucket is (W, H) or (W, H, T).
+_BUCKET_DIR = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 _TENSOR_COLUMNS = ("latent", "latent_std", "latent_flip", "latent_flip_std")
 _SCALAR_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left", "width", "height")
+# A clip set's window columns (FORMAT.md "Clips"), handed on with each item when present.
+_WINDOW_COLUMNS = ("frame_start", "frame_count", "frame_indices", "source_fps", "fps")
 _META = "vae_pipeline."
 
 
@@ -109,6 +115,11 @@ def _resized_width(policy: str, ow: int, oh: int, W: int, H: int) -> Optional[in
     width_decides = (W * oh >= H * ow) if cover else (W * oh <= H * ow)
     rw = W if width_decides else (2 * ow * H + oh) // (2 * oh)
     return max(rw, W) if cover else min(max(rw, 1), W)
+
+
+def _bucket(m: re.Match) -> tuple[int, ...]:
+    """(W, H), or (W, H, T) for a folder of clip windows."""
+    return tuple(int(g) for g in m.groups() if g is not None)
 
 
 class _Shard:
@@ -212,7 +223,7 @@ class LatentsDataset:
                 raise ValueError("flip=True needs shards written with `precompute --flip` (no latent_flip column)")
             if self._dist and "latent_flip_std" not in columns0:
                 raise ValueError("dist shards with latent_flip lack latent_flip_std")
-        needed = {"latent", "key", "caption", *_SCALAR_COLUMNS}
+        needed = {"latent", "key", "caption", *_SCALAR_COLUMNS, *_WINDOW_COLUMNS}
         if self._dist:
             needed.add("latent_std")
         if self.flip:
@@ -227,7 +238,7 @@ class LatentsDataset:
         store = self._store
         m = _BUCKET_DIR.match(store.name)
         if m and store.parts(store.path):  # one bucket folder given directly
-            return [((int(m.group(1)), int(m.group(2))), store.path)]
+            return [(_bucket(m), store.path)]
         why = unfinished(store) if require_success else None
         if why is not None:
             raise FileNotFoundError(why + "; or pass require_success=False to read what is there")
@@ -235,7 +246,7 @@ class LatentsDataset:
         for name, path in store.folders():
             m = _BUCKET_DIR.match(name)
             if m:
-                out.append(((int(m.group(1)), int(m.group(2))), path))
+                out.append((_bucket(m), path))
         return sorted(out)  # by (W, H)
 
     def __len__(self) -> int:
@@ -316,7 +327,7 @@ class LatentsDataset:
         if self.as_torch:
             import torch
             latent = torch.from_numpy(latent)
-        return {
+        item = {
             "latent": latent,
             "original_size": (oh, ow),
             "crop_top_left": (top, left),
@@ -326,6 +337,10 @@ class LatentsDataset:
             "bucket": self._shards[s].bucket,
             "flipped": flipped,
         }
+        for name in _WINDOW_COLUMNS:
+            if name in data:
+                item[name] = data[name][r]
+        return item
 
     def __repr__(self) -> str:
         return (f"LatentsDataset({str(self.root)!r}, {self._len} items, buckets={self.buckets}, "

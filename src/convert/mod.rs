@@ -1258,10 +1258,11 @@ mod tests {
             crop_left: 2,
             width: 64,
             height: 48,
-            shape: [16, 6, 8],
+            shape: vec![16, 6, 8],
             latent: (0..16 * 6 * 8).map(|i| i as f32).collect(),
             latent_flip: None,
             caption: None,
+            window: None,
         }
     }
 

@@ -28,6 +28,8 @@ pub struct Exported<'a> {
     pub spatial_factor: u32,
     pub output: EncoderOutput,
     pub normalization: Normalization<'a>,
+    /// Whether `export` wrote the clip graphs (`wan_clip::FILES`) beside the image graphs.
+    pub temporal: bool,
 }
 
 /// How the family's pipelines normalize the latent, as the card states it.
@@ -139,6 +141,18 @@ pub fn exported(e: &Exported) -> String {
              [batch_norm]\npatch_size = 2\neps = {eps:?}\nrunning_mean = {}\nrunning_var = {}",
             list(mean),
             list(var)
+        );
+    }
+    if e.temporal {
+        let [encoder_first, encoder_chunk, decoder_first, decoder_chunk] = super::wan_clip::FILES;
+        let _ = writeln!(
+            s,
+            "\n# Clips: the first frame alone, then chunks of {f} frames carrying each causal conv's\n\
+             # last frames (diffusers' AutoencoderKLWan._encode / _decode); T = 1 + {f}k frames.\n\
+             [temporal]\nframe_factor = {f}\nencoder_first = \"{encoder_first}\"\n\
+             encoder_chunk = \"{encoder_chunk}\"\ndecoder_first = \"{decoder_first}\"\n\
+             decoder_chunk = \"{decoder_chunk}\"",
+            f = super::wan_clip::FRAME_FACTOR
         );
     }
     s

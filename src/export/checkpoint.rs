@@ -61,12 +61,14 @@ fn pickle_refusal(path: &Path) -> anyhow::Error {
 }
 
 /// One tensor, converted to f32 (checkpoints come in f32, f16 or bf16).
+#[derive(Clone)]
 pub struct Tensor {
     pub shape: Vec<usize>,
     pub values: Vec<f32>,
 }
 
 /// A checkpoint's tensors under diffusers names, taken one by one by the graph builder.
+#[derive(Clone)]
 pub struct Weights {
     path: PathBuf,
     pub naming: Naming,

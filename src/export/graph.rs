@@ -37,6 +37,8 @@ impl ExportDType {
 pub enum Dim {
     Fixed(usize),
     Named(&'static str),
+    /// Dynamic and unrelated to any other dim (a carried cache's height at some depth).
+    Any,
 }
 
 /// A graph under construction. Values are named by strings, as in ONNX.
@@ -144,6 +146,30 @@ impl Graph {
         self.node("Cast", &[x], vec![int("to", to.onnx() as i64)])
     }
 
+    /// A tensor of zeros in the export dtype whose shape is the int64 tensor `shape`.
+    pub fn zeros(&mut self, shape: &str) -> String {
+        let zero = match self.dtype {
+            ExportDType::F32 => 0f32.to_le_bytes().to_vec(),
+            ExportDType::F16 => f16::ZERO.to_le_bytes().to_vec(),
+        };
+        let value = TensorProto {
+            dims: vec![1],
+            data_type: Some(self.dtype.onnx() as i32),
+            raw_data: Some(zero),
+            ..Default::default()
+        };
+        self.node(
+            "ConstantOfShape",
+            &[shape],
+            vec![AttributeProto {
+                name: Some("value".into()),
+                r#type: Some(AttributeType::Tensor as i32),
+                t: Some(value),
+                ..Default::default()
+            }],
+        )
+    }
+
     /// The finished model with one input and one output.
     pub fn finish(
         self,
@@ -152,14 +178,27 @@ impl Graph {
         output: (&str, &[Dim]),
         last: &str,
     ) -> ModelProto {
+        self.finish_many(name, &[input], &[(output.0, output.1, last)])
+    }
+
+    /// The finished model with several inputs and outputs; each output is (name, dims, the
+    /// value it is).
+    pub fn finish_many(
+        self,
+        name: &str,
+        inputs: &[(&str, &[Dim])],
+        outputs: &[(&str, &[Dim], &str)],
+    ) -> ModelProto {
         let mut nodes = self.nodes;
-        nodes.push(NodeProto {
-            name: Some(output.0.to_string()),
-            op_type: Some("Identity".into()),
-            input: vec![last.to_string()],
-            output: vec![output.0.to_string()],
-            ..Default::default()
-        });
+        for (out, _, last) in outputs {
+            nodes.push(NodeProto {
+                name: Some(out.to_string()),
+                op_type: Some("Identity".into()),
+                input: vec![last.to_string()],
+                output: vec![out.to_string()],
+                ..Default::default()
+            });
+        }
         let value_info = |(name, dims): (&str, &[Dim])| ValueInfoProto {
             name: Some(name.to_string()),
             r#type: Some(TypeProto {
@@ -169,16 +208,17 @@ impl Graph {
                         dim: dims
                             .iter()
                             .map(|d| tensor_shape_proto::Dimension {
-                                value: Some(match d {
-                                    Dim::Fixed(n) => {
-                                        tensor_shape_proto::dimension::Value::DimValue(*n as i64)
-                                    }
+                                value: match d {
+                                    Dim::Fixed(n) => Some(
+                                        tensor_shape_proto::dimension::Value::DimValue(*n as i64),
+                                    ),
                                     Dim::Named(s) => {
-                                        tensor_shape_proto::dimension::Value::DimParam(
+                                        Some(tensor_shape_proto::dimension::Value::DimParam(
                                             s.to_string(),
-                                        )
+                                        ))
                                     }
-                                }),
+                                    Dim::Any => None,
+                                },
                                 ..Default::default()
                             })
                             .collect(),
@@ -200,8 +240,11 @@ impl Graph {
                 name: Some(name.to_string()),
                 node: nodes,
                 initializer: self.initializers,
-                input: vec![value_info(input)],
-                output: vec![value_info(output)],
+                input: inputs.iter().map(|&i| value_info(i)).collect(),
+                output: outputs
+                    .iter()
+                    .map(|&(n, d, _)| value_info((n, d)))
+                    .collect(),
                 ..Default::default()
             }),
             ..Default::default()

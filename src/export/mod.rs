@@ -3,7 +3,7 @@
 //! `--inspect` drafts a card for an ONNX encoder someone else exported.
 //!
 //! [`checkpoint`] reads and renames tensors, [`family`] holds configs and normalizations,
-//! [`vae`] (AutoencoderKL), [`wan`] (Wan / Qwen-Image), [`dcae`] (DC-AE) and [`hunyuan`]
+//! [`vae`] (AutoencoderKL), [`wan`] (Wan / Qwen-Image; [`wan_clip`] their clip graphs), [`dcae`] (DC-AE) and [`hunyuan`]
 //! (HunyuanImage 2.1) build the graphs on
 //! [`graph`] (with [`ops`]' layout helpers), [`card`] writes and drafts cards. [`onnx_pb`] is the
 //! ONNX protobuf schema as Rust types.
@@ -19,6 +19,7 @@ pub mod onnx_pb;
 mod ops;
 pub mod vae;
 pub mod wan;
+pub mod wan_clip;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -72,6 +73,8 @@ pub struct ExportSummary {
     pub family: Option<Family>,
     pub encoder: PathBuf,
     pub decoder: PathBuf,
+    /// The Wan family's clip graphs (`wan_clip::FILES`), empty for image-only families.
+    pub temporal: Vec<PathBuf>,
     pub card: PathBuf,
     pub encoder_parameters: usize,
     pub decoder_parameters: usize,
@@ -99,6 +102,9 @@ impl ExportSummary {
             self.card.display(),
             self.card.display(),
         );
+        for path in &self.temporal {
+            println!("  clips   {}", path.display());
+        }
     }
 }
 
@@ -143,6 +149,12 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
     let decoder_path = out.join("decoder.onnx");
     write_atomic(&encoder_path, &graph::encode(&built.encoder))?;
     write_atomic(&decoder_path, &graph::encode(&built.decoder))?;
+    let mut temporal = Vec::new();
+    for (file, model) in wan_clip::FILES.iter().zip(&built.temporal) {
+        let path = out.join(file);
+        write_atomic(&path, &graph::encode(model))?;
+        temporal.push(path);
+    }
     let name = args.name.clone().unwrap_or_else(|| match built.family {
         Some(f) => f.name().to_string(),
         None => out
@@ -210,6 +222,7 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
         spatial_factor,
         output,
         normalization,
+        temporal: !built.temporal.is_empty(),
     });
     write_atomic(&card_path, text.as_bytes())?;
     Ok(ExportSummary {
@@ -218,6 +231,7 @@ fn export(source: &Path, out: &Path, args: &ExportArgs) -> Result<ExportSummary>
         family: built.family,
         encoder: encoder_path,
         decoder: decoder_path,
+        temporal,
         card: card_path,
         encoder_parameters: vae::parameters(&built.encoder),
         decoder_parameters: vae::parameters(&built.decoder),
@@ -234,6 +248,8 @@ struct Built {
     family: Option<Family>,
     /// FLUX.2: `bn.running_mean` and `bn.running_var`.
     batch_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Wan family: the clip graphs, in `wan_clip::FILES` order.
+    temporal: Vec<ModelProto>,
     warnings: Vec<String>,
 }
 
@@ -287,6 +303,7 @@ fn build_kl(config: &VaeConfig, weights_path: &Path, args: &ExportArgs) -> Resul
         naming,
         family,
         batch_norm,
+        temporal: Vec::new(),
         warnings,
     })
 }
@@ -319,14 +336,17 @@ fn build_wan(config: &WanConfig, weights_path: &Path, args: &ExportArgs) -> Resu
             weights_path.display()
         );
     }
-    build_graphs(
+    let temporal = wan_clip::graphs(config, &weights, args.dtype)?;
+    let mut built = build_graphs(
         config,
         weights,
         args,
         args.family,
         wan::encoder,
         wan::decoder,
-    )
+    )?;
+    built.temporal = temporal;
+    Ok(built)
 }
 
 /// `AutoencoderDC`.
@@ -373,6 +393,7 @@ fn build_graphs<C>(
         naming,
         family,
         batch_norm: None,
+        temporal: Vec::new(),
         warnings: Vec::new(),
     })
 }

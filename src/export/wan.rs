@@ -121,20 +121,20 @@ impl WanConfig {
         (1 << (self.dim_mult.len() - 1)) * self.patch() as u32
     }
 
-    fn patch(&self) -> usize {
+    pub(super) fn patch(&self) -> usize {
         self.patch_size.unwrap_or(1)
     }
 
     /// Channels the graph's `image` has (3; the patchified channels are inside the graph).
-    fn image_channels(&self) -> usize {
+    pub(super) fn image_channels(&self) -> usize {
         self.graph_in_channels() / (self.patch() * self.patch())
     }
 
-    fn graph_in_channels(&self) -> usize {
+    pub(super) fn graph_in_channels(&self) -> usize {
         self.input_channels.or(self.in_channels).unwrap_or(3)
     }
 
-    fn graph_out_channels(&self) -> usize {
+    pub(super) fn graph_out_channels(&self) -> usize {
         self.input_channels.or(self.out_channels).unwrap_or(3)
     }
 
@@ -234,6 +234,18 @@ impl Builder<'_> {
         c: usize,
         gamma_shape: &[usize],
     ) -> Result<String> {
+        self.rms_norm_as(prefix, x, c, gamma_shape, &[c, 1, 1])
+    }
+
+    /// [`Builder::rms_norm`] with γ stored as `stored` ([C, 1, 1, 1] on [B, C, T, H, W]).
+    pub(super) fn rms_norm_as(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        c: usize,
+        gamma_shape: &[usize],
+        stored: &[usize],
+    ) -> Result<String> {
         let f16 = self.g.dtype() == ExportDType::F16;
         let input = if f16 {
             self.g.cast(x, ExportDType::F32)
@@ -254,7 +266,7 @@ impl Builder<'_> {
         let dtype = self.g.dtype();
         let scale = self.g.floats(&[], &[(c as f32).sqrt()], dtype);
         let y = self.g.node("Mul", &[&y, &scale], vec![]);
-        let gamma = self.param(&format!("{prefix}.gamma"), gamma_shape, Some(&[c, 1, 1]))?;
+        let gamma = self.param(&format!("{prefix}.gamma"), gamma_shape, Some(stored))?;
         Ok(self.g.node("Mul", &[&y, &gamma], vec![]))
     }
 
@@ -277,7 +289,7 @@ impl Builder<'_> {
 
     /// `WanAttentionBlock`: RMS norm, one 1×1 conv to q‖k‖v, single-head attention over the
     /// frame's H·W positions (scale 1/√C; softmax in f32 in fp16 graphs), 1×1 `proj`, residual.
-    fn wan_attention(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
+    pub(super) fn wan_attention(&mut self, prefix: &str, x: &str, c: usize) -> Result<String> {
         let h = self.rms_norm(&format!("{prefix}.norm"), x, c, &[c, 1, 1])?;
         // The checkpoint reader stores every `attentions.0.to_*` 1×1 conv as a linear [out, in]
         // (the original-naming rule); it is a 1×1 Conv2d here.

@@ -32,7 +32,7 @@ use self::gallery::Gallery;
 use self::lpips::Lpips;
 use self::metrics::{psnr, ssim, LatentStats};
 use self::reconstruct::{Decoder, Stored};
-use crate::batch::{Batch, Batcher, RowMeta};
+use crate::batch::{Batch, Batcher, RowMeta, RowPixels};
 use crate::config::LatentMode;
 use crate::encode::Encoder;
 use crate::failure::{Failure, FailureKind};
@@ -354,7 +354,8 @@ impl Scorer {
                 let mut batcher = Batcher::new(self.batch_size, self.models[m].card.input_range)
                     .with_f16(input_f16);
                 for (image, meta) in &images {
-                    if let Some(batch) = batcher.push(image.clone(), meta.clone()) {
+                    if let Some(batch) = batcher.push(RowPixels::Image(image.clone()), meta.clone())
+                    {
                         self.encode_and_score(m, batch, &originals, &index)?;
                     }
                 }
@@ -396,7 +397,7 @@ impl Scorer {
             m,
             &keys,
             &encoded.latents,
-            encoded.latent_shape,
+            &encoded.latent_shape,
             &refs,
             width,
             height,
@@ -433,7 +434,7 @@ impl Scorer {
                     }
                 }
             }
-            let window = |r: &StoredRow| (r.shape, r.width, r.height);
+            let window = |r: &StoredRow| (r.shape.clone(), r.width, r.height);
             for group in ready.chunk_by(|a, b| window(&a.0) == window(&b.0)) {
                 for batch in group.chunks(self.batch_size) {
                     let keys: Vec<String> = batch.iter().map(|(r, _)| r.key.clone()).collect();
@@ -444,7 +445,7 @@ impl Scorer {
                     let refs: Vec<&[f32]> = batch.iter().map(|(_, o)| o.as_slice()).collect();
                     let (shape, width, height) = window(&batch[0].0);
                     let (width, height) = (width as usize, height as usize);
-                    self.score(0, &keys, &stored, shape, &refs, width, height)?;
+                    self.score(0, &keys, &stored, &shape, &refs, width, height)?;
                 }
             }
             Ok(())
@@ -458,7 +459,7 @@ impl Scorer {
         m: usize,
         keys: &[String],
         stored: &[f32],
-        latent_shape: [usize; 3],
+        latent_shape: &[usize],
         originals: &[&[f32]],
         width: usize,
         height: usize,
@@ -467,6 +468,9 @@ impl Scorer {
         if n == 0 {
             return Ok(());
         }
+        let Ok(latent_shape) = <[usize; 3]>::try_from(latent_shape) else {
+            bail!("report scores images; latents {latent_shape:?} are clip windows");
+        };
         let model = &mut self.models[m];
         let z = model.stored.raw_latents(stored, latent_shape);
         let recon = model.decoder.decode(&z, n, latent_shape)?;

@@ -27,7 +27,7 @@ use crate::pool;
 /// Rows per read batch: a few dozen images in memory at a time.
 const BATCH_ROWS: usize = 32;
 /// Column names taken as the image when no `Image` struct is present.
-const IMAGE_NAMES: &[&str] = &["image", "jpg", "jpeg", "png", "webp"];
+const IMAGE_NAMES: &[&str] = &["image", "jpg", "jpeg", "png", "webp", "video", "mp4"];
 
 /// `--image-column`, `--key-column`, `--caption-column`: None = detect.
 #[derive(Debug, Clone, Default)]
@@ -138,7 +138,7 @@ fn choose(schema: &Schema, columns: &ParquetColumns) -> Result<Chosen> {
             .with_context(|| {
                 format!(
                     "no image column (an `Image` struct of bytes and path, or a binary column \
-                     named image, jpg, png or webp); pass --image-column (columns: {})",
+                     named image, jpg, png, webp, video or mp4); pass --image-column (columns: {})",
                     names.join(", ")
                 )
             })?,

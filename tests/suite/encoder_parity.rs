@@ -1,7 +1,7 @@
 //! The encode stage against tensors PyTorch/diffusers computed (`../shared/models/golden`).
 
 use crate::common::*;
-use vae_pipeline::batch::{Batch, BatchPixels, Batcher};
+use vae_pipeline::batch::{Batch, BatchPixels, Batcher, RowPixels};
 use vae_pipeline::config::LatentMode;
 use vae_pipeline::decode::{decode_bytes, DecodeOptions};
 use vae_pipeline::encode::Encoder;
@@ -23,6 +23,7 @@ fn golden_batch(file: &str, cases: &[&str]) -> Batch {
         pixels.extend(v);
     }
     Batch {
+        frames: None,
         width: shape[3] as u32,
         height: shape[2] as u32,
         rows: cases.iter().map(|c| row(c)).collect(),
@@ -111,7 +112,7 @@ fn fp16_batches_written_directly_encode_like_converted_f32_batches() {
         let mut batcher = Batcher::new(2, [0.0, 1.0]).with_flip(true).with_f16(f16);
         let mut out: Vec<Batch> = images
             .iter()
-            .filter_map(|p| batcher.push(p.clone(), row("img")))
+            .filter_map(|p| batcher.push(RowPixels::Image(p.clone()), row("img")))
             .collect();
         out.extend(batcher.flush());
         out
@@ -254,6 +255,7 @@ fn golden_image_files_decode_like_pillow_and_encode_within_tolerance() {
         assert!(max_abs_diff(&pixels, &want_input) <= 2.0 / 255.0 + 1e-6);
         let out = enc
             .encode(Batch {
+                frames: None,
                 width: w,
                 height: h,
                 rows: vec![row(case)],

@@ -148,6 +148,7 @@ fn tiny_kl_f32_matches_diffusers() {
         pixels.extend(golden(case, "kl_input.npy").1);
     }
     let batch = Batch {
+        frames: None,
         width: 64,
         height: 64,
         rows: CASES.iter().map(|c| row(c)).collect(),

@@ -14,4 +14,5 @@ mod layers;
 mod report;
 mod resize_parity;
 mod resume;
+mod temporal;
 mod verify;

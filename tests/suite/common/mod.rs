@@ -248,5 +248,6 @@ pub fn row(key: &str) -> RowMeta {
         height: 0,
         caption: None,
         extra: Vec::new(),
+        window: None,
     }
 }
