@@ -88,15 +88,13 @@ $(BIN):
 # The wheel for `pip install`: maturin links the same release build (`cargo test` built it
 # already, so only the binary is relinked, stripped), the shipped cards travel as wheel data
 # into <prefix>/share/vae-pipeline/models. Platform tag: see docs/install.md "Install with pip".
-# The FFmpeg plugin travels as wheel data too (<prefix>/share/vae-pipeline/lib), FFmpeg's own
-# libraries do not: the binary does not link them, clips need the system's (docs: video).
+# The FFmpeg plugin (ffmpeg/) is not in the wheel: it links FFmpeg's libraries, which no
+# manylinux wheel may need from the system (auditwheel would tag it linux_x86_64); the binary does
+# not link them, so the wheel encodes images anywhere and clips say what to build (docs: video).
 WHEEL_DATA := target/wheel-data/data/share/vae-pipeline/models
-WHEEL_LIB  := target/wheel-data/data/share/vae-pipeline/lib
 wheel: $(VENV)/.installed
-	rm -rf target/wheel-data target/wheels && mkdir -p $(WHEEL_DATA) $(WHEEL_LIB)
+	rm -rf target/wheel-data target/wheels && mkdir -p $(WHEEL_DATA)
 	cp models/*.toml $(WHEEL_DATA)/
-	cargo build $(CARGO_FLAGS) -p vae-pipeline-ffmpeg
-	cp target/release/libvae_pipeline_ffmpeg.so $(WHEEL_LIB)/
 	$(VENV)/bin/maturin build --release --locked --compatibility manylinux_2_34 --out target/wheels
 
 # `cargo test` builds the release binary too (one build, one profile) for the Python tests; the

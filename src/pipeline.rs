@@ -326,6 +326,7 @@ fn run(
         identity_hash: metadata.identity_hash.clone(),
         interrupted: produced.interrupted,
         retried_requests: crate::object::transient_failures(),
+        clip_windows: clips,
         ..RunSummary::default()
     };
     for entry in &manifest {

@@ -37,6 +37,9 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Object-store requests that failed transiently (5xx, throttling, resets) and were retried.
     pub retried_requests: u64,
+    /// A clip run: rows are windows of frames (counted, and printed, as windows).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub clip_windows: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -66,6 +69,7 @@ impl RunSummary {
         self.images_per_second = self.encoded as f64 / self.seconds.max(1e-9);
         self.decode_threads = other.decode_threads;
         self.encode_threads = other.encode_threads;
+        self.clip_windows = other.clip_windows;
         self.busy_seconds.decode_resize += other.busy_seconds.decode_resize;
         self.busy_seconds.encode += other.busy_seconds.encode;
         self.busy_seconds.write += other.busy_seconds.write;
@@ -123,8 +127,13 @@ impl RunSummary {
         } else {
             format!(", {} duplicates (--dedupe)", self.duplicates)
         };
+        let unit = if self.clip_windows {
+            "clip windows"
+        } else {
+            "images"
+        };
         eprintln!(
-            "encoded {} images{resumed}{duplicates}, {} failed{failures}; {} rows in {} shard(s); {:.1} s, {:.2} images/s",
+            "encoded {} {unit}{resumed}{duplicates}, {} failed{failures}; {} rows in {} shard(s); {:.1} s, {:.2} {unit}/s",
             self.encoded, self.failed, self.rows, self.shards, self.seconds, self.images_per_second
         );
         if self.buckets.len() > 1 {

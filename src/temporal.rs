@@ -179,7 +179,7 @@ impl ClipEncoder {
         w: usize,
     ) -> Result<Vec<f32>> {
         let f = self.frame_factor;
-        if t == 0 || (t - 1) % f != 0 {
+        if t == 0 || !(t - 1).is_multiple_of(f) {
             bail!(
                 "a clip of {t} frames: the temporal encoder takes 1 + {f}k frames (1, {}, {}, …)",
                 1 + f,
@@ -318,15 +318,16 @@ impl ClipDecoder {
         w: usize,
     ) -> Result<Vec<f32>> {
         let plane = h * w;
-        if t_latent == 0 || b == 0 || z.len() % (b * t_latent * plane) != 0 {
+        if t_latent == 0 || b == 0 || !z.len().is_multiple_of(b * t_latent * plane) {
             bail!(
                 "{} values are not a latent of [{b}, C, {t_latent}, {h}, {w}]",
                 z.len()
             );
         }
         let c = z.len() / (b * t_latent * plane);
-        let t = 1 + self.frame_factor * (t_latent - 1);
-        let mut carried = Vec::new();
+        let f = self.frame_factor;
+        let t = 1 + f * (t_latent - 1);
+        let mut stream = self.stream();
         let mut out = Vec::new();
         let mut chunk = Vec::with_capacity(b * c * plane);
         for i in 0..t_latent {
@@ -335,25 +336,65 @@ impl ClipDecoder {
             for src in z.chunks_exact(t_latent * plane) {
                 chunk.extend_from_slice(&src[i * plane..(i + 1) * plane]);
             }
-            let (dims, values) = self.chunks.run(&mut carried, &chunk, [b, c, 1, h, w])?;
-            let n = if i == 0 { 1 } else { self.frame_factor };
-            if dims.len() != 5 || dims[0] != b || dims[1] != n || dims[2] != 3 {
-                bail!("clip decoder output has shape {dims:?}; expected [{b}, {n}, 3, H, W]");
-            }
-            let frame = 3 * dims[3] * dims[4];
+            let (n, values) = stream.push(&chunk, b, c, h, w)?;
+            let frame = values.len() / (b * n);
             if i == 0 {
                 out = vec![0.0; b * t * frame];
             }
-            let start = if i == 0 {
-                0
-            } else {
-                1 + self.frame_factor * (i - 1)
-            };
+            let start = if i == 0 { 0 } else { 1 + f * (i - 1) };
             for (k, src) in values.chunks_exact(n * frame).enumerate() {
                 let at = (k * t + start) * frame;
                 out[at..at + n * frame].copy_from_slice(src);
             }
         }
         Ok(out)
+    }
+
+    /// One latent clip frame by frame, for callers that consume frames as they come (memory
+    /// holds one chunk of frames, never the clip).
+    pub fn stream(&mut self) -> DecodeStream<'_> {
+        DecodeStream {
+            decoder: self,
+            carried: Vec::new(),
+        }
+    }
+}
+
+/// A latent clip being decoded: the carried frames between latent frames.
+pub struct DecodeStream<'a> {
+    decoder: &'a mut ClipDecoder,
+    carried: Vec<DynValue>,
+}
+
+impl DecodeStream<'_> {
+    /// The next raw latent frame [B, C, 1, h, w]; returns how many frames it decodes to (1 for
+    /// the first, then `frame_factor`) and those frames, [B, n, 3, H, W].
+    pub fn push(
+        &mut self,
+        z: &[f32],
+        b: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(usize, Vec<f32>)> {
+        if z.len() != b * c * h * w {
+            bail!(
+                "{} values are not a latent frame of [{b}, {c}, 1, {h}, {w}]",
+                z.len()
+            );
+        }
+        let n = if self.carried.is_empty() {
+            1
+        } else {
+            self.decoder.frame_factor
+        };
+        let (dims, values) = self
+            .decoder
+            .chunks
+            .run(&mut self.carried, z, [b, c, 1, h, w])?;
+        if dims.len() != 5 || dims[0] != b || dims[1] != n || dims[2] != 3 {
+            bail!("clip decoder output has shape {dims:?}; expected [{b}, {n}, 3, H, W]");
+        }
+        Ok((n, values))
     }
 }

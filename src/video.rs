@@ -29,7 +29,7 @@ pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "mov", "mkv", "webm", "avi"];
 pub const PLUGIN_FILE: &str = "libvae_pipeline_ffmpeg.so";
 pub const PLUGIN_ENV: &str = "VAE_PIPELINE_FFMPEG";
 
-/// What to install for the plugin that `cargo build` and the wheel make (linked against Debian
+/// What to install for the plugin that `cargo build` makes here (linked against Debian
 /// 12's FFmpeg 5.1).
 const INSTALL: &str = "the FFmpeg plugin was built against FFmpeg 5.1 (Debian 12): `apt install \
      libavcodec59 libavformat59 libswscale6`; elsewhere build it against your FFmpeg's libraries \
@@ -41,15 +41,17 @@ const IMAGE_BRANDS: &[&[u8; 4]] = &[
     b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis",
 ];
 
-/// Container signature (ISO-BMFF `ftyp`, Matroska/WebM EBML, RIFF AVI), for bytes from tars and
-/// Parquet that come without a file name to go by.
+/// Container signature (ISO-BMFF `ftyp`, or an old QuickTime file's first `moov`/`mdat`/`wide`
+/// atom; Matroska/WebM EBML; RIFF AVI), for bytes from tars and Parquet that come without a file
+/// name to go by. HEIF/AVIF still images (ISO-BMFF too) are not clips.
 pub fn is_video(head: &[u8]) -> bool {
     let bmff = head.len() >= 12
         && &head[4..8] == b"ftyp"
         && !IMAGE_BRANDS.iter().any(|b| &head[8..12] == *b);
+    let quicktime = head.len() >= 8 && matches!(&head[4..8], b"moov" | b"mdat" | b"wide");
     let matroska = head.starts_with(&[0x1A, 0x45, 0xDF, 0xA3]);
     let avi = head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"AVI ";
-    bmff || matroska || avi
+    bmff || quicktime || matroska || avi
 }
 
 /// Why a clip cannot be used, in the vocabulary of `_errors.jsonl`: `corrupt` (truncated,
@@ -143,9 +145,9 @@ struct Plugin {
     _library: libloading::Library,
 }
 
-/// Where the plugin is looked for, in order: `$VAE_PIPELINE_FFMPEG` (only it, when set), beside
-/// the executable (a `cargo build`; its parent for cargo's test binaries in `deps/`), and the
-/// wheel's data folder `<prefix>/share/vae-pipeline/lib`.
+/// Where the plugin is looked for: `$VAE_PIPELINE_FFMPEG` (only it, when set), else beside the
+/// executable (a `cargo build`; its parent for cargo's test binaries in `deps/`). The pip wheel
+/// does not ship it: it links FFmpeg's libraries, which a manylinux wheel may not need.
 pub fn plugin_candidates() -> Vec<PathBuf> {
     if let Some(path) = std::env::var_os(PLUGIN_ENV).filter(|v| !v.is_empty()) {
         return vec![PathBuf::from(path)];
@@ -160,9 +162,6 @@ pub fn plugin_candidates() -> Vec<PathBuf> {
             out.extend(dir.parent().map(|p| p.join(PLUGIN_FILE)));
         }
     }
-    if let Some(prefix) = crate::runtime::installed_prefix() {
-        out.push(prefix.join("share/vae-pipeline/lib").join(PLUGIN_FILE));
-    }
     out
 }
 
@@ -172,14 +171,20 @@ fn load() -> Result<Plugin> {
         let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
         bail!(
             "the FFmpeg plugin {PLUGIN_FILE} was not found (looked at {}): `cargo build --release` \
-             builds it beside the binary, the pip wheel installs it; or set {PLUGIN_ENV} to it",
+             builds it beside the binary; the pip wheel does not ship it (it links FFmpeg): in a \
+             checkout, with FFmpeg's -dev packages, clang and pkg-config installed (Debian 12: \
+             `apt install libavcodec-dev libavformat-dev libswscale-dev clang libclang-dev \
+             pkg-config`), run `cargo build --release -p vae-pipeline-ffmpeg` and set {PLUGIN_ENV} \
+             to target/release/{PLUGIN_FILE}",
             looked.join(", ")
         );
     };
     // SAFETY: the plugin is our own library; its initialisers only register FFmpeg's.
-    let library = unsafe { libloading::Library::new(path) }.with_context(|| {
-        format!(
-            "cannot load the FFmpeg plugin {}: {INSTALL}",
+    let library = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // libloading's message is "dlopen failed"; its source names the missing library.
+        let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+        anyhow::anyhow!(
+            "cannot load the FFmpeg plugin {} ({why}); {INSTALL}",
             path.display()
         )
     })?;
@@ -192,7 +197,7 @@ fn load() -> Result<Plugin> {
         if version() != ABI_VERSION {
             bail!(
                 "the FFmpeg plugin {} speaks ABI {}, this binary {ABI_VERSION}: use the plugin \
-                 built with this binary (same `cargo build`, same wheel)",
+                 built with this binary (the same `cargo build`)",
                 path.display(),
                 version()
             );
@@ -308,6 +313,10 @@ impl<'a> Handle<'a> {
         }
     }
 }
+
+// SAFETY: a clip's FFmpeg contexts may move between threads; the handle uses them from one
+// thread at a time (`&mut self` for every call but the drop).
+unsafe impl Send for Handle<'_> {}
 
 impl Drop for Handle<'_> {
     fn drop(&mut self) {
@@ -487,10 +496,12 @@ mod tests {
         let avif = b"\0\0\0\x1cftypavif\0\0\0\0";
         let webm = [0x1A, 0x45, 0xDF, 0xA3, 0x9F];
         let avi = b"RIFF\x10\0\0\0AVI LIST";
+        let quicktime = b"\0\0\0\x08wide\0\0\0\0mdat";
         let webp = b"RIFF\x10\0\0\0WEBPVP8 ";
         assert!(is_video(mp4));
         assert!(is_video(&webm));
         assert!(is_video(avi));
+        assert!(is_video(quicktime));
         assert!(!is_video(heic));
         assert!(!is_video(avif));
         assert!(!is_video(webp));

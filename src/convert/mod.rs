@@ -461,7 +461,7 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
             if let Some(c) = container {
                 containers.insert(c);
             }
-            let clip = clip_window(&row.key).filter(|_| latent_dims(&row).len() == 4);
+            let clip = clip_window(&row.key).filter(|_| row.shape.len() == 4);
             kinds.insert(clip.is_some());
             if args.to == Trainer::Musubi {
                 // musubi names latent files by base name and size, and the text-encoder cache
@@ -581,7 +581,7 @@ pub fn run(args: &ConvertArgs) -> Result<ConvertSummary> {
                     };
                     let bytes = match args.to {
                         Trainer::Kohya => plan.kohya_npz(row, &rescale),
-                        _ => plan.musubi_safetensors(row, &rescale)?,
+                        _ => plan.musubi_safetensors(row, &rescale),
                     };
                     write_if_changed(&path, &bytes)
                 })
@@ -778,7 +778,7 @@ impl Plan {
 
     /// The row is what the trainer would have cached for its image or clip window, or why not.
     fn check(&self, row: &StoredRow) -> Result<(), Problem> {
-        let dims = latent_dims(row);
+        let dims = &row.shape;
         let (c, h, w) = (dims[0], dims[dims.len() - 2], dims[dims.len() - 1]);
         let f = self.arch.factor() as usize;
         let key = &row.key;
@@ -919,7 +919,7 @@ impl Plan {
         };
         // A clip window's file is named after its clip, then the window (musubi's item key
         // `{stem}_{start:05d}-{count:03d}`).
-        let (source, window) = match clip_window(&row.key).filter(|_| latent_dims(row).len() == 4) {
+        let (source, window) = match clip_window(&row.key).filter(|_| row.shape.len() == 4) {
             Some((clip, start, count)) => (clip, format!("_{start:05}-{count:03}")),
             None => (row.key.as_str(), String::new()),
         };
@@ -963,8 +963,8 @@ impl Plan {
     /// `original_size` [W,H], `crop_ltrb`, `latents_flipped`; SD3 and FLUX suffix every key
     /// with `_{h}x{w}` (strategy_sd3.py / strategy_flux.py: multi-resolution caches).
     fn kohya_npz(&self, row: &StoredRow, rescale: &Rescale) -> Vec<u8> {
-        let dims = latent_dims(row);
-        let [c, h, w] = image_dims(&dims);
+        let dims = &row.shape;
+        let [c, h, w] = image_dims(dims);
         let suffix = match self.arch {
             Arch::Sd3 | Arch::Flux => format!("_{h}x{w}"),
             _ => String::new(),
@@ -975,7 +975,7 @@ impl Plan {
             npz::Array::f32(
                 &format!("latents{suffix}"),
                 vec![c, h, w],
-                &rescale.apply(&row.latent, &dims),
+                &rescale.apply(&row.latent, dims),
             ),
             npz::Array::i64(
                 &format!("original_size{suffix}"),
@@ -990,7 +990,7 @@ impl Plan {
             arrays.push(npz::Array::f32(
                 &format!("latents_flipped{suffix}"),
                 vec![c, h, w],
-                &rescale.apply(flip, &dims),
+                &rescale.apply(flip, dims),
             ));
         }
         npz::npz(&arrays)
@@ -1003,9 +1003,9 @@ impl Plan {
     /// image's F = 1 (`save_latent_cache_wan`); metadata architecture, width, height,
     /// format_version, and a window's frame_count (`save_latent_cache_common`). float32, as
     /// musubi writes with `--vae_dtype float32` (its default is bfloat16; it trains on either).
-    fn musubi_safetensors(&self, row: &StoredRow, rescale: &Rescale) -> Result<Vec<u8>> {
-        let dims = latent_dims(row);
-        let values = rescale.apply(&row.latent, &dims);
+    fn musubi_safetensors(&self, row: &StoredRow, rescale: &Rescale) -> Vec<u8> {
+        let dims = &row.shape;
+        let values = rescale.apply(&row.latent, dims);
         let (c, h, w) = (dims[0], dims[dims.len() - 2], dims[dims.len() - 1]);
         let (key, shape) = match (self.arch, dims.len()) {
             (Arch::Flux2, _) => (format!("latents_{h}x{w}_float32"), vec![c, h, w]),
@@ -1024,7 +1024,7 @@ impl Plan {
         if let Some((_, _, count)) = clip_window(&row.key).filter(|_| dims.len() == 4) {
             metadata.push(("frame_count", count.to_string()));
         }
-        Ok(safetensors_f32(&key, &shape, &values, &metadata))
+        safetensors_f32(&key, &shape, &values, &metadata)
     }
 }
 
@@ -1059,16 +1059,11 @@ fn safetensors_f32(
 /// size, but a clip's bucket: its video caching reads the frames already resized to the bucket
 /// (`load_video` with the bucket selector) and takes their size as the "original" one.
 fn named_size(row: &StoredRow) -> (i32, i32) {
-    if latent_dims(row).len() == 4 {
+    if row.shape.len() == 4 {
         (row.width, row.height)
     } else {
         (row.orig_width, row.orig_height)
     }
-}
-
-/// The row's latent dimensions: `[C, h, w]` of an image, `[C, F, h, w]` of a clip window.
-fn latent_dims(row: &StoredRow) -> Vec<usize> {
-    row.shape.to_vec()
 }
 
 /// An image row's `[C, h, w]` (clip windows are refused before kohya and diffusers files).
@@ -1128,10 +1123,10 @@ fn musubi_arch(arch: Arch) -> (&'static str, &'static str) {
 /// (`latent · scaling_factor`, what the script's `compute_vae_encodings` returns), `original_sizes`
 /// (h, w), `crop_top_lefts` (top, left), `text` (the caption) and `key`.
 fn diffusers_part(rows: &[StoredRow], rescale: &Rescale) -> Result<Vec<u8>> {
-    let [c, h, w] = image_dims(&latent_dims(&rows[0]));
+    let [c, h, w] = image_dims(&rows[0].shape);
     let values: Vec<f32> = rows
         .iter()
-        .flat_map(|r| rescale.apply(&r.latent, &latent_dims(r)))
+        .flat_map(|r| rescale.apply(&r.latent, &r.shape))
         .collect();
     let f32_field = Arc::new(Field::new("item", DataType::Float32, true));
     let row_list = FixedSizeListArray::new(
@@ -1288,7 +1283,7 @@ mod tests {
         assert_eq!(path, Path::new("cache/a.b_0100x0075_wan.safetensors"));
         let norm = Norm::scale_shift(0.0, 1.0);
         let rescale = Rescale::new(norm.clone(), Some(norm));
-        let bytes = plan.musubi_safetensors(&row, &rescale).unwrap();
+        let bytes = plan.musubi_safetensors(&row, &rescale);
         let (header, data) = parts(&bytes);
         assert_eq!(
             header["latents_1x6x8_float32"]["shape"],
@@ -1301,8 +1296,91 @@ mod tests {
         assert_eq!(header["__metadata__"], serde_json::Value::Object(metadata));
         assert_eq!(data.len(), 16 * 6 * 8 * 4);
         for _ in 0..8 {
-            assert_eq!(plan.musubi_safetensors(&row, &rescale).unwrap(), bytes);
+            assert_eq!(plan.musubi_safetensors(&row, &rescale), bytes);
         }
+    }
+
+    /// A clip window: named `{clip stem}_{start}-{count}_{bucket W}x{H}_wan.safetensors` (musubi's
+    /// video caching records the resized frames' size), `latents_{F}x{h}x{w}` of (C, F, h, w),
+    /// `frame_count`; checked against musubi's clip rule (bucketed although the image rule
+    /// says `enable_bucket = false`).
+    #[test]
+    fn wan_clip_windows() {
+        let plan = Plan {
+            to: Trainer::Musubi,
+            arch: Arch::Wan,
+            out: PathBuf::from("cache"),
+            rule: Some(TrainerBuckets::Musubi(MusubiBuckets {
+                resolution: (80, 48),
+                enable_bucket: false,
+                no_upscale: false,
+                steps: MusubiBuckets::STEPS,
+            })),
+            resolutions: vec![(80, 48)],
+            video: None,
+            side: 0,
+        };
+        let video = TrainerBuckets::Musubi(MusubiBuckets {
+            resolution: (80, 48),
+            enable_bucket: true,
+            no_upscale: false,
+            steps: MusubiBuckets::STEPS,
+        });
+        let plan = Plan {
+            video: Some((video.clone(), video.resolutions())),
+            ..plan
+        };
+        let bucket = video.place(&video.resolutions(), 1280, 960).unwrap().bucket;
+        assert_ne!(bucket, (80, 48), "the image rule's only bucket");
+        let (bw, bh) = (bucket.0 as usize, bucket.1 as usize);
+        let clip_row = |key: &str| StoredRow {
+            key: key.into(),
+            orig_width: 1280,
+            orig_height: 960,
+            crop_left: 0,
+            crop_top: 0,
+            width: bucket.0 as i32,
+            height: bucket.1 as i32,
+            shape: vec![16, 2, bh / 8, bw / 8],
+            window: Some(crate::format::WindowMeta {
+                start: 4,
+                count: 5,
+                indices: vec![4, 5, 6, 7, 8],
+                source_fps: 16.0,
+                fps: 16.0,
+            }),
+            latent: vec![0.5; 16 * 2 * (bh / 8) * (bw / 8)],
+            ..image_row("unused")
+        };
+        let row = clip_row("clips/a_b.mp4/00004-005");
+        if let Err(p) = plan.check(&row) {
+            panic!("{} / {}", p.what, p.fix);
+        }
+        let Some(Ok((path, None))) = plan.path(&row) else {
+            panic!("no path")
+        };
+        let name = format!(
+            "a_b_00004-005_{:04}x{:04}_wan.safetensors",
+            bucket.0, bucket.1
+        );
+        assert_eq!(path, Path::new("cache").join(name));
+        let norm = Norm::scale_shift(0.0, 1.0);
+        let (header, data) =
+            parts(&plan.musubi_safetensors(&row, &Rescale::new(norm.clone(), Some(norm))));
+        let key = format!("latents_2x{}x{}_float32", bh / 8, bw / 8);
+        assert_eq!(
+            header[&key]["shape"],
+            serde_json::json!([16, 2, bh / 8, bw / 8])
+        );
+        let (w, h) = (bucket.0.to_string(), bucket.1.to_string());
+        let metadata: serde_json::Map<_, _> = wan_metadata(&w, &h, Some("5"))
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+            .collect();
+        assert_eq!(header["__metadata__"], serde_json::Value::Object(metadata));
+        assert_eq!(data.len(), row.latent.len() * 4);
+        let six = clip_row("clips/a_b.mp4/00004-006");
+        assert!(plan.check(&six).unwrap_err().what.contains("N·4+1"));
     }
 
     #[test]

@@ -139,13 +139,13 @@ impl<'a> Clip<'a> {
     }
 
     /// [B, C, T, H, W] → [B·T, C, H, W], frames folded into the batch.
-    fn to_frames(&mut self, x: &str, c: usize) -> String {
+    fn fold_frames(&mut self, x: &str, c: usize) -> String {
         let t = self.transpose(x, &[0, 2, 1, 3, 4]);
         self.reshape(&t, &[-1, c as i64], x, 3)
     }
 
     /// [B·T, C, H, W] → [B, C, T, H, W].
-    fn from_frames(&mut self, x: &str, t: usize, c: usize) -> String {
+    fn unfold_frames(&mut self, x: &str, t: usize, c: usize) -> String {
         let y = self.reshape(x, &[-1, t as i64, c as i64], x, 2);
         self.transpose(&y, &[0, 2, 1, 3, 4])
     }
@@ -225,11 +225,11 @@ impl<'a> Clip<'a> {
     /// `WanMidBlock`: resnet, per-frame attention, resnet.
     fn mid_block(&mut self, prefix: &str, x: &str, c: usize, t: usize) -> Result<String> {
         let h = self.resnet(&format!("{prefix}.resnets.0"), x, c, c)?;
-        let frames = self.to_frames(&h, c);
+        let frames = self.fold_frames(&h, c);
         let attended = self
             .b
             .wan_attention(&format!("{prefix}.attentions.0"), &frames, c)?;
-        let h = self.from_frames(&attended, t, c);
+        let h = self.unfold_frames(&attended, t, c);
         self.resnet(&format!("{prefix}.resnets.1"), &h, c, c)
     }
 
@@ -255,7 +255,7 @@ impl<'a> Clip<'a> {
         t: usize,
         temporal: bool,
     ) -> Result<(String, usize)> {
-        let frames = self.to_frames(x, c);
+        let frames = self.fold_frames(x, c);
         let h = self.b.conv(
             &format!("{prefix}.resample.1"),
             &frames,
@@ -264,7 +264,7 @@ impl<'a> Clip<'a> {
             2,
             [0, 0, 1, 1],
         )?;
-        let h = self.from_frames(&h, t, c);
+        let h = self.unfold_frames(&h, t, c);
         if !temporal {
             return Ok((h, t));
         }
@@ -356,12 +356,12 @@ impl<'a> Clip<'a> {
             t *= 2;
             h = self.reshape(&moved, &[-1, c as i64, t as i64], &moved, 4);
         }
-        let frames = self.to_frames(&h, c);
+        let frames = self.fold_frames(&h, c);
         let up = self.b.upsample_nearest2x(&frames);
         let conv = self
             .b
             .conv3(&format!("{prefix}.resample.1"), &up, c, cout)?;
-        Ok((self.from_frames(&conv, t, cout), t))
+        Ok((self.unfold_frames(&conv, t, cout), t))
     }
 
     /// `AvgDown3D` of the block input `x` (`t` frames): time padded in front to a multiple of
@@ -387,9 +387,9 @@ impl<'a> Clip<'a> {
         }
         let (tp, offsets) = (t + pad, fs * fs);
         if fs == 2 {
-            let frames = self.to_frames(&h, cin);
+            let frames = self.fold_frames(&h, cin);
             let s2d = self.b.space_to_depth(&frames, cin, PatchOrder::RowFirst);
-            h = self.from_frames(&s2d, tp, cin * offsets);
+            h = self.unfold_frames(&s2d, tp, cin * offsets);
         }
         let tq = (tp / ft) as i64;
         // [B, cin·s, tq·ft, H', W'] → [B, cin, s, tq, ft, H', W'] → [B, cin, ft, s, tq, H', W'].
@@ -419,7 +419,7 @@ impl<'a> Clip<'a> {
         let moved = self.transpose(&split, &[0, 4, 2, 1, 3, 5, 6]);
         let frames = self.reshape(&moved, &[-1, 4 * cout as i64], &moved, 5);
         let up = self.b.depth_to_space(&frames, cout, PatchOrder::RowFirst);
-        let y = self.from_frames(&up, t * ft, cout);
+        let y = self.unfold_frames(&up, t * ft, cout);
         if self.first() && ft > 1 {
             return self.tail(&y, 2, ft as i64 - 1);
         }
@@ -513,7 +513,7 @@ pub fn encoder(
     let x = if config.patch() == 2 {
         let frames = c.reshape("frames", &[-1, rgb as i64], "frames", 3);
         let patched = c.b.space_to_depth(&frames, rgb, PatchOrder::ColumnFirst);
-        c.from_frames(&patched, t, 4 * rgb)
+        c.unfold_frames(&patched, t, 4 * rgb)
     } else {
         c.transpose("frames", &[0, 2, 1, 3, 4])
     };
@@ -643,7 +643,7 @@ pub fn decoder(
     let rgb = config.image_channels();
     let out_channels = config.graph_out_channels();
     h = if config.patch() == 2 {
-        let frames = c.to_frames(&h, out_channels);
+        let frames = c.fold_frames(&h, out_channels);
         let unpatched = c.b.depth_to_space(&frames, rgb, PatchOrder::ColumnFirst);
         c.reshape(&unpatched, &[-1, t as i64, rgb as i64], &unpatched, 2)
     } else {

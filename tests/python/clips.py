@@ -9,14 +9,17 @@ moving pattern) unless given: an array [T, H, W, 3] uint8, piped to ffmpeg as ra
     vfr_mp4                                variable frame rate: some frames dropped, gaps kept
     truncated_mp4                          a +faststart MP4 cut short (index whole, data missing)
     audio_only_m4a                         AAC in MP4, no video stream
+    tar_of                                 a WebDataset-style tar of clips (and other members)
     has_encoder                            whether this ffmpeg has an encoder (libx265, libaom-av1, …)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +127,18 @@ def audio_only_m4a(path, seconds: float = 0.5) -> Path:
     subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
                     "-i", f"sine=frequency=440:duration={seconds}", "-c:a", "aac", str(path)],
                    check=True)
+    return path
+
+
+def tar_of(path, members: dict) -> Path:
+    """A tar (Python's tarfile) whose members are {name in the tar: file path or bytes}."""
+    path = Path(path)
+    with tarfile.open(path, "w") as tar:
+        for name, src in members.items():
+            data = src if isinstance(src, bytes) else Path(src).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return path
 
 

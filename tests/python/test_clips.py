@@ -66,6 +66,11 @@ def golden_frames(case: dict[str, np.ndarray]) -> np.ndarray:
     return frames
 
 
+def ffv1(path: Path, frames: np.ndarray, fps: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return clips.ffv1_mkv(path, frames, fps)
+
+
 def rows(out: Path, folder: str) -> pa.Table:
     files = sorted((out / folder).glob("part-*.parquet"))
     assert files, f"no shards in {out / folder}: {sorted(p.name for p in out.iterdir())}"
@@ -95,7 +100,7 @@ def test_golden_clips_give_diffusers_latents(binary, wan21, golden, tmp_path):
     cases = {f"{name}.mkv": golden[name] for name in golden if name.startswith("gradient_shapes_64x64_64x64")}
     assert len(cases) == 3
     for name, case in cases.items():
-        clips.ffv1(clip_dir / name, golden_frames(case), fps=16)
+        ffv1(clip_dir / name, golden_frames(case), fps=16)
     # Each clip gives one head window of its own length.
     out = tmp_path / "out"
     precompute(binary, wan21, clip_dir, out, [1, 5, 9], "--frame-extraction", "head")
@@ -122,7 +127,7 @@ def test_golden_clips_give_diffusers_latents(binary, wan21, golden, tmp_path):
 
 def test_one_clip_from_every_source_gives_the_same_rows(binary, wan21, golden, tmp_path):
     frames = golden_frames(golden["gradient_shapes_64x64_64x64_t9"])
-    data = clips.ffv1(tmp_path / "clip.mkv", frames, fps=16).read_bytes()
+    data = ffv1(tmp_path / "clip.mkv", frames, fps=16).read_bytes()
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "a.mkv").write_bytes(data)
@@ -164,20 +169,20 @@ def test_one_clip_from_every_source_gives_the_same_rows(binary, wan21, golden, t
 
 def test_bad_clips_are_error_lines_and_bad_runs_are_refused(binary, wan21, cards, golden, tmp_path, shared):
     frames = golden_frames(golden["gradient_shapes_64x64_64x64_t9"])
-    good = clips.ffv1(tmp_path / "good.mkv", frames, fps=16).read_bytes()
+    good = ffv1(tmp_path / "good.mkv", frames, fps=16).read_bytes()
     inp = tmp_path / "in"
     inp.mkdir()
     (inp / "good.mkv").write_bytes(good)
-    (inp / "truncated.mkv").write_bytes(good[: len(good) // 3])
+    clips.truncated_mp4(inp / "truncated.mp4")
     (inp / "empty.mp4").write_bytes(b"")
-    clips.audio_only(inp / "voice.mp4")
+    clips.audio_only_m4a(inp / "voice.mp4")
     (inp / "photo.png").write_bytes((shared / "models" / "golden" / "inputs" / "gradient_shapes_64x64.png").read_bytes())
     out = tmp_path / "out"
     precompute(binary, wan21, inp, out, [5])
     assert rows(out, "64x64x5").column("key").to_pylist() == ["good.mkv/00000-005"]
     kinds = {e["key"]: e["kind"] for e in errors(out)}
     assert kinds == {
-        "truncated.mkv": "corrupt",
+        "truncated.mp4": "corrupt",
         "empty.mp4": "empty",
         "voice.mp4": "unsupported",
         "photo.png": "unsupported",
@@ -193,8 +198,8 @@ def test_bad_clips_are_error_lines_and_bad_runs_are_refused(binary, wan21, cards
 def test_rerun_decodes_nothing_and_a_changed_clip_is_reencoded(binary, wan21, golden, tmp_path):
     frames = golden_frames(golden["gradient_shapes_64x64_64x64_t9"])
     inp = tmp_path / "in"
-    clips.ffv1(inp / "a.mkv", frames, fps=16)
-    clips.ffv1(inp / "b.mkv", frames[::-1].copy(), fps=16)
+    ffv1(inp / "a.mkv", frames, fps=16)
+    ffv1(inp / "b.mkv", frames[::-1].copy(), fps=16)
     out = tmp_path / "out"
     first = precompute(binary, wan21, inp, out, [5], "--frame-extraction", "slide", "--frame-stride", "2")
     before = rows(out, "64x64x5")
@@ -205,7 +210,7 @@ def test_rerun_decodes_nothing_and_a_changed_clip_is_reencoded(binary, wan21, go
     after = rows(out, "64x64x5")
     np.testing.assert_array_equal(tensor(after, "latent"), tensor(before, "latent"))
     # b changes: its three windows are encoded again, the old rows pruned.
-    clips.ffv1(inp / "b.mkv", frames, fps=16)
+    ffv1(inp / "b.mkv", frames, fps=16)
     precompute(binary, wan21, inp, out, [5], "--frame-extraction", "slide", "--frame-stride", "2")
     changed = rows(out, "64x64x5")
     assert changed.column("key").to_pylist() == before.column("key").to_pylist()
@@ -218,9 +223,9 @@ def test_rerun_decodes_nothing_and_a_changed_clip_is_reencoded(binary, wan21, go
 def test_dedupe_partitions_and_readers_on_clip_sets(binary, wan21, golden, tmp_path):
     frames = golden_frames(golden["gradient_shapes_64x64_64x64_t9"])
     inp = tmp_path / "in"
-    clips.ffv1(inp / "a.mkv", frames, fps=16)
+    ffv1(inp / "a.mkv", frames, fps=16)
     (inp / "copy.mkv").write_bytes((inp / "a.mkv").read_bytes())
-    clips.ffv1(inp / "c.mkv", frames[::-1].copy(), fps=16)
+    ffv1(inp / "c.mkv", frames[::-1].copy(), fps=16)
     out = tmp_path / "whole"
     precompute(binary, wan21, inp, out, [5], "--frame-extraction", "slide", "--frame-stride", "4", "--dedupe")
     whole = rows(out, "64x64x5")
@@ -243,12 +248,15 @@ def test_dedupe_partitions_and_readers_on_clip_sets(binary, wan21, golden, tmp_p
     proc = subprocess.run([str(binary), "inspect", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0 and "64x64x5" in proc.stdout and "[16, 2, 8, 8]" in proc.stdout, proc.stdout
 
+    import sys
+
+    sys.path.insert(0, str(REPO / "python"))
     import vae_pipeline
     from vae_pipeline.dataset import LatentsDataset
 
     table = vae_pipeline.read(out)
     assert table.num_rows == 4 and table.column("latent").type.shape == [16, 2, 8, 8]
     ds = LatentsDataset(out)
-    assert ds.buckets() == [(64, 64, 5)]
+    assert ds.buckets == [(64, 64, 5)]
     item = ds[0]
     assert np.asarray(item["latent"]).shape == (16, 2, 8, 8)

@@ -489,6 +489,40 @@ def test_musubi_qwen_image_per_channel(binary, kodak, tmp_path):
         np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-4)
 
 
+def test_musubi_wan_images_and_reruns_leave_files_alone(binary, kodak, tmp_path):
+    """--arch wan: musubi's Wan image cache (the Wan 2.1 VAE, Qwen-Image's, per-channel
+    normalized as these shards are); a rerun writes nothing (the header order used to change from
+    run to run, so every musubi file was rewritten)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    enc = pooling_encoder(tmp_path / "pool16.onnx", 16, seed=6)
+    per_channel = f"latents_mean = {json.dumps(QWEN_MEAN)}\nlatents_std = {json.dumps(QWEN_STD)}\n"
+    qwen = card(tmp_path / "qwen-image.toml", "qwen-image", enc, 16, 1.0, extra=per_channel)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in KODAK[:2]:
+        shutil.copyfile(kodak / name, inp / name)
+    out = tmp_path / "shards"
+    run_precompute(binary, ["--input", inp, "--out", out, "--model", qwen, "--size", 256, "--dtype", "f32"])
+    cache = tmp_path / "cache"
+    convert(binary, "--to", "musubi", "--arch", "wan", "--shards", out, "--out", cache)
+    for key, row in rows_by_key(out).items():
+        w, h = row["orig_width"], row["orig_height"]
+        path = cache / f"{key[:-4]}_{w:04d}x{h:04d}_wan.safetensors"
+        tensors = load_file(path)
+        # save_latent_cache_wan of an image: (C, F, H, W) = (16, 1, h, w); no frame_count.
+        assert list(tensors) == ["latents_1x32x32_float32"], list(tensors)
+        np.testing.assert_array_equal(tensors["latents_1x32x32_float32"], row["latent"][:, None])
+        with safe_open(path, "np") as f:
+            assert f.metadata() == {"architecture": "wan", "width": str(w), "height": str(h),
+                                    "format_version": "1.0.1"}
+    for arch in ["wan", "qwen-image"]:
+        convert(binary, "--to", "musubi", "--arch", arch, "--shards", out, "--out", tmp_path / arch)
+        r = convert(binary, "--to", "musubi", "--arch", arch, "--shards", out, "--out", tmp_path / arch)
+        assert "wrote 0 file(s), 2 already up to date" in r.stderr, r.stderr
+
+
 def test_musubi_refuses_one_base_name_in_two_folders(binary, kodak, tmp_path):
     enc = pooling_encoder(tmp_path / "pool16.onnx", 16, seed=7)
     flux_like = card(tmp_path / "flux1.toml", "flux1", enc, 16, 0.3611, 0.1159)

@@ -135,6 +135,25 @@ def test_broken_clips_get_their_failure_kinds(binary, tmp_path):
         assert out["error"]["message"], name
 
 
+def peak_rss_kib(cmd: list[str]) -> int:
+    """Peak resident memory of `cmd` (GNU time's %M, KiB)."""
+    run = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return int(run.stderr.strip().splitlines()[-1])
+
+
+def test_memory_does_not_grow_with_clip_length(binary, tmp_path):
+    if not Path("/usr/bin/time").exists():
+        pytest.skip("needs GNU time (/usr/bin/time)")
+    short = clips.h264_mp4(tmp_path / "short.mp4", clips.frames(t=16, h=240, w=320))
+    long = clips.h264_mp4(tmp_path / "long.mp4", clips.frames(t=400, h=240, w=320))
+    rss = {p.name: peak_rss_kib([str(binary), "probe-clip", str(p), "--frames", "/dev/null"])
+           for p in (short, long)}
+    # 400 decoded frames are 92 MB of RGB: streamed, the long clip costs a few MB more at most
+    # (its probe's times and the compressed bytes), not the frames.
+    assert rss["long.mp4"] - rss["short.mp4"] < 16 * 1024, rss
+
+
 def test_doctor_reports_the_plugin(binary):
     out = subprocess.run([str(binary), "doctor"], capture_output=True, text=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("FFmpeg plugin"))

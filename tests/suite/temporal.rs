@@ -53,10 +53,18 @@ fn goldens(family: &str, dir: &Path) -> BTreeMap<String, BTreeMap<String, Golden
     cases
 }
 
-fn export(family: &str, dir: &Path) -> PathBuf {
+fn export(family: &str, dir: &Path, dtype: &str) -> PathBuf {
     let checkpoint = shared(&format!("models/families/{family}"));
     let out = dir.join("export");
-    let run = vae_pipeline(&["export", "--checkpoint", s(&checkpoint), "--out", s(&out)]);
+    let run = vae_pipeline(&[
+        "export",
+        "--checkpoint",
+        s(&checkpoint),
+        "--out",
+        s(&out),
+        "--dtype",
+        dtype,
+    ]);
     assert!(
         run.status.success(),
         "export {family}: {}",
@@ -99,7 +107,7 @@ fn dims5(shape: &[usize]) -> [usize; 5] {
 /// The largest error per (T, tensor) over a family's cases.
 fn family_errors(family: &str) -> BTreeMap<(usize, &'static str), f32> {
     let dir = scratch(&format!("temporal-{family}"));
-    let card = ModelCard::load(&export(family, &dir)).unwrap();
+    let card = ModelCard::load(&export(family, &dir, "f32")).unwrap();
     let t = card.temporal.as_ref().expect("export writes [temporal]");
     assert_eq!(t.frame_factor, 4);
     let stats = card.per_channel().expect("per-channel statistics");
@@ -164,10 +172,34 @@ fn clip_encoder_and_decoder_match_diffusers_for_every_family_and_case() {
     );
 }
 
+/// fp16 weights, I/O and carried frames (norms and softmax in f32): the encoder output within
+/// 1e-2 of its scale, the image graphs' fp16 tolerance (measured: at most 2.8e-3).
+#[test]
+fn f16_clip_encoder_is_within_fp16_tolerance() {
+    for family in FAMILIES {
+        let dir = scratch(&format!("temporal-f16-{family}"));
+        let card = ModelCard::load(&export(family, &dir, "f16")).unwrap();
+        let mut encoder = ClipEncoder::open(&card, 2, &Device::Cpu).unwrap();
+        for (case, g) in goldens(family, &dir) {
+            let (shape, input) = &g["input"];
+            let [b, c, frames, h, w] = dims5(shape);
+            let x: Vec<f32> = input.iter().map(|v| v * 2.0 - 1.0).collect();
+            let got = encoder
+                .encode(&frame_major(&x, [b, c, frames, h, w]), b, frames, h, w)
+                .unwrap();
+            let e = scaled_error(&got, &g["encoder_output"].1);
+            assert!(
+                e <= 1e-2,
+                "{family} {case} f16: off by {e:.2e} of the scale"
+            );
+        }
+    }
+}
+
 #[test]
 fn clips_of_the_wrong_length_and_cards_without_clip_graphs_are_refused() {
     let dir = scratch("temporal-refusals");
-    let card = ModelCard::load(&export("wan2.1", &dir)).unwrap();
+    let card = ModelCard::load(&export("wan2.1", &dir, "f32")).unwrap();
     let mut encoder = ClipEncoder::open(&card, 1, &Device::Cpu).unwrap();
     let err = encoder
         .encode(&vec![0.0; 3 * 3 * 16 * 16], 1, 3, 16, 16)
