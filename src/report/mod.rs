@@ -321,10 +321,28 @@ impl Summary {
                     m.card_shift_factor
                 )
             };
+            let (scored, flicker) = match &m.clips {
+                Some(c) => (
+                    format!(
+                        "{} windows, {} frames ({} windows failed)",
+                        c.windows, m.images, m.failed
+                    ),
+                    format!(
+                        "; flicker: source {:.5}, reconstruction {:.5} (ratio {:.3})",
+                        c.flicker.source.unwrap_or(f64::NAN),
+                        c.flicker.reconstruction.unwrap_or(f64::NAN),
+                        c.flicker.ratio.unwrap_or(f64::NAN)
+                    ),
+                ),
+                None => (
+                    format!("{} images ({} failed)", m.images, m.failed),
+                    String::new(),
+                ),
+            };
             eprintln!(
-                "{name}: {} images ({} failed): PSNR {:.2} ± {:.2} dB, SSIM {:.4} ± {:.4}{lpips}; \
+                "{name}: {scored}: PSNR {:.2} ± {:.2} dB, SSIM {:.4} ± {:.4}{lpips}{flicker}; \
                  {normalization}",
-                m.images, m.failed, m.psnr_mean, m.psnr_std, m.ssim_mean, m.ssim_std,
+                m.psnr_mean, m.psnr_std, m.ssim_mean, m.ssim_std,
             );
             eprintln!("  {}", m.verdict);
         }

@@ -94,6 +94,8 @@ def golden_report(binary, wan_card, golden_clips, tmp_path_factory) -> Path:
         "--batch-size", 2, "--threads", 2, "--out", out,
     ])
     assert "report:" in proc.stderr, proc.stderr
+    assert "wan2.1: 3 windows, 19 frames (0 windows failed): PSNR" in proc.stderr, proc.stderr
+    assert "; flicker: source " in proc.stderr, proc.stderr
     return out
 
 
