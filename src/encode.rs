@@ -62,7 +62,7 @@ pub struct Encoder {
 
 /// What runs the encoder: the image graph through a `Runner`, or the temporal VAE's chunk loop.
 enum Engine {
-    Images(Runner),
+    Images(Box<Runner>),
     Clips(ClipEncoder),
 }
 
@@ -174,7 +174,7 @@ impl Encoder {
         }
         let runner = Runner::new(session, input_name, output_name.clone(), input_f16, gpu)?;
         Ok(Encoder {
-            engine: Engine::Images(runner),
+            engine: Engine::Images(Box::new(runner)),
             output_name,
             post: Post {
                 card: card.clone(),

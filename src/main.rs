@@ -258,7 +258,7 @@ struct ClipArgs {
     /// Clips, --frame-extraction full: the most frames one window takes [default: 129].
     #[arg(long)]
     max_frames: Option<usize>,
-    /// Clips: the clips' frame rate as musubi's source_fps; set, frames are resampled to --target-fps by their timestamps [default: none: every frame].
+    /// Clips: the frame rate every clip is taken to have (musubi's source_fps); set, frames are kept or dropped by index toward --target-fps as musubi does, whatever the clip's timestamps [default: none: every frame].
     #[arg(long)]
     source_fps: Option<f64>,
     /// Clips: the frame rate windows are sampled at when --source-fps is set (Wan trains at 16) [default: 16].

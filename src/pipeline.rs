@@ -684,76 +684,71 @@ impl Batching<'_> {
 
     /// Takes one row; false when a downstream stage has gone.
     fn push(&mut self, row: PreparedRow) -> bool {
-        {
-            let row = match row {
-                PreparedRow::Ready(_, ref meta, _) if self.dedupe => {
-                    let id = self.content_id(&meta.key, &meta.source_sha256);
-                    match self.first_with.get(&id) {
-                        Some(first) => PreparedRow::Failed(Failure::new(
-                            meta.key.clone(),
-                            FailureKind::Duplicate,
-                            format!("same bytes as {first}, encoded once (--dedupe)"),
-                        )),
-                        None => {
-                            self.first_with.insert(id, meta.key.clone());
-                            row
-                        }
+        let row = match row {
+            PreparedRow::Ready(_, ref meta, _) if self.dedupe => {
+                let id = self.content_id(&meta.key, &meta.source_sha256);
+                match self.first_with.get(&id) {
+                    Some(first) => PreparedRow::Failed(Failure::new(
+                        meta.key.clone(),
+                        FailureKind::Duplicate,
+                        format!("same bytes as {first}, encoded once (--dedupe)"),
+                    )),
+                    None => {
+                        self.first_with.insert(id, meta.key.clone());
+                        row
                     }
                 }
-                PreparedRow::Committed {
-                    ref key, sha256, ..
-                }
-                | PreparedRow::Dropped { ref key, sha256 }
-                    if self.dedupe =>
-                {
-                    let id = self.content_id(key, &sha256);
-                    self.first_with.entry(id).or_insert_with(|| key.clone());
-                    row
-                }
-                row => row,
-            };
-            let sent = match row {
-                PreparedRow::Ready(pixels, meta, digest) => {
-                    if self.committed.has_key(&meta.key) {
-                        self.produced
-                            .current
-                            .insert(meta.key.clone(), Current::Row(meta.source_sha256, digest));
-                    }
-                    match self.batcher.push(pixels, meta) {
-                        Some(batch) => self.send(batch),
-                        None => true,
-                    }
-                }
-                PreparedRow::Committed {
-                    key,
-                    sha256,
-                    digest,
-                } => {
+            }
+            PreparedRow::Committed {
+                ref key, sha256, ..
+            }
+            | PreparedRow::Dropped { ref key, sha256 }
+                if self.dedupe =>
+            {
+                let id = self.content_id(key, &sha256);
+                self.first_with.entry(id).or_insert_with(|| key.clone());
+                row
+            }
+            row => row,
+        };
+        match row {
+            PreparedRow::Ready(pixels, meta, digest) => {
+                if self.committed.has_key(&meta.key) {
                     self.produced
                         .current
-                        .insert(key, Current::Row(sha256, digest));
-                    self.produced.skipped += 1;
-                    self.write_tx.send(Message::Skipped).is_ok()
+                        .insert(meta.key.clone(), Current::Row(meta.source_sha256, digest));
                 }
-                PreparedRow::Dropped { key, .. } => {
-                    self.produced.still_dropped.insert(key);
-                    self.produced.skipped += 1;
-                    self.write_tx.send(Message::Skipped).is_ok()
+                match self.batcher.push(pixels, meta) {
+                    Some(batch) => self.send(batch),
+                    None => true,
                 }
-                PreparedRow::Unreadable(failure) => {
-                    for key in self.committed.keys_under(&failure.key) {
-                        self.produced.current.insert(key, Current::Unreadable);
-                    }
-                    self.produced
-                        .current
-                        .insert(failure.key.clone(), Current::Unreadable);
-                    self.write_tx.send(Message::Failed(failure)).is_ok()
+            }
+            PreparedRow::Committed {
+                key,
+                sha256,
+                digest,
+            } => {
+                self.produced
+                    .current
+                    .insert(key, Current::Row(sha256, digest));
+                self.produced.skipped += 1;
+                self.write_tx.send(Message::Skipped).is_ok()
+            }
+            PreparedRow::Dropped { key, .. } => {
+                self.produced.still_dropped.insert(key);
+                self.produced.skipped += 1;
+                self.write_tx.send(Message::Skipped).is_ok()
+            }
+            PreparedRow::Unreadable(failure) => {
+                for key in self.committed.keys_under(&failure.key) {
+                    self.produced.current.insert(key, Current::Unreadable);
                 }
-                PreparedRow::Failed(failure) => {
-                    self.write_tx.send(Message::Failed(failure)).is_ok()
-                }
-            };
-            sent
+                self.produced
+                    .current
+                    .insert(failure.key.clone(), Current::Unreadable);
+                self.write_tx.send(Message::Failed(failure)).is_ok()
+            }
+            PreparedRow::Failed(failure) => self.write_tx.send(Message::Failed(failure)).is_ok(),
         }
     }
 

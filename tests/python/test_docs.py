@@ -2,7 +2,7 @@
 
 - Every ```console block runs, in page order, in one sandbox per page: `photos/` (four Kodak
   photos with captions), `data/0000N.tar` and `train.parquet` (the same photos, written by Python's
-  tarfile and pyarrow), this repository's `pipelines/`, `docs/*.py` and cards with the shared ONNX
+  tarfile and pyarrow), `clips/` (two H.264 pans over Kodak photos, made by Debian's `ffmpeg`), this repository's `pipelines/`, `docs/*.py` and cards with the shared ONNX
   files in `models/onnx/` (as `make models` leaves them), `.venv` (this Python), `../shared`, and
   the binary on the PATH. Each
   `$ ` line (with its `\\` continuations) runs in bash; the lines under it are its expected output
@@ -33,10 +33,13 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+import clips
 from vp_helpers import REPO, moto_server, require, s3_env
 
 sys.path.insert(0, str(REPO / "benches" / "gpu"))
@@ -172,7 +175,10 @@ STAND_INS = {
     "FLUX.1-dev/vae": (16, 0.3611, 0.1159, False, False, "flux1"),
     "FLUX.2-dev/vae": (32, 1.0, 0.0, True, True, None),
 }
-FAMILY_LINKS = {"Qwen-Image/vae": "qwen-image", "Wan2.2-TI2V-5B-Diffusers/vae": "wan2.2"}
+FAMILY_LINKS = {"Qwen-Image/vae": "qwen-image", "Wan2.2-TI2V-5B-Diffusers/vae": "wan2.2",
+                "Wan2.1-T2V-1.3B-Diffusers/vae": "wan2.1"}
+# clips/: pans over Kodak photos (name -> frames, caption), 192x128 H.264 at 16 fps.
+PANS = {"kodim01": (17, "a red door"), "kodim03": (9, "hats")}
 
 
 @dataclass
@@ -218,6 +224,12 @@ def sandbox(binary, shared, s3_endpoint, tmp_path_factory) -> Sandbox:
         "image": pa.array([{"bytes": (photos / f"{n}.png").read_bytes(), "path": f"{n}.png"} for n in names], image),
         "text": [PHOTOS[n] for n in names],
     }), t / "train.parquet")
+    (t / "clips").mkdir()
+    for name, (n, caption) in PANS.items():
+        with Image.open(photos / f"{name}.png") as im:
+            rgb = np.asarray(im.convert("RGB"))
+        clips.h264_mp4(t / "clips" / f"{name}_pan.mp4", np.stack([rgb[2 * i:2 * i + 128, 3 * i:3 * i + 192] for i in range(n)]))
+        (t / "clips" / f"{name}_pan.txt").write_text(caption)
     shutil.copytree(REPO / "pipelines", t / "pipelines")
     (t / "docs").mkdir()
     for script in (REPO / "docs").glob("*.py"):
