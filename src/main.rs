@@ -58,7 +58,7 @@ enum Command {
     /// self-contained HTML page under --out.
     Report {
         #[command(flatten)]
-        args: ReportArgs,
+        args: Box<ReportArgs>,
         /// The clip flags of `precompute`: given, the report runs on clips.
         #[command(flatten)]
         frames: ClipArgs,
