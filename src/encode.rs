@@ -286,19 +286,10 @@ impl Encoder {
             }
             let per_output = shape[1] * shape[2] * shape[3];
             let hw = (shape[2], shape[3]);
-            let one = |at: usize, key: &str| {
+            let done = each_row(&rows, flipped, |at, key| {
                 let output = raw.f32_range(at * per_output..(at + 1) * per_output);
                 post.patchify(post.store(&output, key), hw)
-            };
-            let done: Vec<RowValues> = (0..rows.len())
-                .into_par_iter()
-                .map(|i| {
-                    let at = if flipped { 2 * i } else { i };
-                    let (latent, std) = one(at, &rows[i].key);
-                    let flip = flipped.then(|| one(at + 1, &format!("{}#flip", rows[i].key)));
-                    (latent, std, flip)
-                })
-                .collect();
+            });
             Ok((shape, done))
         })?;
         let latent_shape = match &card.batch_norm {
@@ -359,18 +350,9 @@ impl Post {
                 &latent_shape[1..]
             );
         }
-        let flipped = batch.flipped;
-        let one =
-            |at: usize, key: &str| self.store(&output[at * per_output..(at + 1) * per_output], key);
-        let done: Vec<RowValues> = (0..rows.len())
-            .into_par_iter()
-            .map(|i| {
-                let at = if flipped { 2 * i } else { i };
-                let (latent, std) = one(at, &rows[i].key);
-                let flip = flipped.then(|| one(at + 1, &format!("{}#flip", rows[i].key)));
-                (latent, std, flip)
-            })
-            .collect();
+        let done = each_row(&rows, batch.flipped, |at, key| {
+            self.store(&output[at * per_output..(at + 1) * per_output], key)
+        });
         Ok(self.assemble(&batch, latent_shape, rows, done))
     }
 
@@ -521,6 +503,24 @@ impl Post {
         };
         (rearrange(&latent, true), std.map(|s| rearrange(&s, false)))
     }
+}
+
+/// Each row's stored values, the rows in parallel: `one(at, noise key)` turns encoder output
+/// `at` into a latent (and std); with `flipped`, a row's mirror image is the output after it.
+fn each_row(
+    rows: &[RowMeta],
+    flipped: bool,
+    one: impl Fn(usize, &str) -> (Vec<f32>, Option<Vec<f32>>) + Sync,
+) -> Vec<RowValues> {
+    (0..rows.len())
+        .into_par_iter()
+        .map(|i| {
+            let at = if flipped { 2 * i } else { i };
+            let (latent, std) = one(at, &rows[i].key);
+            let flip = flipped.then(|| one(at + 1, &format!("{}#flip", rows[i].key)));
+            (latent, std, flip)
+        })
+        .collect()
 }
 
 /// The RNG for `sample` mode: one stream per (seed, key), so a rerun or a different batch

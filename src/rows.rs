@@ -13,7 +13,7 @@ use crate::decode::{decode_sample, DecodeOptions};
 use crate::failure::{Failure, FailureKind};
 use crate::format::WindowMeta;
 use crate::frames::{self, FrameOptions};
-use crate::resize::{prepare, Framing, Prepared};
+use crate::resize::{prepare, Framing, Geometry, Prepared};
 use crate::sidecar::{Scalar, SidecarSchema};
 use crate::source::Sample;
 use crate::video::{self, ClipError, ClipInfo};
@@ -110,6 +110,29 @@ impl RowMaker {
         )
     }
 
+    /// Where a `w`×`h` image (or clip) goes: its window, or `too_small` when no bucket fits
+    /// without upscaling, `too_large` when the resized size is above `--max-pixels`.
+    fn geometry(&self, key: &str, w: u32, h: u32) -> Result<Geometry, Failure> {
+        let fail = |kind, message: String| Failure::new(key, kind, message);
+        let geometry = self.framing.geometry(key, w, h).ok_or_else(|| {
+            fail(
+                FailureKind::TooSmall,
+                format!("{w}x{h}: no bucket fits without upscaling (--no-upscale)"),
+            )
+        })?;
+        let (tw, th) = geometry.resized;
+        if u64::from(tw) * u64::from(th) > self.decode.max_pixels {
+            return Err(fail(
+                FailureKind::TooLarge,
+                format!(
+                    "{w}x{h} resized for a {}x{} window is {tw}x{th}, above --max-pixels {}",
+                    geometry.target.0, geometry.target.1, self.decode.max_pixels
+                ),
+            ));
+        }
+        Ok(geometry)
+    }
+
     /// Decodes and resizes the sample into its row.
     pub fn prepare(&self, sample: Sample, text: RowText) -> Result<(Prepared, RowMeta), Failure> {
         let key = sample.key.as_str();
@@ -117,27 +140,7 @@ impl RowMaker {
         let hint = |w, h| self.framing.geometry(key, w, h).map(|g| g.resized);
         let decoded = decode_sample(key, &sample.bytes.bytes, &self.decode, Some(&hint))?;
         let (orig_width, orig_height) = (decoded.width, decoded.height);
-        let geometry = self
-            .framing
-            .geometry(key, orig_width, orig_height)
-            .ok_or_else(|| {
-                fail(
-                    FailureKind::TooSmall,
-                    format!(
-                        "{orig_width}x{orig_height}: no bucket fits without upscaling (--no-upscale)"
-                    ),
-                )
-            })?;
-        let (tw, th) = geometry.resized;
-        if u64::from(tw) * u64::from(th) > self.decode.max_pixels {
-            return Err(fail(
-                FailureKind::TooLarge,
-                format!(
-                    "{orig_width}x{orig_height} resized for a {}x{} window is {tw}x{th}, above --max-pixels {}",
-                    geometry.target.0, geometry.target.1, self.decode.max_pixels
-                ),
-            ));
-        }
+        let geometry = self.geometry(key, orig_width, orig_height)?;
         let image = prepare(decoded.rgb, geometry)
             .map_err(|e| fail(FailureKind::Corrupt, format!("{e:#}")))?;
         let meta = RowMeta {
@@ -218,22 +221,7 @@ impl RowMaker {
         let key = sample.key.as_str();
         let fail = |kind, message: String| Failure::new(key, kind, message);
         let (width, height) = (info.width, info.height);
-        let geometry = self.framing.geometry(key, width, height).ok_or_else(|| {
-            fail(
-                FailureKind::TooSmall,
-                format!("{width}x{height}: no bucket fits without upscaling (--no-upscale)"),
-            )
-        })?;
-        let (tw, th) = geometry.resized;
-        if u64::from(tw) * u64::from(th) > self.decode.max_pixels {
-            return Err(fail(
-                FailureKind::TooLarge,
-                format!(
-                    "{width}x{height} resized for a {}x{} window is {tw}x{th}, above --max-pixels {}",
-                    geometry.target.0, geometry.target.1, self.decode.max_pixels
-                ),
-            ));
-        }
+        let geometry = self.geometry(key, width, height)?;
         let needed: BTreeSet<usize> = windows
             .iter()
             .flat_map(|w| w.window.indices.iter().map(|&i| i as usize))
