@@ -1,8 +1,8 @@
 """`precompute` on clips: the Wan temporal VAE end to end, through the binary.
 
-The clips are real files made with Debian's `ffmpeg` CLI (`clips.py`); the VAE is the tiny
-random-weight Wan 2.1 checkpoint in ../shared/models/families/wan2.1, exported by the binary; the
-references are diffusers' own outputs (`golden_video.npz`: `latent_normalized` of 1-, 5- and
+The clips are real files made with Debian's `ffmpeg` CLI (`clips.py`); the VAEs are the tiny
+random-weight Wan 2.1, Qwen-Image and Wan 2.2 checkpoints in ../shared/models/families, exported
+by the binary; the references are diffusers' own outputs (`golden_video.npz`: `latent_normalized` of 1-, 5- and
 9-frame clips) and PyAV/ffprobe for what a clip holds. Shards are read with pyarrow.
 - parity: the golden clips written losslessly (FFV1, RGB) give diffusers' normalized latents,
   [C, T', h, w] in a `<W>x<H>x<T>` folder, one row per window keyed `<clip>/<start>-<count>`;
@@ -33,11 +33,13 @@ from vp_helpers import REPO, environment, moto_server, require, run_precompute, 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def wan21(binary, shared, tmp_path_factory) -> Path:
-    """The tiny Wan 2.1 checkpoint exported by the binary: its card (with `[temporal]`)."""
-    ckpt = require(shared / "models" / "families" / "wan2.1", "tiny wan2.1 checkpoint folder")
-    out = tmp_path_factory.mktemp("wan21")
+# family folder -> (latent channels, spatial factor)
+FAMILIES = {"wan2.1": (16, 8), "qwen-image": (16, 8), "wan2.2": (48, 16)}
+
+
+def export_family(binary, shared, family: str, out: Path) -> Path:
+    """A tiny family checkpoint exported by the binary: its card (with `[temporal]`)."""
+    ckpt = require(shared / "models" / "families" / family, f"tiny {family} checkpoint folder")
     proc = subprocess.run(
         [str(binary), "export", "--checkpoint", str(ckpt), "--out", str(out)],
         capture_output=True, text=True, timeout=600,
@@ -48,14 +50,23 @@ def wan21(binary, shared, tmp_path_factory) -> Path:
     return card
 
 
-@pytest.fixture(scope="module")
-def golden(shared) -> dict[str, dict[str, np.ndarray]]:
-    npz = np.load(require(shared / "models" / "families" / "wan2.1" / "golden_video.npz", "wan2.1 golden_video.npz"))
+def golden_cases(shared, family: str) -> dict[str, dict[str, np.ndarray]]:
+    npz = np.load(require(shared / "models" / "families" / family / "golden_video.npz", f"{family} golden_video.npz"))
     cases: dict[str, dict[str, np.ndarray]] = {}
     for key in npz.files:
         case, name = key.split("/")
         cases.setdefault(case, {})[name] = npz[key]
     return cases
+
+
+@pytest.fixture(scope="module")
+def wan21(binary, shared, tmp_path_factory) -> Path:
+    return export_family(binary, shared, "wan2.1", tmp_path_factory.mktemp("wan21"))
+
+
+@pytest.fixture(scope="module")
+def golden(shared) -> dict[str, dict[str, np.ndarray]]:
+    return golden_cases(shared, "wan2.1")
 
 
 def golden_frames(case: dict[str, np.ndarray]) -> np.ndarray:
@@ -94,8 +105,12 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_golden_clips_give_diffusers_latents(binary, wan21, golden, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_golden_clips_give_diffusers_latents(binary, shared, family, tmp_path):
     """FFV1 clips of the golden frames, through precompute: `latent_normalized` of diffusers."""
+    card = export_family(binary, shared, family, tmp_path / "card")
+    golden = golden_cases(shared, family)
+    channels, factor = FAMILIES[family]
     clip_dir = tmp_path / "clips"
     cases = {f"{name}.mkv": golden[name] for name in golden if name.startswith("gradient_shapes_64x64_64x64")}
     assert len(cases) == 3
@@ -103,7 +118,7 @@ def test_golden_clips_give_diffusers_latents(binary, wan21, golden, tmp_path):
         ffv1(clip_dir / name, golden_frames(case), fps=16)
     # Each clip gives one head window of its own length.
     out = tmp_path / "out"
-    precompute(binary, wan21, clip_dir, out, [1, 5, 9], "--frame-extraction", "head")
+    precompute(binary, card, clip_dir, out, [1, 5, 9], "--frame-extraction", "head")
     for name, case in cases.items():
         t = case["input"].shape[2]
         table = rows(out, f"64x64x{t}")
@@ -113,7 +128,7 @@ def test_golden_clips_give_diffusers_latents(binary, wan21, golden, tmp_path):
         row = table.filter(pa.compute.equal(table.column("key"), want))
         latent = tensor(row, "latent")[0]
         ref = case["latent_normalized"][0]  # [C, T', h, w]
-        assert latent.shape == ref.shape == (16, 1 + (t - 1) // 4, 8, 8)
+        assert latent.shape == ref.shape == (channels, 1 + (t - 1) // 4, 64 // factor, 64 // factor)
         assert relative_error(latent, ref) < TOL, (name, relative_error(latent, ref))
         assert row.column("frame_start").to_pylist() == [0]
         assert row.column("frame_count").to_pylist() == [t]
