@@ -101,6 +101,8 @@ wheel: $(VENV)/.installed
 # wheel reuses it, and the Python tests install it into a fresh venv.
 test: setup
 	cargo test $(CARGO_FLAGS)
+	# `cargo test` builds the FFmpeg plugin's tests, not its cdylib: the clip tests load it.
+	cargo build $(CARGO_FLAGS) -p vae-pipeline-ffmpeg
 	$(MAKE) wheel
 	VAE_PIPELINE_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/python -q
 
