@@ -871,9 +871,14 @@ impl Plan {
         if (row.width as u32, row.height as u32) != p.bucket {
             return Err(Problem::new(
                 format!(
-                    "{key}: {} puts a {ow}x{oh} image in bucket {}x{}, the shards hold a {}x{} \
+                    "{key}: {} puts a {ow}x{oh} {} in bucket {}x{}, the shards hold a {}x{} \
                      window",
                     self.to.name(),
+                    if row.window.is_some() {
+                        "clip"
+                    } else {
+                        "image"
+                    },
                     p.bucket.0,
                     p.bucket.1,
                     row.width,
