@@ -16,7 +16,7 @@ use crate::config::LatentMode;
 use crate::failure::{Failure, FailureKind};
 use crate::format::InputShape;
 use crate::model::{EncoderOutput, ModelCard};
-use crate::runtime::{self, Device, Gpu, Gpus, Pixels, Runner};
+use crate::runtime::{self, Gpu, Pixels, Runner};
 use crate::temporal::ClipEncoder;
 
 /// diffusers' `DiagonalGaussianDistribution` clamps logvar to this range.
@@ -193,14 +193,7 @@ impl Encoder {
         mode: LatentMode,
         seed: u64,
     ) -> Result<Self> {
-        let device = match gpu {
-            None => Device::Cpu,
-            Some(gpu) => Device::Cuda(Gpus {
-                ids: vec![gpu.id],
-                options: gpu.options,
-            }),
-        };
-        let clips = ClipEncoder::open(card, intra_threads, &device)?;
+        let clips = ClipEncoder::open(card, intra_threads, gpu)?;
         Ok(Encoder {
             engine: Engine::Clips(clips),
             output_name: "moments".into(),

@@ -15,7 +15,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use crate::model::{ModelCard, TemporalCard};
-use crate::runtime::{self, Device};
+use crate::runtime::{self, Gpu};
 
 /// The card's `[temporal]` table, or an error that says how to get one.
 fn temporal(card: &ModelCard) -> Result<&TemporalCard> {
@@ -46,9 +46,8 @@ impl Chunks {
         (first, later): (&Path, &Path),
         (input, output): (&'static str, &'static str),
         intra_threads: usize,
-        device: &Device,
+        gpu: Option<Gpu>,
     ) -> Result<Self> {
-        let gpu = device.placements().into_iter().next().flatten();
         let open = |path: &Path| {
             if !path.is_file() {
                 bail!(
@@ -151,9 +150,9 @@ pub struct ClipEncoder {
 }
 
 impl ClipEncoder {
-    /// The card's temporal encoder graphs on `device` (same `--device` strings as encode.rs
-    /// uses; the first placement's GPU).
-    pub fn open(card: &ModelCard, intra_threads: usize, device: &Device) -> Result<Self> {
+    /// The card's temporal encoder graphs on the CPU (`gpu` None) or one CUDA GPU, as
+    /// `runtime::session_on` opens every session.
+    pub fn open(card: &ModelCard, intra_threads: usize, gpu: Option<Gpu>) -> Result<Self> {
         let t = temporal(card)?;
         Ok(ClipEncoder {
             chunks: Chunks::open(
@@ -161,7 +160,7 @@ impl ClipEncoder {
                 (&t.encoder_first, &t.encoder_chunk),
                 ("frames", "moments"),
                 intra_threads,
-                device,
+                gpu,
             )?,
             frame_factor: t.frame_factor,
         })
@@ -286,7 +285,7 @@ pub struct ClipDecoder {
 }
 
 impl ClipDecoder {
-    pub fn open(card: &ModelCard, intra_threads: usize, device: &Device) -> Result<Self> {
+    pub fn open(card: &ModelCard, intra_threads: usize, gpu: Option<Gpu>) -> Result<Self> {
         let t = temporal(card)?;
         let (Some(first), Some(later)) = (&t.decoder_first, &t.decoder_chunk) else {
             bail!(
@@ -301,7 +300,7 @@ impl ClipDecoder {
                 (first, later),
                 ("latent", "frames"),
                 intra_threads,
-                device,
+                gpu,
             )?,
             frame_factor: t.frame_factor,
         })

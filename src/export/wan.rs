@@ -121,6 +121,23 @@ impl WanConfig {
         (1 << (self.dim_mult.len() - 1)) * self.patch() as u32
     }
 
+    /// Channels of the encoder's stages: `base_dim` × (1, `dim_mult`…).
+    pub(super) fn encoder_dims(&self) -> Vec<usize> {
+        std::iter::once(1)
+            .chain(self.dim_mult.iter().copied())
+            .map(|u| self.base_dim * u)
+            .collect()
+    }
+
+    /// Channels of the decoder's stages: its base × (the last `dim_mult`, `dim_mult` reversed…).
+    pub(super) fn decoder_dims(&self) -> Vec<usize> {
+        let base = self.decoder_base_dim.unwrap_or(self.base_dim);
+        std::iter::once(self.dim_mult[self.dim_mult.len() - 1])
+            .chain(self.dim_mult.iter().rev().copied())
+            .map(|u| base * u)
+            .collect()
+    }
+
     pub(super) fn patch(&self) -> usize {
         self.patch_size.unwrap_or(1)
     }
@@ -425,10 +442,7 @@ pub fn encoder(config: &WanConfig, w: &mut Weights, dtype: ExportDType) -> Resul
         groups: 0,
     };
     let n = config.dim_mult.len();
-    let dims: Vec<usize> = std::iter::once(1)
-        .chain(config.dim_mult.iter().copied())
-        .map(|u| config.base_dim * u)
-        .collect();
+    let dims = config.encoder_dims();
     let mut x = "image".to_string();
     if config.patch() == 2 {
         x = b.space_to_depth(&x, config.image_channels(), PatchOrder::ColumnFirst);
@@ -494,11 +508,7 @@ pub fn decoder(config: &WanConfig, w: &mut Weights, dtype: ExportDType) -> Resul
         groups: 0,
     };
     let n = config.dim_mult.len();
-    let base = config.decoder_base_dim.unwrap_or(config.base_dim);
-    let dims: Vec<usize> = std::iter::once(config.dim_mult[n - 1])
-        .chain(config.dim_mult.iter().rev().copied())
-        .map(|u| base * u)
-        .collect();
+    let dims = config.decoder_dims();
     let z = config.z_dim;
     let mut h = b.causal_conv("post_quant_conv", "latent", (z, z), 1)?;
     h = b.causal_conv("decoder.conv_in", &h, (z, dims[0]), 3)?;

@@ -518,10 +518,7 @@ pub fn encoder(
         c.transpose("frames", &[0, 2, 1, 3, 4])
     };
     let n = config.dim_mult.len();
-    let dims: Vec<usize> = std::iter::once(1)
-        .chain(config.dim_mult.iter().copied())
-        .map(|u| config.base_dim * u)
-        .collect();
+    let dims = config.encoder_dims();
     let mut h = c.causal_conv(
         "encoder.conv_in",
         &x,
@@ -591,11 +588,7 @@ pub fn decoder(
 ) -> Result<ModelProto> {
     let mut c = Clip::new(w, dtype, chunk);
     let n = config.dim_mult.len();
-    let base = config.decoder_base_dim.unwrap_or(config.base_dim);
-    let dims: Vec<usize> = std::iter::once(config.dim_mult[n - 1])
-        .chain(config.dim_mult.iter().rev().copied())
-        .map(|u| base * u)
-        .collect();
+    let dims = config.decoder_dims();
     let z = config.z_dim;
     let mut t = 1;
     let mut h = c.causal_conv("post_quant_conv", "latent", (z, z), 1)?;

@@ -43,7 +43,6 @@ use crate::model::ModelCard;
 use crate::progress::Progress;
 use crate::resize::Prepared;
 use crate::rows::RowMaker;
-use crate::runtime::Device;
 use crate::shards::{ShardSet, StoredRow};
 use crate::source::{SampleRef, Source};
 use crate::temporal::ClipDecoder;
@@ -123,7 +122,7 @@ pub fn run(args: &ReportArgs) -> Result<Summary> {
             Origin::Shards(_) => None,
         };
         let decoder = if clips {
-            Reconstructor::Clips(ClipDecoder::open(card, threads, &Device::Cpu)?)
+            Reconstructor::Clips(ClipDecoder::open(card, threads, None)?)
         } else {
             Reconstructor::Images(Decoder::open(card, threads)?)
         };

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vae_pipeline::model::ModelCard;
-use vae_pipeline::runtime::Device;
 use vae_pipeline::temporal::{ClipDecoder, ClipEncoder};
 
 use crate::common::{python, s, scratch, shared, vae_pipeline};
@@ -111,8 +110,8 @@ fn family_errors(family: &str) -> BTreeMap<(usize, &'static str), f32> {
     let t = card.temporal.as_ref().expect("export writes [temporal]");
     assert_eq!(t.frame_factor, 4);
     let stats = card.per_channel().expect("per-channel statistics");
-    let mut encoder = ClipEncoder::open(&card, 2, &Device::Cpu).unwrap();
-    let mut decoder = ClipDecoder::open(&card, 2, &Device::Cpu).unwrap();
+    let mut encoder = ClipEncoder::open(&card, 2, None).unwrap();
+    let mut decoder = ClipDecoder::open(&card, 2, None).unwrap();
     let mut worst = BTreeMap::new();
     for (case, g) in goldens(family, &dir) {
         let (shape, input) = &g["input"];
@@ -179,7 +178,7 @@ fn f16_clip_encoder_is_within_fp16_tolerance() {
     for family in FAMILIES {
         let dir = scratch(&format!("temporal-f16-{family}"));
         let card = ModelCard::load(&export(family, &dir, "f16")).unwrap();
-        let mut encoder = ClipEncoder::open(&card, 2, &Device::Cpu).unwrap();
+        let mut encoder = ClipEncoder::open(&card, 2, None).unwrap();
         for (case, g) in goldens(family, &dir) {
             let (shape, input) = &g["input"];
             let [b, c, frames, h, w] = dims5(shape);
@@ -200,7 +199,7 @@ fn f16_clip_encoder_is_within_fp16_tolerance() {
 fn clips_of_the_wrong_length_and_cards_without_clip_graphs_are_refused() {
     let dir = scratch("temporal-refusals");
     let card = ModelCard::load(&export("wan2.1", &dir, "f32")).unwrap();
-    let mut encoder = ClipEncoder::open(&card, 1, &Device::Cpu).unwrap();
+    let mut encoder = ClipEncoder::open(&card, 1, None).unwrap();
     let err = encoder
         .encode(&vec![0.0; 3 * 3 * 16 * 16], 1, 3, 16, 16)
         .unwrap_err()
@@ -215,7 +214,7 @@ fn clips_of_the_wrong_length_and_cards_without_clip_graphs_are_refused() {
 
     let mut image_only = card.clone();
     image_only.temporal = None;
-    let err = ClipEncoder::open(&image_only, 1, &Device::Cpu)
+    let err = ClipEncoder::open(&image_only, 1, None)
         .err()
         .expect("no [temporal]")
         .to_string();
